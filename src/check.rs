@@ -1,0 +1,124 @@
+//! `staybound check`: what a config file means once validated, service by service, with the worst-case
+//! detection times its settings allow.
+
+use std::fmt::Write;
+
+use crate::config::{Config, ProbeMode, Protocol, UpstreamAddr, escape_bytes};
+use crate::failover::bounds::{self, fmt};
+
+/// The report `check` prints for a valid config.
+pub fn report(config: &Config) -> String {
+    let mut out = String::new();
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let _ = writeln!(out, "{}: valid, {} service(s)", config.path.display(), config.services.len());
+    let _ = writeln!(out, "admin listen   {}", config.admin.listen);
+    let _ = writeln!(out, "shutdown_grace {}", d(config.shutdown_grace));
+    let mut warnings = Vec::new();
+    if !config.admin.listen.ip().is_loopback() {
+        warnings.push(format!(
+            "admin listens on {}, not loopback: anyone who reaches it can declare failovers",
+            config.admin.listen
+        ));
+    }
+    for s in &config.services {
+        let proto = match s.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        let _ = writeln!(out, "\nservice {} ({proto})", s.name);
+        let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "  listen          {} (backlog {})", listen.join(", "), s.backlog);
+        let kind = match &s.upstream {
+            UpstreamAddr::Ip(_) => "address",
+            UpstreamAddr::Name { .. } => "name, resolved again on every connect",
+        };
+        let _ = writeln!(out, "  upstream        {} ({kind})", s.upstream);
+        match s.source {
+            Some(ip) => {
+                let _ = writeln!(
+                    out,
+                    "  source          {ip} (bound before connect{})",
+                    if s.freebind { ", freebind" } else { "" }
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  source          (the kernel's choice)");
+            }
+        }
+        if !s.depends_on.is_empty() {
+            let _ = writeln!(out, "  depends_on      {}", s.depends_on.join(", "));
+        }
+        let _ = writeln!(
+            out,
+            "  clients         max_connections {}, on_failover {}",
+            s.max_connections,
+            match s.on_failover {
+                crate::config::OnFailover::Reset => "reset",
+                crate::config::OnFailover::Close => "close",
+            }
+        );
+        let k = &s.keepalive;
+        let _ = writeln!(
+            out,
+            "  keepalive       idle {}, interval {}, count {}, user_timeout {}, client_idle {}",
+            d(k.idle),
+            d(k.interval),
+            k.count,
+            d(k.user_timeout),
+            k.client_idle.map_or("off".to_string(), d)
+        );
+        let p = &s.probe;
+        let mut probe = format!(
+            "{} every {}, timeout {}, fall {}, rise {}",
+            p.mode.as_str(),
+            d(p.interval),
+            d(p.timeout),
+            p.fall,
+            p.rise
+        );
+        if p.mode == ProbeMode::SendExpect {
+            let _ = write!(probe, ", send \"{}\", expect \"{}\"", escape_bytes(&p.send), escape_bytes(&p.expect));
+        }
+        if let Some(re) = &p.identity {
+            let _ = write!(probe, ", identity /{}/", re.as_str());
+        }
+        let _ = writeln!(out, "  probe           {probe}");
+        let h = &s.hold;
+        let _ = writeln!(
+            out,
+            "  hold            deadline {}, connect_timeout {}, backoff {}..{}, budget {} per first attempt + {}/s over {}",
+            d(h.deadline),
+            d(h.connect_timeout),
+            d(h.backoff_initial),
+            d(h.backoff_max),
+            h.budget_ratio,
+            h.budget_min_per_sec,
+            d(h.budget_window)
+        );
+        if s.protocol == Protocol::Udp {
+            let nets: Vec<String> = s.udp.reply_from.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "  udp             reply_from [{}], flow_idle {}, max_flows {}",
+                nets.join(", "),
+                d(s.udp.flow_idle),
+                s.udp.max_flows
+            );
+        }
+        let b = bounds::bounds(s);
+        let _ = writeln!(out, "  worst case to notice:");
+        let _ =
+            writeln!(out, "    a silent move (new node answers RST)  {:>6}  {}", fmt(b.silent_move.0), b.silent_move.1);
+        let _ =
+            writeln!(out, "    a black-holed host                    {:>6}  {}", fmt(b.black_hole.0), b.black_hole.1);
+        let _ = writeln!(out, "    a connect that cannot complete        {:>6}  {}", fmt(b.connect.0), b.connect.1);
+        warnings.extend(b.warnings().into_iter().map(|w| format!("service {}: {w}", s.name)));
+    }
+    if !warnings.is_empty() {
+        let _ = writeln!(out, "\nwarnings:");
+        for w in warnings {
+            let _ = writeln!(out, "  - {w}");
+        }
+    }
+    out
+}

@@ -1,0 +1,223 @@
+//! Configuration: the typed, validated settings every other module reads. `raw` mirrors the TOML file,
+//! `validate` turns it into these types and collects every problem at once, `escape` decodes probe bytes.
+//! Nothing outside this module knows the file format.
+
+mod escape;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use escape::{escape_bytes, unescape};
+pub use validate::{ConfigError, Problem};
+
+/// Everything staybound runs, as validated from one file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from (for messages and reloads).
+    pub path: PathBuf,
+    /// On SIGTERM, how long sessions may drain before they are ended.
+    pub shutdown_grace: Duration,
+    pub admin: AdminConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Metrics and status; loopback unless the operator says otherwise.
+    pub listen: SocketAddr,
+}
+
+/// One service: legacy clients connect to `listen`, staybound connects on their behalf to `upstream`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// Unique, `[a-z0-9_-]+`; the `service` metric label.
+    pub name: String,
+    pub protocol: Protocol,
+    /// Where legacy clients connect; at least one.
+    pub listen: Vec<SocketAddr>,
+    /// The logical host.
+    pub upstream: UpstreamAddr,
+    /// Bound before connect() so upstream traffic leaves from the relocatable address.
+    pub source: Option<IpAddr>,
+    /// Allow binding `source` (or a UDP listen address) while it is not on this host.
+    pub freebind: bool,
+    /// Services whose upstream must be up before this one connects.
+    pub depends_on: Vec<String>,
+    /// Clients beyond this are refused, counted and logged.
+    pub max_connections: usize,
+    /// Listen backlog: large enough for every held client to come back at once after a failover.
+    pub backlog: u32,
+    /// What clients of sessions on a dead epoch get.
+    pub on_failover: OnFailover,
+    pub keepalive: KeepaliveConfig,
+    pub probe: ProbeConfig,
+    pub hold: HoldConfig,
+    pub udp: UdpConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailover {
+    /// The client gets an RST (SO_LINGER 0).
+    Reset,
+    /// The client gets a FIN.
+    Close,
+}
+
+/// The logical host: an IP address, or a name resolved again on every connect attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamAddr::Ip(addr) => write!(f, "{addr}"),
+            UpstreamAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// TCP keep-alive on upstream sockets, and on accepted client sockets (`client_idle`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepaliveConfig {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+    /// TCP_USER_TIMEOUT: unacknowledged data older than this kills the session.
+    pub user_timeout: Duration,
+    /// Keep-alive idle time on accepted client sockets; `None` when "off".
+    pub client_idle: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// Keep one connection open and watch it.
+    Hold,
+    /// Hold a connection and send `send` every interval, requiring `expect` in the reply.
+    SendExpect,
+    /// A fresh connect each interval.
+    Connect,
+    Off,
+}
+
+impl ProbeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeMode::Hold => "hold",
+            ProbeMode::SendExpect => "send-expect",
+            ProbeMode::Connect => "connect",
+            ProbeMode::Off => "off",
+        }
+    }
+}
+
+/// The application keep-alive: a probe session to the logical host.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub mode: ProbeMode,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub send: Vec<u8>,
+    pub expect: Vec<u8>,
+    /// One capture group that names the node serving the logical host.
+    pub identity: Option<regex_lite::Regex>,
+    pub fall: u32,
+    pub rise: u32,
+}
+
+impl PartialEq for ProbeConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.mode == other.mode
+            && self.interval == other.interval
+            && self.timeout == other.timeout
+            && self.send == other.send
+            && self.expect == other.expect
+            && self.identity.as_ref().map(|r| r.as_str()) == other.identity.as_ref().map(|r| r.as_str())
+            && self.fall == other.fall
+            && self.rise == other.rise
+    }
+}
+
+/// Riding out a takeover: how long new clients wait and how connects are retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldConfig {
+    pub deadline: Duration,
+    pub connect_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub budget_ratio: f64,
+    pub budget_min_per_sec: u32,
+    pub budget_window: Duration,
+}
+
+/// An address or a CIDR block whose datagrams count as the upstream's replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpConfig {
+    pub reply_from: Vec<IpNet>,
+    pub flow_idle: Duration,
+    pub max_flows: usize,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// `ConfigError::Io` when the file cannot be read, `ConfigError::Invalid` with every problem found.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        Config::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only names the file in messages.
+    ///
+    /// # Errors
+    /// `ConfigError::Invalid` with every problem found, each with line, column and key.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        validate::validate(text, path)
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}

@@ -1,0 +1,129 @@
+//! The config file as written: serde structs that mirror the TOML, with the span of every value so
+//! validation can point at file, line and column. Nothing here interprets a value; `validate` does.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A value as written, with its byte range in the file.
+pub type S<T> = Spanned<T>;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub shutdown_grace: Option<S<String>>,
+    pub admin: Option<RawAdmin>,
+    pub defaults: Option<RawDefaults>,
+    #[serde(default)]
+    pub service: Vec<S<RawService>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<S<String>>,
+}
+
+/// `[defaults]`: tables every service inherits key by key unless it sets the key itself.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub keepalive: Option<RawKeepalive>,
+    pub probe: Option<RawProbe>,
+    pub hold: Option<RawHold>,
+    pub udp: Option<RawUdp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: Option<S<String>>,
+    pub protocol: Option<S<String>>,
+    /// An address, or a list of them.
+    pub listen: Option<S<toml::Value>>,
+    pub upstream: Option<S<String>>,
+    pub source: Option<S<String>>,
+    pub freebind: Option<S<bool>>,
+    pub depends_on: Option<S<Vec<S<String>>>>,
+    pub max_connections: Option<S<i64>>,
+    pub backlog: Option<S<i64>>,
+    pub on_failover: Option<S<String>>,
+    pub keepalive: Option<RawKeepalive>,
+    pub probe: Option<RawProbe>,
+    pub hold: Option<RawHold>,
+    pub udp: Option<RawUdp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeepalive {
+    pub idle: Option<S<String>>,
+    pub interval: Option<S<String>>,
+    pub count: Option<S<i64>>,
+    pub user_timeout: Option<S<String>>,
+    pub client_idle: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    pub mode: Option<S<String>>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub send: Option<S<String>>,
+    pub expect: Option<S<String>>,
+    pub identity: Option<S<String>>,
+    pub fall: Option<S<i64>>,
+    pub rise: Option<S<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHold {
+    pub deadline: Option<S<String>>,
+    pub connect_timeout: Option<S<String>>,
+    pub backoff_initial: Option<S<String>>,
+    pub backoff_max: Option<S<String>>,
+    pub budget_ratio: Option<S<f64>>,
+    pub budget_min_per_sec: Option<S<i64>>,
+    pub budget_window: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUdp {
+    pub reply_from: Option<S<Vec<S<String>>>>,
+    pub flow_idle: Option<S<String>>,
+    pub max_flows: Option<S<i64>>,
+}
+
+/// Takes each key from `own` when set there, else from `inherited`.
+pub trait Inherit {
+    fn inherit(own: Option<Self>, inherited: Option<&Self>) -> Self
+    where
+        Self: Sized;
+}
+
+macro_rules! inherit_keys {
+    ($ty:ident { $($key:ident),* }) => {
+        impl Inherit for $ty {
+            fn inherit(own: Option<Self>, inherited: Option<&Self>) -> Self {
+                let own = own.unwrap_or_default();
+                Self { $($key: own.$key.or_else(|| inherited.and_then(|d| d.$key.clone())),)* }
+            }
+        }
+    };
+}
+
+inherit_keys!(RawKeepalive { idle, interval, count, user_timeout, client_idle });
+inherit_keys!(RawProbe { mode, interval, timeout, send, expect, identity, fall, rise });
+inherit_keys!(RawHold {
+    deadline,
+    connect_timeout,
+    backoff_initial,
+    backoff_max,
+    budget_ratio,
+    budget_min_per_sec,
+    budget_window
+});
+inherit_keys!(RawUdp { reply_from, flow_idle, max_flows });

@@ -1,0 +1,732 @@
+//! Raw TOML to typed `Config`: every value checked for unit, range and form, `[defaults]` merged key by
+//! key, cross-service rules (unique names, known and acyclic `depends_on`) applied. Problems are collected,
+//! not returned one by one, so an operator fixes a file in one pass.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{Inherit, RawConfig, RawHold, RawKeepalive, RawProbe, RawService, RawUdp, S};
+use super::*;
+
+/// One thing wrong in a config file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    /// The key, spelled as a path (`service[orders].keepalive.idle`).
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(path, problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Io { .. } => &[],
+            ConfigError::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let mut out =
+        format!("{} has {} problem{}:", path.display(), problems.len(), if problems.len() == 1 { "" } else { "s" });
+    for p in problems {
+        out.push_str(&format!("\n  {}:{}:{}: {}: {}", path.display(), p.line, p.column, p.key, p.message));
+    }
+    out
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}: {}", self.line, self.column, self.key, self.message)
+    }
+}
+
+/// Collects problems against the text they point into.
+struct Ctx<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Ctx<'_> {
+    fn at(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.problems.push(Problem { line, column, key: key.to_string(), message: message.into() });
+    }
+
+    fn duration(
+        &mut self,
+        v: &Option<S<String>>,
+        key: &str,
+        default: Duration,
+        range: (Duration, Duration),
+    ) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d < range.0 || d > range.1 => {
+                self.at(
+                    v.span(),
+                    key,
+                    format!(
+                        "{:?} is out of range: must be from {} to {}",
+                        v.get_ref(),
+                        humantime::format_duration(range.0),
+                        humantime::format_duration(range.1)
+                    ),
+                );
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.at(v.span(), key, format!("{:?} is not a duration: {e}", v.get_ref()));
+                default
+            }
+        }
+    }
+
+    /// Keep-alive times go to the kernel in whole seconds.
+    fn seconds(&mut self, v: &Option<S<String>>, key: &str, default: Duration) -> Duration {
+        let d = self.duration(v, key, default, (Duration::from_secs(1), Duration::from_secs(32767)));
+        if d.subsec_nanos() != 0 {
+            if let Some(v) = v {
+                self.at(
+                    v.span(),
+                    key,
+                    format!(
+                        "{:?} must be a whole number of seconds (the kernel's unit for TCP keep-alive)",
+                        v.get_ref()
+                    ),
+                );
+            }
+            return default;
+        }
+        d
+    }
+
+    fn int(&mut self, v: &Option<S<i64>>, key: &str, default: i64, range: (i64, i64)) -> i64 {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if n < range.0 || n > range.1 {
+            self.at(v.span(), key, format!("{n} is out of range: must be from {} to {}", range.0, range.1));
+            return default;
+        }
+        n
+    }
+
+    fn one_of<T: Copy>(&mut self, v: &Option<S<String>>, key: &str, default: T, choices: &[(&str, T)]) -> T {
+        let Some(v) = v else { return default };
+        match choices.iter().find(|(name, _)| *name == v.get_ref()) {
+            Some((_, t)) => *t,
+            None => {
+                let names: Vec<String> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+                self.at(v.span(), key, format!("{:?} is not one of {}", v.get_ref(), names.join(", ")));
+                default
+            }
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, text[line_start..offset].chars().count() + 1)
+}
+
+/// A duration with a unit: "250ms", "5s", "2m", "1h 30m". A bare number is refused: its unit would be a guess.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err("empty; write a number with a unit such as \"250ms\", \"5s\" or \"2m\"".into());
+    }
+    if trimmed.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err("a unit is needed, such as \"250ms\", \"5s\" or \"2m\"".into());
+    }
+    humantime::parse_duration(trimmed).map_err(|e| e.to_string())
+}
+
+pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let (line, column) = line_col(text, span.start);
+            let at = text.get(span.clone()).unwrap_or("").trim();
+            let key =
+                if !at.is_empty() && at.len() < 64 && !at.contains('\n') { at.to_string() } else { "(syntax)".into() };
+            let message = e.message().trim().to_string();
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems: vec![Problem { line, column, key, message }],
+            });
+        }
+    };
+    let mut cx = Ctx { text, problems: Vec::new() };
+
+    let shutdown_grace = cx.duration(
+        &raw.shutdown_grace,
+        "shutdown_grace",
+        Duration::from_secs(30),
+        (Duration::ZERO, Duration::from_secs(3600)),
+    );
+    let admin_listen = match raw.admin.as_ref().and_then(|a| a.listen.as_ref()) {
+        None => SocketAddr::from(([127, 0, 0, 1], 9901)),
+        Some(v) => v.get_ref().parse().unwrap_or_else(|_| {
+            cx.at(v.span(), "admin.listen", format!("{:?} is not an IP:port address", v.get_ref()));
+            SocketAddr::from(([127, 0, 0, 1], 9901))
+        }),
+    };
+
+    let defaults = raw.defaults.unwrap_or_default();
+    if raw.service.is_empty() {
+        cx.at(0..0, "service", "no [[service]] table: there is nothing to run");
+    }
+    let mut services = Vec::new();
+    let mut spans = Vec::new();
+    for (index, svc) in raw.service.into_iter().enumerate() {
+        let span = svc.span();
+        let svc = svc.into_inner();
+        let label = match &svc.name {
+            Some(n) => format!("service[{}]", n.get_ref()),
+            None => format!("service[{index}]"),
+        };
+        let depends_spans: Vec<Range<usize>> =
+            svc.depends_on.as_ref().map(|d| d.get_ref().iter().map(|n| n.span()).collect()).unwrap_or_default();
+        spans.push((span.clone(), depends_spans));
+        services.push(service(&mut cx, svc, span, &label, &defaults));
+    }
+    cross_checks(&mut cx, &services, &spans);
+
+    if !cx.problems.is_empty() {
+        return Err(ConfigError::Invalid { path: path.to_path_buf(), problems: cx.problems });
+    }
+    Ok(Config { path: path.to_path_buf(), shutdown_grace, admin: AdminConfig { listen: admin_listen }, services })
+}
+
+fn service(
+    cx: &mut Ctx<'_>,
+    svc: RawService,
+    span: Range<usize>,
+    label: &str,
+    defaults: &super::raw::RawDefaults,
+) -> ServiceConfig {
+    let key = |k: &str| format!("{label}.{k}");
+    let name = match &svc.name {
+        None => {
+            cx.at(span.clone(), &key("name"), "missing: every service needs a name");
+            String::new()
+        }
+        Some(n) => {
+            let s = n.get_ref();
+            if s.is_empty()
+                || s.len() > 64
+                || !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            {
+                cx.at(n.span(), &key("name"), format!("{s:?} must be 1 to 64 characters of [a-z0-9_-]"));
+            }
+            s.clone()
+        }
+    };
+    let protocol =
+        cx.one_of(&svc.protocol, &key("protocol"), Protocol::Tcp, &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)]);
+    if protocol == Protocol::Udp
+        && let Some(p) = &svc.protocol
+    {
+        cx.at(p.span(), &key("protocol"), "\"udp\" is not implemented yet in this version; use \"tcp\"");
+    }
+
+    let listen = match &svc.listen {
+        None => {
+            cx.at(
+                span.clone(),
+                &key("listen"),
+                "missing: where legacy clients connect (an IP:port, or a list of them)",
+            );
+            Vec::new()
+        }
+        Some(v) => listen_addrs(cx, v, &key("listen")),
+    };
+
+    let upstream = match &svc.upstream {
+        None => {
+            cx.at(span.clone(), &key("upstream"), "missing: the logical host, as IP:port or name:port");
+            UpstreamAddr::Ip(SocketAddr::from(([127, 0, 0, 1], 1)))
+        }
+        Some(v) => parse_upstream(v.get_ref()).unwrap_or_else(|e| {
+            cx.at(v.span(), &key("upstream"), format!("{:?} {e}", v.get_ref()));
+            UpstreamAddr::Ip(SocketAddr::from(([127, 0, 0, 1], 1)))
+        }),
+    };
+
+    let source = svc.source.as_ref().and_then(|v| match v.get_ref().parse::<IpAddr>() {
+        Ok(ip) => {
+            if let UpstreamAddr::Ip(up) = &upstream
+                && up.is_ipv4() != ip.is_ipv4()
+            {
+                cx.at(v.span(), &key("source"), format!("{ip} is not of the upstream's address family ({up})"));
+            }
+            Some(ip)
+        }
+        Err(_) => {
+            cx.at(v.span(), &key("source"), format!("{:?} is not an IP address", v.get_ref()));
+            None
+        }
+    });
+    let freebind = svc.freebind.as_ref().is_some_and(|b| *b.get_ref());
+    let depends_on =
+        svc.depends_on.as_ref().map(|d| d.get_ref().iter().map(|n| n.get_ref().clone()).collect()).unwrap_or_default();
+    let max_connections = cx.int(&svc.max_connections, &key("max_connections"), 10_000, (1, 1_000_000)) as usize;
+    let backlog = cx.int(&svc.backlog, &key("backlog"), 4096, (1, 65_535)) as u32;
+    let on_failover = cx.one_of(
+        &svc.on_failover,
+        &key("on_failover"),
+        OnFailover::Reset,
+        &[("reset", OnFailover::Reset), ("close", OnFailover::Close)],
+    );
+
+    let keepalive = keepalive(cx, RawKeepalive::inherit(svc.keepalive, defaults.keepalive.as_ref()), &key("keepalive"));
+    let probe = probe(cx, RawProbe::inherit(svc.probe, defaults.probe.as_ref()), &key("probe"));
+    let hold = hold(cx, RawHold::inherit(svc.hold, defaults.hold.as_ref()), &key("hold"));
+    let own_udp = svc.udp.is_some();
+    let udp = udp(cx, RawUdp::inherit(svc.udp, defaults.udp.as_ref()), &key("udp"));
+    if own_udp && protocol == Protocol::Tcp {
+        cx.at(span.clone(), &key("udp"), "[service.udp] applies only to protocol = \"udp\"");
+    }
+
+    ServiceConfig {
+        name,
+        protocol,
+        listen,
+        upstream,
+        source,
+        freebind,
+        depends_on,
+        max_connections,
+        backlog,
+        on_failover,
+        keepalive,
+        probe,
+        hold,
+        udp,
+    }
+}
+
+fn listen_addrs(cx: &mut Ctx<'_>, v: &S<toml::Value>, key: &str) -> Vec<SocketAddr> {
+    let items: Vec<&toml::Value> = match v.get_ref() {
+        toml::Value::Array(items) => items.iter().collect(),
+        other => vec![other],
+    };
+    if items.is_empty() {
+        cx.at(v.span(), key, "an empty list: give at least one IP:port");
+    }
+    let mut out = Vec::new();
+    for item in items {
+        match item.as_str().map(|s| (s, s.parse::<SocketAddr>())) {
+            Some((_, Ok(addr))) => out.push(addr),
+            Some((s, Err(_))) => {
+                cx.at(v.span(), key, format!("{s:?} is not an IP:port address (a name is not allowed here)"))
+            }
+            None => cx.at(v.span(), key, format!("{item} is not a string \"IP:port\"")),
+        }
+    }
+    out
+}
+
+/// `IP:port`, `[v6]:port` or `name:port`.
+pub(crate) fn parse_upstream(text: &str) -> Result<UpstreamAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err("has port 0".into());
+        }
+        return Ok(UpstreamAddr::Ip(addr));
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err("needs a port: IP:port or name:port".into());
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or("has no valid port (1 to 65535)")?;
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid_name {
+        return Err("is neither IP:port nor a valid host name with a port".into());
+    }
+    Ok(UpstreamAddr::Name { host: host.to_string(), port })
+}
+
+fn keepalive(cx: &mut Ctx<'_>, k: RawKeepalive, key: &str) -> KeepaliveConfig {
+    let key = |k: &str| format!("{key}.{k}");
+    let client_idle = match &k.client_idle {
+        Some(v) if v.get_ref() == "off" => None,
+        other => Some(cx.seconds(other, &key("client_idle"), Duration::from_secs(30))),
+    };
+    KeepaliveConfig {
+        idle: cx.seconds(&k.idle, &key("idle"), Duration::from_secs(1)),
+        interval: cx.seconds(&k.interval, &key("interval"), Duration::from_secs(1)),
+        count: cx.int(&k.count, &key("count"), 3, (1, 127)) as u32,
+        user_timeout: cx.duration(
+            &k.user_timeout,
+            &key("user_timeout"),
+            Duration::from_secs(5),
+            (Duration::ZERO, Duration::from_secs(3600)),
+        ),
+        client_idle,
+    }
+}
+
+fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
+    let key = |k: &str| format!("{key}.{k}");
+    let mode = cx.one_of(
+        &p.mode,
+        &key("mode"),
+        ProbeMode::Hold,
+        &[
+            ("hold", ProbeMode::Hold),
+            ("send-expect", ProbeMode::SendExpect),
+            ("connect", ProbeMode::Connect),
+            ("off", ProbeMode::Off),
+        ],
+    );
+    let bytes = |cx: &mut Ctx<'_>, v: &Option<S<String>>, k: &str| match v {
+        None => Vec::new(),
+        Some(v) => unescape(v.get_ref()).unwrap_or_else(|e| {
+            cx.at(v.span(), &key(k), format!("{:?}: {e}", v.get_ref()));
+            Vec::new()
+        }),
+    };
+    let send = bytes(cx, &p.send, "send");
+    let expect = bytes(cx, &p.expect, "expect");
+    if mode == ProbeMode::SendExpect && send.is_empty() {
+        let span = p.mode.as_ref().map(|m| m.span()).unwrap_or(0..0);
+        cx.at(
+            span,
+            &key("send"),
+            "mode = \"send-expect\" needs a non-empty `send` (a null or status request of the protocol)",
+        );
+    }
+    for (v, k) in [(&p.send, "send"), (&p.expect, "expect")] {
+        if let Some(v) = v
+            && mode != ProbeMode::SendExpect
+            && !v.get_ref().is_empty()
+        {
+            cx.at(v.span(), &key(k), format!("is used only with mode = \"send-expect\" (mode is {:?})", mode.as_str()));
+        }
+    }
+    let identity = match &p.identity {
+        Some(v) if !v.get_ref().is_empty() => match regex_lite::Regex::new(v.get_ref()) {
+            Ok(re) if re.captures_len() == 2 => {
+                if mode == ProbeMode::Off {
+                    cx.at(v.span(), &key("identity"), "needs a probe: mode is \"off\"");
+                }
+                Some(re)
+            }
+            Ok(re) => {
+                cx.at(
+                    v.span(),
+                    &key("identity"),
+                    format!("{:?} must have exactly one capture group (it has {})", v.get_ref(), re.captures_len() - 1),
+                );
+                None
+            }
+            Err(e) => {
+                cx.at(v.span(), &key("identity"), format!("{:?} is not a valid regex: {e}", v.get_ref()));
+                None
+            }
+        },
+        _ => None,
+    };
+    ProbeConfig {
+        mode,
+        interval: cx.duration(
+            &p.interval,
+            &key("interval"),
+            Duration::from_secs(1),
+            (Duration::from_millis(100), Duration::from_secs(3600)),
+        ),
+        timeout: cx.duration(
+            &p.timeout,
+            &key("timeout"),
+            Duration::from_secs(1),
+            (Duration::from_millis(10), Duration::from_secs(3600)),
+        ),
+        send,
+        expect,
+        identity,
+        fall: cx.int(&p.fall, &key("fall"), 1, (1, 100)) as u32,
+        rise: cx.int(&p.rise, &key("rise"), 1, (1, 100)) as u32,
+    }
+}
+
+fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> HoldConfig {
+    let key = |k: &str| format!("{key}.{k}");
+    let ms = Duration::from_millis;
+    let backoff_initial =
+        cx.duration(&h.backoff_initial, &key("backoff_initial"), ms(50), (ms(1), Duration::from_secs(60)));
+    let backoff_max =
+        cx.duration(&h.backoff_max, &key("backoff_max"), Duration::from_secs(1), (ms(1), Duration::from_secs(300)));
+    if backoff_max < backoff_initial {
+        let span = h.backoff_max.as_ref().or(h.backoff_initial.as_ref()).map(|v| v.span()).unwrap_or(0..0);
+        cx.at(
+            span,
+            &key("backoff_max"),
+            format!(
+                "{} is below backoff_initial ({})",
+                humantime::format_duration(backoff_max),
+                humantime::format_duration(backoff_initial)
+            ),
+        );
+    }
+    let budget_ratio = match &h.budget_ratio {
+        None => 0.2,
+        Some(v) => {
+            let r = *v.get_ref();
+            if !r.is_finite() || !(0.0..=1000.0).contains(&r) {
+                cx.at(v.span(), &key("budget_ratio"), format!("{r} is out of range: must be from 0 to 1000"));
+                0.2
+            } else {
+                r
+            }
+        }
+    };
+    HoldConfig {
+        deadline: cx.duration(
+            &h.deadline,
+            &key("deadline"),
+            Duration::from_secs(30),
+            (Duration::ZERO, Duration::from_secs(3600)),
+        ),
+        connect_timeout: cx.duration(
+            &h.connect_timeout,
+            &key("connect_timeout"),
+            Duration::from_secs(1),
+            (ms(10), Duration::from_secs(300)),
+        ),
+        backoff_initial,
+        backoff_max,
+        budget_ratio,
+        budget_min_per_sec: cx.int(&h.budget_min_per_sec, &key("budget_min_per_sec"), 10, (0, 100_000)) as u32,
+        budget_window: cx.duration(
+            &h.budget_window,
+            &key("budget_window"),
+            Duration::from_secs(10),
+            (Duration::from_secs(1), Duration::from_secs(3600)),
+        ),
+    }
+}
+
+fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
+    let key = |k: &str| format!("{key}.{k}");
+    let mut reply_from = Vec::new();
+    if let Some(list) = &u.reply_from {
+        for item in list.get_ref() {
+            match parse_net(item.get_ref()) {
+                Ok(net) => reply_from.push(net),
+                Err(e) => cx.at(item.span(), &key("reply_from"), format!("{:?} {e}", item.get_ref())),
+            }
+        }
+    }
+    UdpConfig {
+        reply_from,
+        flow_idle: cx.duration(
+            &u.flow_idle,
+            &key("flow_idle"),
+            Duration::from_secs(60),
+            (Duration::from_secs(1), Duration::from_secs(86_400)),
+        ),
+        max_flows: cx.int(&u.max_flows, &key("max_flows"), 10_000, (1, 1_000_000)) as usize,
+    }
+}
+
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    let (addr, prefix) = match text.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| "is not an IP address or CIDR block".to_string())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => {
+            p.parse::<u8>().ok().filter(|p| *p <= max).ok_or(format!("has a prefix length that is not 0 to {max}"))?
+        }
+    };
+    Ok(IpNet { addr, prefix })
+}
+
+fn cross_checks(cx: &mut Ctx<'_>, services: &[ServiceConfig], spans: &[(Range<usize>, Vec<Range<usize>>)]) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut listens: HashMap<(SocketAddr, Protocol), &str> = HashMap::new();
+    for (i, s) in services.iter().enumerate() {
+        if s.name.is_empty() {
+            continue;
+        }
+        if let Some(first) = seen.insert(&s.name, i) {
+            let (line, _) = line_col(cx.text, spans[first].0.start);
+            cx.at(
+                spans[i].0.clone(),
+                &format!("service[{}].name", s.name),
+                format!("duplicate name: already used by the service at line {line}"),
+            );
+        }
+        for addr in &s.listen {
+            if addr.port() != 0
+                && let Some(other) = listens.insert((*addr, s.protocol), &s.name)
+            {
+                cx.at(
+                    spans[i].0.clone(),
+                    &format!("service[{}].listen", s.name),
+                    format!("{addr} is already the listen address of service {other:?}"),
+                );
+            }
+        }
+    }
+    for (i, s) in services.iter().enumerate() {
+        for (j, dep) in s.depends_on.iter().enumerate() {
+            let span = spans[i].1.get(j).cloned().unwrap_or(spans[i].0.clone());
+            let key = format!("service[{}].depends_on", s.name);
+            if dep == &s.name {
+                cx.at(span, &key, format!("{dep:?}: a service cannot depend on itself"));
+            } else if !seen.contains_key(dep.as_str()) {
+                cx.at(span, &key, format!("{dep:?} is not a service in this file"));
+            }
+        }
+    }
+    if let Some(cycle) = find_cycle(services) {
+        let first = services.iter().position(|s| s.name == cycle[0]).unwrap_or(0);
+        cx.at(
+            spans[first].0.clone(),
+            &format!("service[{}].depends_on", cycle[0]),
+            format!("dependency cycle: {}", cycle.join(" -> ")),
+        );
+    }
+}
+
+/// A dependency cycle among services, as the list of names around it (first repeated at the end).
+fn find_cycle(services: &[ServiceConfig]) -> Option<Vec<String>> {
+    let deps: HashMap<&str, &[String]> = services.iter().map(|s| (s.name.as_str(), s.depends_on.as_slice())).collect();
+    let mut done: HashSet<&str> = HashSet::new();
+    for start in services.iter().map(|s| s.name.as_str()) {
+        let mut path: Vec<&str> = Vec::new();
+        if let Some(c) = visit(start, &deps, &mut path, &mut done) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+fn visit<'a>(
+    node: &'a str,
+    deps: &HashMap<&'a str, &'a [String]>,
+    path: &mut Vec<&'a str>,
+    done: &mut HashSet<&'a str>,
+) -> Option<Vec<String>> {
+    if let Some(pos) = path.iter().position(|n| *n == node) {
+        let mut cycle: Vec<String> = path[pos..].iter().map(|s| s.to_string()).collect();
+        cycle.push(node.to_string());
+        return Some(cycle);
+    }
+    if done.contains(node) {
+        return None;
+    }
+    path.push(node);
+    for dep in deps.get(node).copied().unwrap_or(&[]) {
+        if dep != node
+            && deps.contains_key(dep.as_str())
+            && let Some(c) = visit(dep, deps, path, done)
+        {
+            return Some(c);
+        }
+    }
+    path.pop();
+    done.insert(node);
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        validate(text, Path::new("t.toml"))
+    }
+
+    #[test]
+    fn minimal_gets_interface_defaults() {
+        let c = load("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n").unwrap();
+        let s = &c.services[0];
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(s.keepalive.idle, Duration::from_secs(1));
+        assert_eq!(s.keepalive.client_idle, Some(Duration::from_secs(30)));
+        assert_eq!(s.probe.mode, ProbeMode::Hold);
+        assert_eq!(s.hold.deadline, Duration::from_secs(30));
+        assert_eq!(s.hold.budget_ratio, 0.2);
+        assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.on_failover, OnFailover::Reset);
+    }
+
+    #[test]
+    fn defaults_inherit_key_by_key() {
+        let c = load(
+            "[defaults.probe]\ninterval = \"2s\"\nfall = 3\n[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"h.example:2\"\n[service.probe]\nfall = 2\n",
+        )
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.probe.interval, Duration::from_secs(2));
+        assert_eq!(s.probe.fall, 2);
+        assert_eq!(s.upstream, UpstreamAddr::Name { host: "h.example".into(), port: 2 });
+    }
+
+    #[test]
+    fn every_problem_at_once_with_line_and_key() {
+        let err =
+            load("[[service]]\nname = \"A\"\nlisten = []\n[service.keepalive]\nidle = \"5\"\ncount = 0\n").unwrap_err();
+        let p = err.problems();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"service[A].name"), "{keys:?}");
+        assert!(keys.contains(&"service[A].listen"), "{keys:?}");
+        assert!(keys.contains(&"service[A].upstream"), "{keys:?}");
+        assert!(keys.contains(&"service[A].keepalive.idle"), "{keys:?}");
+        assert!(keys.contains(&"service[A].keepalive.count"), "{keys:?}");
+        let idle = p.iter().find(|p| p.key.ends_with("idle")).unwrap();
+        assert_eq!((idle.line, idle.column), (5, 8));
+    }
+
+    #[test]
+    fn cycles_are_found() {
+        let svc = |n: &str, d: &str| {
+            format!(
+                "[[service]]\nname = \"{n}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:2\"\ndepends_on = [\"{d}\"]\n"
+            )
+        };
+        let err = load(&format!("{}{}{}", svc("a", "b"), svc("b", "c"), svc("c", "a"))).unwrap_err();
+        assert!(err.to_string().contains("dependency cycle"), "{err}");
+    }
+
+    #[test]
+    fn nets() {
+        let n = parse_net("10.1.0.0/16").unwrap();
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(parse_net("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(parse_net("1.2.3.4/33").is_err());
+    }
+}

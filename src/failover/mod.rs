@@ -1,0 +1,400 @@
+//! Failover detection. One `Detector` task per service owns the host state (`state::Machine`), drives the
+//! probe session (`probe`), takes signs from the data path and the admin hook, and publishes a `HostView`
+//! on a watch channel. The data path only reads the view: nothing on it decides a failover.
+//!
+//! Each epoch carries a cancellation token; ending an epoch cancels it, and every session of that epoch
+//! ends at once.
+
+pub mod bounds;
+pub mod probe;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{KeepaliveConfig, ProbeMode, ServiceConfig};
+use crate::metrics::{ServiceMetrics, Signal};
+use crate::upstream::retry::Backoff;
+use crate::upstream::{ConnectClass, Connector, socket};
+use probe::{ExchangeError, HeldEvent};
+pub use state::{Evidence, Failover, HostState, Machine};
+
+/// A failover as shown in `/status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailoverRecord {
+    pub at: SystemTime,
+    pub signal: Signal,
+    pub detection: Duration,
+    pub epoch: u64,
+}
+
+/// What the data path and the admin server see of a logical host.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub state: HostState,
+    pub epoch: u64,
+    /// Cancelled when this epoch ends.
+    pub epoch_end: CancellationToken,
+    pub identity: Option<Arc<str>>,
+    /// When `state` last changed.
+    pub since: Instant,
+    pub last_failover: Option<FailoverRecord>,
+}
+
+/// A sign from outside the probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sign {
+    /// An established session's upstream side was reset.
+    SessionReset,
+    /// An established session's upstream side timed out (keep-alive or TCP_USER_TIMEOUT).
+    SessionTimeout,
+    /// A client's connect attempt failed.
+    ConnectFailed(ConnectClass),
+    /// The neighbour entry of the upstream address changed its link-layer address.
+    Neighbor,
+    /// The cluster manager says the host moved.
+    Admin,
+}
+
+/// The data path's side of a detector: read the view, send signs.
+#[derive(Debug, Clone)]
+pub struct DetectorHandle {
+    pub view: watch::Receiver<HostView>,
+    signs: mpsc::Sender<Sign>,
+}
+
+impl DetectorHandle {
+    /// Reports a sign; never waits. A full queue means the detector is already busy with the same news.
+    pub fn sign(&self, sign: Sign) {
+        if self.signs.try_send(sign).is_err() {
+            debug!(?sign, "sign not queued: the detector is busy");
+        }
+    }
+
+    pub fn current(&self) -> HostView {
+        self.view.borrow().clone()
+    }
+}
+
+/// The detector of one service.
+pub struct Detector {
+    svc: Arc<ServiceConfig>,
+    connector: Connector,
+    metrics: Arc<ServiceMetrics>,
+    machine: Machine,
+    view: watch::Sender<HostView>,
+    signs: mpsc::Receiver<Sign>,
+    held: Option<TcpStream>,
+    probe_keepalive: KeepaliveConfig,
+    next_check: Instant,
+    backoff: Backoff,
+}
+
+impl Detector {
+    pub fn new(svc: Arc<ServiceConfig>, metrics: Arc<ServiceMetrics>) -> (Detector, DetectorHandle) {
+        let now = Instant::now();
+        let view = HostView {
+            state: HostState::Up,
+            epoch: 1,
+            epoch_end: CancellationToken::new(),
+            identity: None,
+            since: now,
+            last_failover: None,
+        };
+        let (view_tx, view_rx) = watch::channel(view);
+        let (sign_tx, sign_rx) = mpsc::channel(256);
+        metrics.upstream_up.set(1.0);
+        metrics.epoch.set(1.0);
+        let detector = Detector {
+            connector: Connector::new(svc.clone()),
+            machine: Machine::new(svc.probe.fall, svc.probe.rise, now),
+            probe_keepalive: probe::probe_keepalive(&svc.probe, &svc.keepalive),
+            backoff: Backoff::new(svc.hold.backoff_initial, svc.probe.interval.min(svc.hold.backoff_max)),
+            svc,
+            metrics,
+            view: view_tx,
+            signs: sign_rx,
+            held: None,
+            next_check: now,
+        };
+        (detector, DetectorHandle { view: view_rx, signs: sign_tx })
+    }
+
+    /// Runs until `cancel`.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        enum Event {
+            Stop,
+            Sign(Sign),
+            Held(HeldEvent),
+            Check,
+        }
+        let mode = self.svc.probe.mode;
+        loop {
+            let check_at = if mode == ProbeMode::Off { None } else { Some(self.next_check) };
+            let event = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Event::Stop,
+                Some(sign) = self.signs.recv() => Event::Sign(sign),
+                ev = probe::watch_held(self.held.as_ref()) => Event::Held(ev),
+                _ = async { match check_at { Some(t) => sleep_until(t).await, None => std::future::pending().await } } => Event::Check,
+            };
+            match event {
+                Event::Stop => break,
+                Event::Sign(sign) => self.on_sign(sign).await,
+                Event::Held(ev) => self.on_held(ev).await,
+                Event::Check => {
+                    self.check().await;
+                    self.next_check = Instant::now() + self.pace();
+                }
+            }
+        }
+        debug!(service = %self.svc.name, "detector stopped");
+    }
+
+    /// Time to the next check in the current state.
+    fn pace(&mut self) -> Duration {
+        let interval = self.svc.probe.interval;
+        match self.machine.state() {
+            HostState::Up => {
+                self.backoff.reset();
+                interval
+            }
+            // why: in hold mode a suspicion is settled by the held session's next ACK (or its end); read
+            // TCP_INFO often so it is settled as soon as that happens.
+            HostState::Suspect if self.svc.probe.mode == ProbeMode::Hold => Duration::from_millis(100),
+            HostState::Suspect => interval.min(Duration::from_millis(250)),
+            // why: while the host is away, look again soon, so held clients are let through as soon as it
+            // is back; the backoff keeps a long outage from becoming a connect storm.
+            HostState::Down | HostState::FailingOver => self.backoff.next_delay(),
+        }
+    }
+
+    async fn on_sign(&mut self, sign: Sign) {
+        let now = Instant::now();
+        match sign {
+            Sign::Admin => {
+                self.held = None;
+                self.observe(Evidence::Admin);
+                self.next_check = now;
+            }
+            Sign::Neighbor => {
+                if self.svc.probe.mode == ProbeMode::Off {
+                    return;
+                }
+                // why: the address now answers from another link-layer address; confirm at once, without
+                // waiting for a probe interval, by reaching it anew.
+                self.held = None;
+                let (confirm, identity) = self.open_held().await;
+                self.observe(Evidence::Moved { signal: Signal::Neighbor, confirm, identity });
+            }
+            Sign::SessionReset | Sign::SessionTimeout | Sign::ConnectFailed(_) => {
+                if self.svc.probe.mode == ProbeMode::Off {
+                    return;
+                }
+                let signal = match sign {
+                    Sign::SessionTimeout => Signal::Keepalive,
+                    _ => Signal::SessionReset,
+                };
+                let before = self.machine.state();
+                self.observe(Evidence::Sign { signal });
+                if before == HostState::Up && self.machine.state() == HostState::Suspect {
+                    debug!(service = %self.svc.name, ?sign, "suspect: confirming");
+                    self.next_check = now;
+                }
+            }
+        }
+    }
+
+    async fn on_held(&mut self, ev: HeldEvent) {
+        match ev {
+            HeldEvent::Data(bytes) => {
+                let identity = probe::identity_of(&self.svc.probe, &bytes);
+                if identity.is_some() {
+                    self.observe(Evidence::Ok { at: Instant::now(), identity });
+                }
+            }
+            HeldEvent::Eof => {
+                debug!(service = %self.svc.name, "probe session closed by the server; reconnecting");
+                self.held = None;
+                let (confirm, identity) = self.open_held().await;
+                self.observe(Evidence::Closed { confirm, identity });
+            }
+            HeldEvent::Failed(ConnectClass::Reset, e) => {
+                self.date_last_ack();
+                debug!(service = %self.svc.name, error = %e, "probe session reset; confirming");
+                self.held = None;
+                let (confirm, identity) = self.open_held().await;
+                self.observe(Evidence::Moved { signal: Signal::Probe, confirm, identity });
+            }
+            HeldEvent::Failed(class, e) => {
+                self.date_last_ack();
+                debug!(service = %self.svc.name, error = %e, "probe session failed");
+                self.held = None;
+                let signal = if class == ConnectClass::Timeout { Signal::Keepalive } else { Signal::Probe };
+                self.observe(Evidence::Silent { signal });
+                self.next_check = Instant::now();
+            }
+        }
+    }
+
+    /// Dates the last good sign of the epoch by the held session's last ACK.
+    fn date_last_ack(&mut self) {
+        if let Some(age) = self.held.as_ref().and_then(socket::last_ack_age) {
+            let now = Instant::now();
+            self.machine.good_sign(now.checked_sub(age).unwrap_or(now));
+        }
+    }
+
+    /// One scheduled check, by probe mode.
+    async fn check(&mut self) {
+        let now = Instant::now();
+        match self.svc.probe.mode {
+            ProbeMode::Off => {}
+            ProbeMode::Hold => match &self.held {
+                Some(held) => {
+                    if let Some(age) = socket::last_ack_age(held) {
+                        let at = now.checked_sub(age).unwrap_or(now);
+                        self.machine.good_sign(at);
+                        if age <= self.probe_keepalive.idle + Duration::from_millis(250) {
+                            self.observe(Evidence::Ok { at, identity: None });
+                        }
+                    }
+                }
+                None => self.reconnect_check().await,
+            },
+            ProbeMode::SendExpect => {
+                if self.held.is_none() {
+                    self.reconnect_check().await;
+                }
+                let Some(held) = self.held.as_mut() else { return };
+                match probe::exchange(held, &self.svc.probe).await {
+                    Ok(reply) => {
+                        let identity = probe::identity_of(&self.svc.probe, &reply);
+                        self.observe(Evidence::Ok { at: Instant::now(), identity });
+                    }
+                    Err(ExchangeError::Timeout) => {
+                        self.held = None;
+                        self.observe(Evidence::Silent { signal: Signal::Probe });
+                    }
+                    Err(ExchangeError::Mismatch(reply)) => {
+                        warn!(service = %self.svc.name, reply = %String::from_utf8_lossy(&reply[..reply.len().min(200)]), "probe reply lacks `expect`");
+                        self.held = None;
+                        self.observe(Evidence::Refused);
+                    }
+                    Err(ExchangeError::Eof) => {
+                        self.held = None;
+                        let (confirm, identity) = self.open_held().await;
+                        self.observe(Evidence::Closed { confirm, identity });
+                    }
+                    Err(ExchangeError::Failed(class, e)) => {
+                        debug!(service = %self.svc.name, error = %e, "probe exchange failed");
+                        self.held = None;
+                        if class == ConnectClass::Reset {
+                            let (confirm, identity) = self.open_held().await;
+                            self.observe(Evidence::Moved { signal: Signal::Probe, confirm, identity });
+                        } else {
+                            self.observe(Evidence::Silent { signal: Signal::Probe });
+                        }
+                    }
+                }
+            }
+            ProbeMode::Connect => {
+                self.reconnect_check().await;
+                self.held = None;
+            }
+        }
+    }
+
+    /// Connects a new probe session and reports the result as evidence.
+    async fn reconnect_check(&mut self) {
+        let (class, identity) = self.open_held().await;
+        let ev = match class {
+            ConnectClass::Ok => Evidence::Ok { at: Instant::now(), identity },
+            ConnectClass::Refused | ConnectClass::Reset => Evidence::Refused,
+            _ => Evidence::Silent { signal: Signal::Probe },
+        };
+        self.observe(ev);
+    }
+
+    /// Opens the held probe session; returns how the attempt ended and the identity a banner gave.
+    async fn open_held(&mut self) -> (ConnectClass, Option<String>) {
+        let timeout = self.svc.probe.timeout;
+        let result = match self.connector.resolve().await {
+            Ok(peer) => self.connector.connect_with(peer, timeout, &self.probe_keepalive).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(stream) => {
+                self.metrics.connect(ConnectClass::Ok).increment(1);
+                let identity = match (&self.svc.probe.identity, self.svc.probe.mode) {
+                    (Some(_), ProbeMode::Hold | ProbeMode::Connect) => {
+                        probe::read_banner(&stream, timeout).await.and_then(|b| probe::identity_of(&self.svc.probe, &b))
+                    }
+                    _ => None,
+                };
+                self.held = Some(stream);
+                (ConnectClass::Ok, identity)
+            }
+            Err(e) => {
+                self.metrics.connect(e.class).increment(1);
+                debug!(service = %self.svc.name, error = %e, "probe connect failed");
+                (e.class, None)
+            }
+        }
+    }
+
+    /// Feeds evidence to the machine and publishes what changed.
+    fn observe(&mut self, ev: Evidence) {
+        let now = Instant::now();
+        let before = self.machine.state();
+        let failover = self.machine.observe(now, ev);
+        let after = self.machine.state();
+        let name = &self.svc.name;
+        if let Some(f) = &failover {
+            self.metrics.failover(f.signal).increment(1);
+            self.metrics.detection_seconds.record(f.detection.as_secs_f64());
+            self.metrics.epoch.set(f.epoch as f64);
+            warn!(
+                service = %name, epoch = f.epoch, signal = f.signal.as_str(),
+                detection_ms = f.detection.as_millis() as u64, state = after.as_str(),
+                "failover: the logical host moved or went away; ending the sessions of epoch {}", f.epoch - 1
+            );
+        }
+        if before != after {
+            info!(service = %name, from = before.as_str(), to = after.as_str(), epoch = self.machine.epoch(), "upstream state changed");
+        }
+        self.metrics.upstream_up.set(if after.connectable() { 1.0 } else { 0.0 });
+        let identity = self.machine.identity().map(Arc::<str>::from);
+        self.view.send_if_modified(|view| {
+            let mut changed = false;
+            if let Some(f) = &failover {
+                view.epoch_end.cancel();
+                view.epoch_end = CancellationToken::new();
+                view.epoch = f.epoch;
+                view.last_failover = Some(FailoverRecord {
+                    at: SystemTime::now(),
+                    signal: f.signal,
+                    detection: f.detection,
+                    epoch: f.epoch,
+                });
+                changed = true;
+            }
+            if view.state != after {
+                view.state = after;
+                view.since = now;
+                changed = true;
+            }
+            if view.identity != identity {
+                view.identity = identity;
+                changed = true;
+            }
+            changed
+        });
+    }
+}

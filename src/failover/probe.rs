@@ -1,0 +1,167 @@
+//! The probe session's I/O: how a held connection is watched, how a status request is exchanged, and how
+//! a node identity is read from a reply. Decisions are the state machine's; this only observes.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::config::{KeepaliveConfig, ProbeConfig};
+use crate::upstream::{ConnectClass, classify};
+
+/// What happened on a held probe connection.
+#[derive(Debug)]
+pub enum HeldEvent {
+    /// The server sent bytes (a banner, or unsolicited data).
+    Data(Vec<u8>),
+    /// The server closed the session (FIN).
+    Eof,
+    /// The session failed: RST (`Reset`), keep-alive expiry (`Timeout`), or another error.
+    Failed(ConnectClass, io::Error),
+}
+
+/// Waits for the next event on a held connection; never returns when there is none.
+pub async fn watch_held(held: Option<&TcpStream>) -> HeldEvent {
+    let Some(stream) = held else { return std::future::pending().await };
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Err(e) = stream.readable().await {
+            return HeldEvent::Failed(classify(&e), e);
+        }
+        match stream.try_read(&mut buf) {
+            Ok(0) => return HeldEvent::Eof,
+            Ok(n) => return HeldEvent::Data(buf[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return HeldEvent::Failed(classify(&e), e),
+        }
+    }
+}
+
+/// Why a send-expect exchange failed.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// No (complete) reply within the timeout.
+    Timeout,
+    /// The reply came but lacks `expect`: something else answers on the port.
+    Mismatch(Vec<u8>),
+    Eof,
+    Failed(ConnectClass, io::Error),
+}
+
+/// Sends `send`, then reads until the reply contains `expect` (any reply when `expect` is empty).
+///
+/// # Errors
+/// Timeout, a reply without `expect`, EOF, or an I/O error.
+pub async fn exchange(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<Vec<u8>, ExchangeError> {
+    let work = async {
+        stream.write_all(&probe.send).await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            stream.readable().await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
+            match stream.try_read(&mut buf) {
+                Ok(0) => return Err(ExchangeError::Eof),
+                Ok(n) => {
+                    reply.extend_from_slice(&buf[..n]);
+                    if contains(&reply, &probe.expect) {
+                        return Ok(reply);
+                    }
+                    if reply.len() > 64 * 1024 {
+                        return Err(ExchangeError::Mismatch(reply));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(ExchangeError::Failed(classify(&e), e)),
+            }
+        }
+    };
+    match tokio::time::timeout(probe.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ExchangeError::Timeout),
+    }
+}
+
+/// Reads whatever the server sends first, for up to `timeout` (a banner), to take an identity from it.
+pub async fn read_banner(stream: &TcpStream, timeout: Duration) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 2048];
+    let work = async {
+        loop {
+            stream.readable().await.ok()?;
+            match stream.try_read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => return Some(buf[..n].to_vec()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work).await.ok().flatten()
+}
+
+/// Whether `haystack` contains `needle` (an empty needle always matches).
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The node identity a reply names: the regex's capture group, matched against the reply as lossy UTF-8.
+pub fn identity_of(probe: &ProbeConfig, reply: &[u8]) -> Option<String> {
+    let re = probe.identity.as_ref()?;
+    let text = String::from_utf8_lossy(reply);
+    re.captures(&text).and_then(|c| c.get(1)).map(|m| m.as_str().to_string())
+}
+
+/// Keep-alive settings of the held probe session: a keep-alive every probe interval, and the kernel ends
+/// the session when no ACK came for one interval plus the probe timeout.
+pub fn probe_keepalive(probe: &ProbeConfig, base: &KeepaliveConfig) -> KeepaliveConfig {
+    let ceil =
+        |d: Duration| Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(Duration::from_secs(1));
+    let idle = ceil(probe.interval);
+    let interval = ceil(probe.timeout);
+    KeepaliveConfig {
+        idle,
+        interval,
+        count: base.count,
+        // why: with TCP_USER_TIMEOUT set the kernel aborts a keep-alive that went unanswered for this long
+        // instead of waiting for `count` probes.
+        user_timeout: idle + interval,
+        client_idle: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProbeMode;
+
+    #[test]
+    fn identity_and_expect() {
+        let probe = ProbeConfig {
+            mode: ProbeMode::SendExpect,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(1500),
+            send: b"INFO server\r\n".to_vec(),
+            expect: b"redis_version".to_vec(),
+            identity: Some(regex_lite::Regex::new(r"run_id:([0-9a-f]+)").unwrap()),
+            fall: 1,
+            rise: 1,
+        };
+        let reply = b"$100\r\n# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n";
+        assert!(contains(reply, &probe.expect));
+        assert!(!contains(b"-ERR", &probe.expect));
+        assert_eq!(identity_of(&probe, reply).as_deref(), Some("abc123"));
+        assert_eq!(identity_of(&probe, b"\xff\xfe garbage"), None);
+        let base = KeepaliveConfig {
+            idle: Duration::from_secs(9),
+            interval: Duration::from_secs(9),
+            count: 3,
+            user_timeout: Duration::ZERO,
+            client_idle: None,
+        };
+        let ka = probe_keepalive(&probe, &base);
+        assert_eq!(
+            (ka.idle, ka.interval, ka.user_timeout),
+            (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(3))
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! The host state machine of one service: evidence in, decisions out. It owns the state (up, suspect,
+//! failing-over, down), the epoch, the node identity and the fall/rise counts, and decides when an epoch
+//! ends. It does no I/O and reads no clock: the driver passes `now`, so tests run it on a paused clock.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::metrics::Signal;
+use crate::upstream::ConnectClass;
+
+/// What the data path may do with the logical host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostState {
+    /// Serving on the current epoch.
+    Up,
+    /// A sign arrived; being confirmed. New connects still go ahead.
+    Suspect,
+    /// The epoch ended and the address answers, but the service does not yet (refused).
+    FailingOver,
+    /// The address does not answer.
+    Down,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Up => "up",
+            HostState::Suspect => "suspect",
+            HostState::FailingOver => "failing-over",
+            HostState::Down => "down",
+        }
+    }
+
+    /// Whether new upstream connects should be made now.
+    pub fn connectable(self) -> bool {
+        matches!(self, HostState::Up | HostState::Suspect)
+    }
+}
+
+/// One piece of evidence about the logical host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evidence {
+    /// A probe worked: a connect, a matching reply, or an ACK on the held session at `at`.
+    Ok { at: Instant, identity: Option<String> },
+    /// Nothing answered (a timeout, no route, keep-alive expiry on the held session).
+    Silent { signal: Signal },
+    /// The address answered with RST to a connect: up on some node, service not (yet).
+    Refused,
+    /// The held session was reset (or a neighbour change was seen), then a confirming connect ended as
+    /// `confirm`. A session the serving node no longer knows means every session of the epoch is dead.
+    Moved { signal: Signal, confirm: ConnectClass, identity: Option<String> },
+    /// The held session was closed by the server (FIN), then a confirming connect ended as `confirm`.
+    Closed { confirm: ConnectClass, identity: Option<String> },
+    /// A sign from outside the probe (a reset session, a failed client connect): suspect, do not decide.
+    Sign { signal: Signal },
+    /// The cluster manager declared a failover.
+    Admin,
+}
+
+/// An epoch that ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failover {
+    /// The epoch that begins.
+    pub epoch: u64,
+    pub signal: Signal,
+    /// From the last good sign of the old epoch to the decision.
+    pub detection: Duration,
+    pub at: Instant,
+}
+
+/// The state of one logical host.
+#[derive(Debug)]
+pub struct Machine {
+    fall: u32,
+    rise: u32,
+    state: HostState,
+    epoch: u64,
+    fails: u32,
+    oks: u32,
+    last_good: Instant,
+    identity: Option<String>,
+    /// The first sign of the current suspicion: it names the signal if the suspicion is confirmed.
+    suspect: Option<(Instant, Signal)>,
+}
+
+impl Machine {
+    pub fn new(fall: u32, rise: u32, now: Instant) -> Machine {
+        Machine {
+            fall: fall.max(1),
+            rise: rise.max(1),
+            state: HostState::Up,
+            epoch: 1,
+            fails: 0,
+            oks: 0,
+            last_good: now,
+            identity: None,
+            suspect: None,
+        }
+    }
+
+    pub fn state(&self) -> HostState {
+        self.state
+    }
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+    pub fn last_good(&self) -> Instant {
+        self.last_good
+    }
+
+    /// A good sign of the current epoch seen at `at` (an ACK on the held session); changes no state.
+    pub fn good_sign(&mut self, at: Instant) {
+        if self.state.connectable() && at > self.last_good {
+            self.last_good = at;
+        }
+    }
+
+    /// Takes one piece of evidence; returns the failover when it ends the epoch.
+    pub fn observe(&mut self, now: Instant, ev: Evidence) -> Option<Failover> {
+        match ev {
+            Evidence::Ok { at, identity } => self.ok(now, at, identity),
+            Evidence::Silent { signal } => self.fail(now, signal, HostState::Down),
+            Evidence::Refused => self.fail(now, Signal::Probe, HostState::FailingOver),
+            Evidence::Moved { signal, confirm, identity } => {
+                let signal = self.suspect.map_or(signal, |(_, s)| s);
+                let ended = if self.state.connectable() { Some(self.end_epoch(now, signal)) } else { None };
+                self.after_confirm(now, confirm, identity);
+                ended
+            }
+            Evidence::Closed { confirm, identity } => match confirm {
+                // why: a server that closes idle connections is not a failover; the identity still decides.
+                ConnectClass::Ok => self.ok(now, now, identity),
+                ConnectClass::Refused | ConnectClass::Reset => self.fail(now, Signal::Probe, HostState::FailingOver),
+                _ => self.fail(now, Signal::Probe, HostState::Down),
+            },
+            Evidence::Sign { signal } => {
+                if self.state == HostState::Up {
+                    self.state = HostState::Suspect;
+                    self.suspect = Some((now, signal));
+                }
+                None
+            }
+            Evidence::Admin => {
+                let f = self.end_epoch(now, Signal::Admin);
+                if self.state == HostState::Suspect {
+                    self.state = HostState::Up;
+                }
+                Some(f)
+            }
+        }
+    }
+
+    fn ok(&mut self, now: Instant, at: Instant, identity: Option<String>) -> Option<Failover> {
+        if let Some((since, _)) = self.suspect
+            && at < since
+        {
+            // why: an ACK older than the sign says nothing about whether the sign was a move.
+            return None;
+        }
+        self.fails = 0;
+        self.oks = self.oks.saturating_add(1);
+        let mut ended = None;
+        if let Some(new) = identity {
+            if let Some(old) = &self.identity
+                && *old != new
+                && self.state.connectable()
+            {
+                ended = Some(self.end_epoch(now, Signal::Identity));
+            }
+            self.identity = Some(new);
+        }
+        match self.state {
+            HostState::Up | HostState::Suspect => {
+                self.state = HostState::Up;
+                self.suspect = None;
+                self.last_good = self.last_good.max(at);
+            }
+            HostState::FailingOver | HostState::Down => {
+                if self.oks >= self.rise {
+                    self.state = HostState::Up;
+                    self.last_good = at;
+                }
+            }
+        }
+        ended
+    }
+
+    fn fail(&mut self, now: Instant, signal: Signal, bad: HostState) -> Option<Failover> {
+        self.oks = 0;
+        self.fails = self.fails.saturating_add(1);
+        match self.state {
+            HostState::Up | HostState::Suspect if self.fails >= self.fall => {
+                let signal = self.suspect.map_or(signal, |(_, s)| s);
+                let f = self.end_epoch(now, signal);
+                self.state = bad;
+                Some(f)
+            }
+            HostState::Up | HostState::Suspect => {
+                if self.suspect.is_none() {
+                    self.suspect = Some((now, signal));
+                }
+                self.state = HostState::Suspect;
+                None
+            }
+            HostState::FailingOver | HostState::Down => {
+                self.state = bad;
+                None
+            }
+        }
+    }
+
+    fn after_confirm(&mut self, now: Instant, confirm: ConnectClass, identity: Option<String>) {
+        self.fails = 0;
+        self.oks = 0;
+        match confirm {
+            ConnectClass::Ok => {
+                self.oks = 1;
+                if identity.is_some() {
+                    self.identity = identity;
+                }
+                self.state = if self.rise <= 1 { HostState::Up } else { HostState::FailingOver };
+                if self.state == HostState::Up {
+                    self.last_good = now;
+                }
+            }
+            ConnectClass::Refused | ConnectClass::Reset => self.state = HostState::FailingOver,
+            _ => self.state = HostState::Down,
+        }
+    }
+
+    fn end_epoch(&mut self, now: Instant, signal: Signal) -> Failover {
+        self.epoch += 1;
+        self.suspect = None;
+        self.fails = 0;
+        let f =
+            Failover { epoch: self.epoch, signal, detection: now.saturating_duration_since(self.last_good), at: now };
+        self.last_good = now;
+        f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(at: Instant) -> Evidence {
+        Evidence::Ok { at, identity: None }
+    }
+    fn silent() -> Evidence {
+        Evidence::Silent { signal: Signal::Probe }
+    }
+    const S: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn fall_then_rise() {
+        let mut m = Machine::new(3, 2, Instant::now());
+        tokio::time::advance(S).await;
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        let good = Instant::now();
+        for _ in 0..2 {
+            tokio::time::advance(S).await;
+            assert_eq!(m.observe(Instant::now(), silent()), None);
+            assert_eq!(m.state(), HostState::Suspect);
+        }
+        tokio::time::advance(S).await;
+        let f = m.observe(Instant::now(), silent()).expect("third failure ends the epoch");
+        assert_eq!((f.epoch, f.signal, f.detection), (2, Signal::Probe, Duration::from_secs(3)));
+        assert_eq!(Instant::now() - good, f.detection);
+        assert_eq!(m.state(), HostState::Down);
+        // rise = 2: one success is not enough, and coming back does not start another epoch.
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!(m.state(), HostState::Down);
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::Up, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blip_shorter_than_fall_ends_nothing() {
+        let mut m = Machine::new(2, 1, Instant::now());
+        assert_eq!(m.observe(Instant::now(), silent()), None);
+        tokio::time::advance(S).await;
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!(m.observe(Instant::now(), silent()), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::Suspect, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_held_session_that_reconnects_is_a_move() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        m.good_sign(Instant::now());
+        tokio::time::advance(Duration::from_millis(900)).await;
+        let f = m
+            .observe(
+                Instant::now(),
+                Evidence::Moved { signal: Signal::Probe, confirm: ConnectClass::Ok, identity: None },
+            )
+            .unwrap();
+        assert_eq!((f.epoch, f.signal, f.detection), (2, Signal::Probe, Duration::from_millis(900)));
+        assert_eq!(m.state(), HostState::Up);
+        // Refused on confirmation: the epoch ends all the same, the service is starting.
+        let f = m
+            .observe(
+                Instant::now(),
+                Evidence::Moved { signal: Signal::Probe, confirm: ConnectClass::Refused, identity: None },
+            )
+            .unwrap();
+        assert_eq!((f.epoch, m.state()), (3, HostState::FailingOver));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_reset_session_does_not_flip_a_healthy_host() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        tokio::time::advance(S).await;
+        assert_eq!(m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset }), None);
+        assert_eq!(m.state(), HostState::Suspect);
+        // An ACK from before the sign proves nothing...
+        let before = Instant::now() - Duration::from_millis(10);
+        assert_eq!(m.observe(Instant::now(), ok(before)), None);
+        assert_eq!(m.state(), HostState::Suspect);
+        // ...one after it clears the suspicion without a failover.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::Up, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmed_sign_names_the_first_signal() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset });
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let f = m
+            .observe(
+                Instant::now(),
+                Evidence::Moved { signal: Signal::Probe, confirm: ConnectClass::Ok, identity: None },
+            )
+            .unwrap();
+        assert_eq!(f.signal, Signal::SessionReset);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_identity_is_a_failover_even_when_nothing_broke() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        let id = |s: &str| Evidence::Ok { at: Instant::now(), identity: Some(s.into()) };
+        assert_eq!(m.observe(Instant::now(), id("node1")), None);
+        assert_eq!(m.observe(Instant::now(), id("node1")), None);
+        tokio::time::advance(S).await;
+        let f = m.observe(Instant::now(), id("node2")).unwrap();
+        assert_eq!((f.epoch, f.signal), (2, Signal::Identity));
+        assert_eq!((m.identity(), m.state()), (Some("node2"), HostState::Up));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_by_the_server_then_back_is_not_a_failover() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        assert_eq!(m.observe(Instant::now(), Evidence::Closed { confirm: ConnectClass::Ok, identity: None }), None);
+        assert_eq!(m.epoch(), 1);
+        let f = m.observe(Instant::now(), Evidence::Closed { confirm: ConnectClass::Refused, identity: None });
+        assert_eq!(f.map(|f| f.epoch), Some(2));
+        assert_eq!(m.state(), HostState::FailingOver);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admin_ends_the_epoch_at_once_and_epochs_count_up() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        for want in 2..5 {
+            let f = m.observe(Instant::now(), Evidence::Admin).unwrap();
+            assert_eq!((f.epoch, f.signal), (want, Signal::Admin));
+        }
+        assert_eq!(m.state(), HostState::Up);
+    }
+}

@@ -1,0 +1,27 @@
+//! staybound keeps legacy clients working while the highly-available service behind them fails over.
+//!
+//! # Layout, in the order data flows
+//! * [`config`]: the TOML file, validated into typed settings.
+//! * [`listener`]: accept loops; a client over `max_connections` is refused at once.
+//! * [`session`]: one client session: [`session::hold`] rides out a takeover to get an upstream,
+//!   [`session::relay`] moves the bytes, and the session ends with its epoch.
+//! * [`upstream`]: the connector (the only place that dials out), socket options, error classes, retries.
+//! * [`failover`]: the detector of each service: probe session, host state, epochs.
+//! * [`service`]: what a session needs of its service, in one place.
+//! * [`metrics`] and [`admin`]: what operators see.
+//! * [`server`]: starts, reloads and drains all of the above.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod failover;
+pub mod listener;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod session;
+pub mod status;
+pub mod upstream;

@@ -1,0 +1,88 @@
+//! Accept loops: one per listen address. Each accepted client takes a permit of its service's
+//! `max_connections` and becomes a session task; a client over the limit is refused at once (RST),
+//! counted and logged. An accept error is logged and the loop goes on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::metrics::Outcome;
+use crate::service::Service;
+use crate::session;
+use crate::upstream::socket;
+
+/// Accepts until `stop_accept`; sessions end on `stop_sessions`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    svc: Arc<ArcSwap<Service>>,
+    stop_accept: CancellationToken,
+    stop_sessions: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut refused = RateLimitedLog::new(Duration::from_secs(1));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop_accept.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let current = svc.load_full();
+                match current.limit.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tracker.spawn(session::serve(stream, peer, current, permit, stop_sessions.clone()));
+                    }
+                    Err(_) => {
+                        socket::reset_on_close(&stream);
+                        drop(stream);
+                        current.metrics.outcome(Outcome::RefusedLimit).increment(1);
+                        debug!(service = %current.cfg.name, client = %peer, "client refused: max_connections reached");
+                        if let Some(n) = refused.hit() {
+                            warn!(service = %current.cfg.name, max_connections = current.cfg.max_connections, refused = n, "clients refused: max_connections reached");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                // why: out of file descriptors, accept fails at once again; pause instead of spinning.
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) {
+                    tokio::select! {
+                        _ = stop_accept.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Logs the first event, then at most once per period with the count since the last line.
+pub struct RateLimitedLog {
+    period: Duration,
+    last: Option<Instant>,
+    pending: u64,
+}
+
+impl RateLimitedLog {
+    pub fn new(period: Duration) -> RateLimitedLog {
+        RateLimitedLog { period, last: None, pending: 0 }
+    }
+
+    /// Counts one event; returns the count to log when a line is due.
+    pub fn hit(&mut self) -> Option<u64> {
+        self.pending += 1;
+        let now = Instant::now();
+        if self.last.is_none_or(|t| now.duration_since(t) >= self.period) {
+            self.last = Some(now);
+            return Some(std::mem::take(&mut self.pending));
+        }
+        None
+    }
+}

@@ -1,0 +1,191 @@
+//! The staybound binary: parses the command line, sets up logging, and hands over to the library.
+//! Exit codes: 0 ok, 64 bad usage, 78 bad config, 1 runtime failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use staybound::cli::{Cli, Command, LogFormat, RunArgs};
+use staybound::config::Config;
+use staybound::metrics::Telemetry;
+use staybound::server::Instance;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+const EX_USAGE: u8 = 64;
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage { ExitCode::from(EX_USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
+    if let Err(e) = init_logging(cli.log_format, cli.log_level.as_deref()) {
+        eprintln!("staybound: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    match cli.command {
+        None => run(cli.run),
+        Some(Command::Run(args)) => run(args),
+        Some(Command::Check(args)) => check(args),
+        Some(Command::Status(args)) => {
+            let path = "/status";
+            match staybound::status::fetch(args.admin, path) {
+                Ok(body) if args.json => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Ok(body) => match staybound::status::table(&body) {
+                    Ok(t) => {
+                        print!("{t}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("staybound status: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("staybound status: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Demo(args)) => match runtime() {
+            Ok(rt) => match rt.block_on(staybound::demo::run(args.warmup)) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("staybound demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("staybound: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+fn config_path(args: &RunArgs) -> Result<PathBuf, ExitCode> {
+    args.config.clone().ok_or_else(|| {
+        eprintln!("staybound: --config FILE is required (see config/staybound.example.toml)");
+        ExitCode::from(EX_USAGE)
+    })
+}
+
+fn load(args: &RunArgs) -> Result<Config, ExitCode> {
+    let path = config_path(args)?;
+    Config::load(&path).map_err(|e| {
+        eprintln!("staybound: {e}");
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn check(args: RunArgs) -> ExitCode {
+    match load(&args) {
+        Ok(config) => {
+            print!("{}", staybound::check::report(&config));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("staybound-worker").build()
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match load(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("staybound: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let (mut term, mut int, mut hup) =
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+                (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+                _ => {
+                    error!("cannot install signal handlers");
+                    return ExitCode::FAILURE;
+                }
+            };
+        let telemetry = Telemetry::new();
+        let path = config.path.clone();
+        let mut instance = match Instance::start(config, telemetry.clone()).await {
+            Ok(i) => i,
+            Err(e) => {
+                error!(error = %e, "cannot start");
+                eprintln!("staybound: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "staybound running");
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    let grace = instance.config().shutdown_grace;
+                    info!("SIGTERM: stopping");
+                    instance.shutdown(grace).await;
+                    return ExitCode::SUCCESS;
+                }
+                _ = int.recv() => {
+                    info!("SIGINT: stopping at once");
+                    instance.abort().await;
+                    return ExitCode::SUCCESS;
+                }
+                _ = hup.recv() => {
+                    info!(config = %path.display(), "SIGHUP: reloading");
+                    match Config::load(&path) {
+                        Ok(new) => match instance.reload(new).await {
+                            Ok(()) => {
+                                telemetry.reload(true);
+                                info!("config reloaded");
+                            }
+                            Err(e) => {
+                                telemetry.reload(false);
+                                warn!(error = %e, "reload not applied: the running config stays");
+                            }
+                        },
+                        Err(e) => {
+                            telemetry.reload(false);
+                            warn!(error = %e, "reload rejected: the running config stays");
+                        }
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,298 @@
+//! Metric names, their help text and label sets, and the per-service handles the data path increments.
+//! Every series a service can have is registered when the service starts, so dashboards and alerts see
+//! it at zero before the first failover. The data path only touches pre-resolved handles (an atomic add);
+//! rendering is the admin server's business.
+
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::upstream::ConnectClass;
+
+/// What detected a failover; the `signal` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    Probe,
+    Identity,
+    SessionReset,
+    Keepalive,
+    Neighbor,
+    Admin,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 6] =
+        [Signal::Probe, Signal::Identity, Signal::SessionReset, Signal::Keepalive, Signal::Neighbor, Signal::Admin];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Probe => "probe",
+            Signal::Identity => "identity",
+            Signal::SessionReset => "session_reset",
+            Signal::Keepalive => "keepalive",
+            Signal::Neighbor => "neighbor",
+            Signal::Admin => "admin",
+        }
+    }
+}
+
+/// Why staybound ended a session; the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    Failover,
+    UpstreamReset,
+    UpstreamTimeout,
+    Shutdown,
+}
+
+impl ResetReason {
+    pub const ALL: [ResetReason; 4] =
+        [ResetReason::Failover, ResetReason::UpstreamReset, ResetReason::UpstreamTimeout, ResetReason::Shutdown];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::Failover => "failover",
+            ResetReason::UpstreamReset => "upstream_reset",
+            ResetReason::UpstreamTimeout => "upstream_timeout",
+            ResetReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How an accepted client connection ended up; the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Proxied,
+    RefusedLimit,
+    RefusedDeadline,
+    RefusedShutdown,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] =
+        [Outcome::Proxied, Outcome::RefusedLimit, Outcome::RefusedDeadline, Outcome::RefusedShutdown];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Proxied => "proxied",
+            Outcome::RefusedLimit => "refused_limit",
+            Outcome::RefusedDeadline => "refused_deadline",
+            Outcome::RefusedShutdown => "refused_shutdown",
+        }
+    }
+}
+
+/// Why a datagram was not relayed; the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpDrop {
+    UnknownSource,
+    NoFlow,
+    FlowLimit,
+    SendError,
+}
+
+impl UdpDrop {
+    pub const ALL: [UdpDrop; 4] = [UdpDrop::UnknownSource, UdpDrop::NoFlow, UdpDrop::FlowLimit, UdpDrop::SendError];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UdpDrop::UnknownSource => "unknown_source",
+            UdpDrop::NoFlow => "no_flow",
+            UdpDrop::FlowLimit => "flow_limit",
+            UdpDrop::SendError => "send_error",
+        }
+    }
+}
+
+const CLIENT_CONNECTIONS: &str = "staybound_client_connections_total";
+const CLIENT_ACTIVE: &str = "staybound_client_connections_active";
+const HELD: &str = "staybound_held_clients";
+const HOLD_SECONDS: &str = "staybound_hold_seconds";
+const CONNECT_ATTEMPTS: &str = "staybound_upstream_connect_attempts_total";
+const BUDGET_EXHAUSTED: &str = "staybound_retry_budget_exhausted_total";
+const UPSTREAM_UP: &str = "staybound_upstream_up";
+const EPOCH: &str = "staybound_epoch";
+const FAILOVERS: &str = "staybound_failovers_total";
+const DETECTION_SECONDS: &str = "staybound_failover_detection_seconds";
+const SESSIONS_RESET: &str = "staybound_sessions_reset_total";
+const BYTES: &str = "staybound_bytes_total";
+const UDP_DATAGRAMS: &str = "staybound_udp_datagrams_total";
+const UDP_DROPPED: &str = "staybound_udp_dropped_total";
+const UDP_BOUND: &str = "staybound_udp_listener_bound";
+const CONFIG_RELOADS: &str = "staybound_config_reloads_total";
+
+/// The metric registry of one staybound process (or of one test instance).
+#[derive(Clone)]
+pub struct Telemetry {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    reloads_ok: Counter,
+    reloads_error: Counter,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Telemetry {
+        let detection: Vec<f64> = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+        ];
+        let hold: Vec<f64> = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
+            300.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(DETECTION_SECONDS.into()), &detection)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HOLD_SECONDS.into()), &hold))
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        let recorder = Arc::new(recorder);
+        describe(&recorder);
+        let reload = |result: &'static str| {
+            recorder.register_counter(&Key::from_parts(CONFIG_RELOADS, vec![Label::new("result", result)]), &meta())
+        };
+        let (reloads_ok, reloads_error) = (reload("ok"), reload("error"));
+        Telemetry { recorder, handle, reloads_ok, reloads_error }
+    }
+
+    /// Prometheus text format of every series.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram buffers; call every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        if ok { self.reloads_ok.increment(1) } else { self.reloads_error.increment(1) }
+    }
+
+    /// Registers every series of one service at zero and returns the handles.
+    pub fn service(&self, name: &str) -> Arc<ServiceMetrics> {
+        let r = &*self.recorder;
+        let svc = Label::new("service", name.to_string());
+        let key = |metric: &'static str, extra: Option<(&'static str, &'static str)>| {
+            let mut labels = vec![svc.clone()];
+            if let Some((k, v)) = extra {
+                labels.push(Label::new(k, v));
+            }
+            Key::from_parts(metric, labels)
+        };
+        let counter = |m, extra| {
+            let c = r.register_counter(&key(m, extra), &meta());
+            c.increment(0);
+            c
+        };
+        let gauge = |m| {
+            let g = r.register_gauge(&key(m, None), &meta());
+            g.set(0.0);
+            g
+        };
+        let outcome = Outcome::ALL.map(|o| counter(CLIENT_CONNECTIONS, Some(("outcome", o.as_str()))));
+        let connect = ConnectClass::ALL.map(|c| counter(CONNECT_ATTEMPTS, Some(("result", c.as_str()))));
+        let failovers = Signal::ALL.map(|s| counter(FAILOVERS, Some(("signal", s.as_str()))));
+        let resets = ResetReason::ALL.map(|s| counter(SESSIONS_RESET, Some(("reason", s.as_str()))));
+        let udp_dropped = UdpDrop::ALL.map(|d| counter(UDP_DROPPED, Some(("reason", d.as_str()))));
+        Arc::new(ServiceMetrics {
+            outcome,
+            active: gauge(CLIENT_ACTIVE),
+            held: gauge(HELD),
+            hold_seconds: r.register_histogram(&key(HOLD_SECONDS, None), &meta()),
+            connect,
+            budget_exhausted: counter(BUDGET_EXHAUSTED, None),
+            upstream_up: gauge(UPSTREAM_UP),
+            epoch: gauge(EPOCH),
+            failovers,
+            detection_seconds: r.register_histogram(&key(DETECTION_SECONDS, None), &meta()),
+            resets,
+            bytes_upstream: counter(BYTES, Some(("direction", "upstream"))),
+            bytes_client: counter(BYTES, Some(("direction", "client"))),
+            udp_upstream: counter(UDP_DATAGRAMS, Some(("direction", "upstream"))),
+            udp_client: counter(UDP_DATAGRAMS, Some(("direction", "client"))),
+            udp_dropped,
+            udp_bound: gauge(UDP_BOUND),
+        })
+    }
+}
+
+fn meta() -> Metadata<'static> {
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
+}
+
+fn describe(r: &PrometheusRecorder) {
+    let d = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+        (KeyName::from(name), unit, SharedString::from(help))
+    };
+    for (name, unit, help) in [
+        d(CLIENT_CONNECTIONS, None, "Client connections accepted, by how they ended up."),
+        d(CONNECT_ATTEMPTS, None, "Upstream connect attempts, by result class."),
+        d(BUDGET_EXHAUSTED, None, "Connect retries not made because the retry budget was spent."),
+        d(FAILOVERS, None, "Detected failovers of the logical host, by the signal that detected them."),
+        d(SESSIONS_RESET, None, "Sessions ended by staybound, by reason."),
+        d(BYTES, Some(Unit::Bytes), "Bytes relayed, by direction (upstream: client to upstream)."),
+        d(UDP_DATAGRAMS, None, "Datagrams relayed, by direction."),
+        d(UDP_DROPPED, None, "Datagrams not relayed, by reason."),
+        d(CONFIG_RELOADS, None, "Config reloads on SIGHUP, by result."),
+    ] {
+        r.describe_counter(name, unit, help);
+    }
+    for (name, unit, help) in [
+        d(CLIENT_ACTIVE, None, "Client sessions now proxying."),
+        d(HELD, None, "Clients waiting for the upstream."),
+        d(UPSTREAM_UP, None, "1 when the logical host is up, else 0."),
+        d(EPOCH, None, "The current epoch: grows by one at each detected failover."),
+        d(UDP_BOUND, None, "1 when every UDP listen address of the service is bound, else 0."),
+    ] {
+        r.describe_gauge(name, unit, help);
+    }
+    for (name, unit, help) in [
+        d(HOLD_SECONDS, Some(Unit::Seconds), "How long clients waited before their upstream connected."),
+        d(DETECTION_SECONDS, Some(Unit::Seconds), "From the last good sign of the old epoch to the failover decision."),
+    ] {
+        r.describe_histogram(name, unit, help);
+    }
+}
+
+/// Pre-resolved handles of one service's series.
+pub struct ServiceMetrics {
+    outcome: [Counter; 4],
+    pub active: Gauge,
+    pub held: Gauge,
+    pub hold_seconds: Histogram,
+    connect: [Counter; 7],
+    pub budget_exhausted: Counter,
+    pub upstream_up: Gauge,
+    pub epoch: Gauge,
+    failovers: [Counter; 6],
+    pub detection_seconds: Histogram,
+    resets: [Counter; 4],
+    pub bytes_upstream: Counter,
+    pub bytes_client: Counter,
+    pub udp_upstream: Counter,
+    pub udp_client: Counter,
+    udp_dropped: [Counter; 4],
+    pub udp_bound: Gauge,
+}
+
+impl ServiceMetrics {
+    pub fn outcome(&self, o: Outcome) -> &Counter {
+        &self.outcome[Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)]
+    }
+    pub fn connect(&self, c: ConnectClass) -> &Counter {
+        &self.connect[ConnectClass::ALL.iter().position(|x| *x == c).unwrap_or(0)]
+    }
+    pub fn failover(&self, s: Signal) -> &Counter {
+        &self.failovers[Signal::ALL.iter().position(|x| *x == s).unwrap_or(0)]
+    }
+    pub fn reset(&self, r: ResetReason) -> &Counter {
+        &self.resets[ResetReason::ALL.iter().position(|x| *x == r).unwrap_or(0)]
+    }
+    pub fn udp_dropped(&self, d: UdpDrop) -> &Counter {
+        &self.udp_dropped[UdpDrop::ALL.iter().position(|x| *x == d).unwrap_or(0)]
+    }
+}

@@ -1,0 +1,316 @@
+//! A running staybound: every service's detector, listeners and sessions, and the admin server, started
+//! from a `Config`, reloaded in place on SIGHUP, and shut down with a drain. `Registry` is what the admin
+//! server sees of it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminHandle};
+use crate::config::{Config, Protocol, ServiceConfig};
+use crate::failover::{Detector, DetectorHandle};
+use crate::listener;
+use crate::metrics::{ServiceMetrics, Telemetry};
+use crate::service::{Counts, Service};
+use crate::upstream::socket;
+
+/// What the admin server reads: the services now running.
+pub struct Registry {
+    pub telemetry: Telemetry,
+    pub services: ArcSwap<Vec<Arc<Entry>>>,
+}
+
+/// One running service as the admin server sees it.
+pub struct Entry {
+    pub name: String,
+    pub service: Arc<ArcSwap<Service>>,
+    /// The bound listen addresses (ports resolved).
+    pub listen: Vec<SocketAddr>,
+}
+
+/// Why staybound could not start (or a reload could not be applied).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("service {service:?}: cannot listen on {addr}: {source}")]
+    Listen {
+        service: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin: cannot listen on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service {service:?}: {message}")]
+    Unsupported { service: String, message: String },
+}
+
+struct Running {
+    entry: Arc<Entry>,
+    cfg: Arc<ServiceConfig>,
+    metrics: Arc<ServiceMetrics>,
+    counts: Arc<Counts>,
+    detector: DetectorHandle,
+    stop_detector: CancellationToken,
+    stop_accept: CancellationToken,
+}
+
+/// A running staybound.
+pub struct Instance {
+    config: Config,
+    registry: Arc<Registry>,
+    running: HashMap<String, Running>,
+    sessions: TaskTracker,
+    background: TaskTracker,
+    stop_sessions: CancellationToken,
+    admin: Option<AdminHandle>,
+}
+
+impl Instance {
+    /// Binds every listener and the admin server, and starts every detector.
+    ///
+    /// # Errors
+    /// A listener or the admin address that cannot be bound.
+    pub async fn start(config: Config, telemetry: Telemetry) -> Result<Instance, StartError> {
+        let registry = Arc::new(Registry { telemetry, services: ArcSwap::from_pointee(Vec::new()) });
+        let admin = admin::start(config.admin.listen, registry.clone())
+            .map_err(|source| StartError::Admin { addr: config.admin.listen, source })?;
+        if !config.admin.listen.ip().is_loopback() {
+            warn!(listen = %admin.addr(), "the admin endpoint listens on a non-loopback address: anyone who reaches it can read metrics and declare failovers");
+        }
+        let mut instance = Instance {
+            config: config.clone(),
+            registry,
+            running: HashMap::new(),
+            sessions: TaskTracker::new(),
+            background: TaskTracker::new(),
+            stop_sessions: CancellationToken::new(),
+            admin: Some(admin),
+        };
+        instance.apply(&config).await?;
+        Ok(instance)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminHandle::addr)
+    }
+
+    /// The bound listen addresses of a service.
+    pub fn listen_addrs(&self, service: &str) -> Vec<SocketAddr> {
+        self.running.get(service).map(|r| r.entry.listen.clone()).unwrap_or_default()
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Applies a new config: new services start, removed ones stop accepting and drain, changed ones take
+    /// effect for new sessions, and a listener is re-bound only if its address changed.
+    ///
+    /// # Errors
+    /// A new listener that cannot be bound; nothing is changed then.
+    pub async fn reload(&mut self, config: Config) -> Result<(), StartError> {
+        if config.admin.listen != self.config.admin.listen {
+            warn!(old = %self.config.admin.listen, new = %config.admin.listen, "admin.listen changes take effect at the next restart");
+        }
+        self.apply(&config).await?;
+        self.config = config;
+        Ok(())
+    }
+
+    async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
+        for s in &config.services {
+            if s.protocol == Protocol::Udp {
+                return Err(StartError::Unsupported {
+                    service: s.name.clone(),
+                    message: "protocol = \"udp\" is not implemented yet".into(),
+                });
+            }
+        }
+        // Bind every listener that is new or moved before changing anything, so a failure changes nothing.
+        let mut bound: HashMap<String, Vec<tokio::net::TcpListener>> = HashMap::new();
+        for s in &config.services {
+            let same = self.running.get(&s.name).is_some_and(|r| r.cfg.listen == s.listen);
+            if same {
+                continue;
+            }
+            let mut listeners = Vec::new();
+            for addr in &s.listen {
+                let l = socket::tcp_listener(*addr, s.backlog, s.freebind).map_err(|source| StartError::Listen {
+                    service: s.name.clone(),
+                    addr: *addr,
+                    source,
+                })?;
+                listeners.push(l);
+            }
+            bound.insert(s.name.clone(), listeners);
+        }
+
+        // Stop what was removed.
+        let keep: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let removed: Vec<String> = self.running.keys().filter(|n| !keep.contains(n.as_str())).cloned().collect();
+        for name in removed {
+            if let Some(r) = self.running.remove(&name) {
+                info!(service = %name, "service removed: it stops accepting; its sessions drain");
+                r.stop_accept.cancel();
+                r.stop_detector.cancel();
+            }
+        }
+
+        // Detectors first (new, or restarted when what they watch changed), so dependencies can be wired.
+        for s in &config.services {
+            let cfg = Arc::new(s.clone());
+            let restart = match self.running.get(&s.name) {
+                None => true,
+                Some(r) => {
+                    r.cfg.upstream != s.upstream
+                        || r.cfg.source != s.source
+                        || r.cfg.freebind != s.freebind
+                        || r.cfg.probe != s.probe
+                        || r.cfg.keepalive != s.keepalive
+                        || r.cfg.hold != s.hold
+                }
+            };
+            if !restart {
+                continue;
+            }
+            let metrics = match self.running.get(&s.name) {
+                Some(r) => r.metrics.clone(),
+                None => self.registry.telemetry.service(&s.name),
+            };
+            let (detector, handle) = Detector::new(cfg.clone(), metrics.clone());
+            let stop_detector = CancellationToken::new();
+            self.background.spawn(detector.run(stop_detector.clone()));
+            match self.running.get_mut(&s.name) {
+                Some(r) => {
+                    r.stop_detector.cancel();
+                    r.stop_detector = stop_detector;
+                    r.detector = handle;
+                }
+                None => {
+                    let placeholder = Arc::new(Entry {
+                        name: s.name.clone(),
+                        service: Arc::new(ArcSwap::from_pointee(Service::new(
+                            cfg.clone(),
+                            metrics.clone(),
+                            handle.clone(),
+                            Vec::new(),
+                            Arc::new(Counts::default()),
+                        ))),
+                        listen: Vec::new(),
+                    });
+                    self.running.insert(
+                        s.name.clone(),
+                        Running {
+                            counts: placeholder.service.load().counts.clone(),
+                            entry: placeholder,
+                            cfg: cfg.clone(),
+                            metrics,
+                            detector: handle,
+                            stop_detector,
+                            stop_accept: CancellationToken::new(),
+                        },
+                    );
+                }
+            }
+        }
+
+        // Services with their (transitive) dependencies, then listeners.
+        for s in &config.services {
+            let cfg = Arc::new(s.clone());
+            let deps = transitive_deps(config, &s.name)
+                .into_iter()
+                .filter_map(|d| self.running.get(&d).map(|r| (d.clone(), r.detector.view.clone())))
+                .collect();
+            let Some(r) = self.running.get_mut(&s.name) else { continue };
+            let service = Service::new(cfg.clone(), r.metrics.clone(), r.detector.clone(), deps, r.counts.clone());
+            r.cfg = cfg;
+            match bound.remove(&s.name) {
+                None => r.entry.service.store(Arc::new(service)),
+                Some(listeners) => {
+                    r.stop_accept.cancel();
+                    r.stop_accept = CancellationToken::new();
+                    let shared = Arc::new(ArcSwap::from_pointee(service));
+                    let mut addrs = Vec::new();
+                    for l in listeners {
+                        let addr = l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                        info!(service = %s.name, listen = %addr, upstream = %s.upstream, "listening");
+                        addrs.push(addr);
+                        self.background.spawn(listener::accept_loop(
+                            l,
+                            shared.clone(),
+                            r.stop_accept.clone(),
+                            self.stop_sessions.clone(),
+                            self.sessions.clone(),
+                        ));
+                    }
+                    r.entry = Arc::new(Entry { name: s.name.clone(), service: shared, listen: addrs });
+                }
+            }
+        }
+        let entries: Vec<Arc<Entry>> =
+            config.services.iter().filter_map(|s| self.running.get(&s.name).map(|r| r.entry.clone())).collect();
+        self.registry.services.store(Arc::new(entries));
+        Ok(())
+    }
+
+    /// Stops accepting, lets sessions drain for `grace`, then ends the rest and stops every task.
+    pub async fn shutdown(mut self, grace: Duration) {
+        for r in self.running.values() {
+            r.stop_accept.cancel();
+        }
+        self.sessions.close();
+        let active: i64 = self.running.values().map(|r| r.counts.active() + r.counts.held()).sum();
+        info!(sessions = active, grace_ms = grace.as_millis() as u64, "shutting down: draining sessions");
+        if tokio::time::timeout(grace, self.sessions.wait()).await.is_err() {
+            warn!("drain grace over: ending the remaining sessions");
+            self.stop_sessions.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
+        }
+        self.stop_sessions.cancel();
+        for r in self.running.values() {
+            r.stop_detector.cancel();
+        }
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
+        if let Some(admin) = self.admin.take() {
+            admin.stop();
+        }
+        info!("stopped");
+    }
+
+    /// Ends every session and task at once (SIGINT).
+    pub async fn abort(self) {
+        self.shutdown(Duration::ZERO).await;
+    }
+}
+
+/// Every service `name` depends on, directly or through others.
+fn transitive_deps(config: &Config, name: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut stack: Vec<&str> = vec![name];
+    while let Some(n) = stack.pop() {
+        if let Some(s) = config.service(n) {
+            for d in &s.depends_on {
+                if d != name && !out.contains(d) {
+                    out.push(d.clone());
+                    stack.push(d);
+                }
+            }
+        }
+    }
+    out
+}

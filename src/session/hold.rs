@@ -1,0 +1,135 @@
+//! The connect phase of a client session: ride out a takeover on the client's behalf. The client is
+//! already accepted; its upstream connect waits while the detector says the host (or a dependency) is
+//! away, retries failed attempts with a jittered backoff under the service's retry budget, and gives up
+//! at the hold deadline. Nothing is read from the client meanwhile, so nothing it sends is lost.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::failover::{HostView, Sign};
+use crate::service::{CountGuard, Service};
+use crate::upstream::ConnectClass;
+use crate::upstream::retry::Backoff;
+
+/// Why a held client was let go without an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The hold deadline passed.
+    Deadline,
+    /// staybound is ending the session (shutdown).
+    Shutdown,
+}
+
+/// Connects the upstream for a new client; returns the stream and the view (epoch) it was made in.
+///
+/// # Errors
+/// A `Refusal` when the deadline passes or `stop` fires first.
+pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStream, HostView), Refusal> {
+    let hold = &svc.cfg.hold;
+    let start = Instant::now();
+    let deadline = start + hold.deadline;
+    let mut view_rx = svc.detector.view.clone();
+    let mut deps: Vec<watch::Receiver<HostView>> = svc.deps.iter().map(|(_, rx)| rx.clone()).collect();
+    let mut backoff = Backoff::new(hold.backoff_initial, hold.backoff_max);
+    let mut held: Option<CountGuard> = None;
+    let mut first = true;
+    loop {
+        if !svc.connectable() {
+            held.get_or_insert_with(|| svc.held_guard());
+            wait_change(&mut view_rx, &mut deps, None, deadline, stop).await?;
+            continue;
+        }
+        let view = view_rx.borrow_and_update().clone();
+        let now = Instant::now();
+        if first {
+            svc.budget.deposit(now);
+        } else if !svc.budget.try_withdraw(now) {
+            svc.metrics.budget_exhausted.increment(1);
+            debug!(service = %svc.cfg.name, "retry budget spent: waiting for the detector");
+            // why: the budget refused; only the detector's news (or the backoff running out) earns another try.
+            let pause = backoff.next_delay().max(svc.cfg.probe.interval.min(hold.backoff_max));
+            wait_change(&mut view_rx, &mut deps, Some(now + pause), deadline, stop).await?;
+            continue;
+        }
+        first = false;
+        let left = deadline.saturating_duration_since(now);
+        let timeout = if hold.deadline.is_zero() { hold.connect_timeout } else { hold.connect_timeout.min(left) };
+        if timeout.is_zero() {
+            return Err(Refusal::Deadline);
+        }
+        let attempt = tokio::select! {
+            r = svc.connector.connect(timeout) => r,
+            _ = stop.cancelled() => return Err(Refusal::Shutdown),
+        };
+        match attempt {
+            Ok(stream) => {
+                svc.metrics.connect(ConnectClass::Ok).increment(1);
+                if held.is_some() {
+                    svc.metrics.hold_seconds.record(start.elapsed().as_secs_f64());
+                }
+                return Ok((stream, view));
+            }
+            Err(e) => {
+                svc.metrics.connect(e.class).increment(1);
+                svc.detector.sign(Sign::ConnectFailed(e.class));
+                debug!(service = %svc.cfg.name, error = %e, "upstream connect failed; holding the client");
+                held.get_or_insert_with(|| svc.held_guard());
+                if Instant::now() >= deadline {
+                    return Err(Refusal::Deadline);
+                }
+                let pause = match e.class {
+                    // why: the node answers and its service is starting: try again soon.
+                    ConnectClass::Refused | ConnectClass::Reset => {
+                        let d = backoff.next_delay();
+                        backoff.reset();
+                        d.max(hold.backoff_initial / 2)
+                    }
+                    // why: the address is not up; the detector's news will come first, backoff bounds the wait.
+                    _ => backoff.next_delay(),
+                };
+                wait_change(&mut view_rx, &mut deps, Some(Instant::now() + pause), deadline, stop).await?;
+            }
+        }
+    }
+}
+
+/// Waits until the host's view or a dependency's changes, `until` passes, the deadline passes (an error)
+/// or `stop` fires (an error). Every held client of a service wakes on the same change.
+async fn wait_change(
+    view: &mut watch::Receiver<HostView>,
+    deps: &mut [watch::Receiver<HostView>],
+    until: Option<Instant>,
+    deadline: Instant,
+    stop: &CancellationToken,
+) -> Result<(), Refusal> {
+    let until = until.map_or(deadline, |u| u.min(deadline));
+    let mut dep_changes: Vec<Pin<Box<dyn Future<Output = Result<(), watch::error::RecvError>> + Send + '_>>> =
+        deps.iter_mut().map(|d| Box::pin(d.changed()) as Pin<Box<_>>).collect();
+    let any_dep = std::future::poll_fn(|cx| {
+        for f in dep_changes.iter_mut() {
+            if f.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    });
+    tokio::select! {
+        r = view.changed() => {
+            if r.is_err() {
+                // The detector is gone (the service was removed by a reload): stop waiting for it.
+                sleep_until(until).await;
+            }
+        }
+        _ = any_dep => {}
+        _ = sleep_until(until) => {}
+        _ = stop.cancelled() => return Err(Refusal::Shutdown),
+    }
+    if Instant::now() >= deadline { Err(Refusal::Deadline) } else { Ok(()) }
+}

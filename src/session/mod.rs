@@ -1,0 +1,91 @@
+//! One client session, from accept to end: `hold` gets it an upstream (riding out a takeover), `relay`
+//! moves its bytes, and `serve` ends it when its epoch ends, its upstream fails, or staybound shuts down,
+//! counting and logging how it ended.
+
+pub mod hold;
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::config::OnFailover;
+use crate::failover::Sign;
+use crate::metrics::{Outcome, ResetReason};
+use crate::service::Service;
+use crate::upstream::{ConnectClass, classify, socket};
+use hold::Refusal;
+use relay::{RelayError, Side};
+
+/// Serves one accepted client until its session ends. `stop` ends it (after the drain grace on SIGTERM).
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    svc: Arc<Service>,
+    _permit: OwnedSemaphorePermit,
+    stop: CancellationToken,
+) {
+    socket::tune_client(&client, &svc.cfg.keepalive);
+    let name = &svc.cfg.name;
+    let (upstream, view) = match hold::connect(&svc, &stop).await {
+        Ok(ok) => ok,
+        Err(refusal) => {
+            let outcome = match refusal {
+                Refusal::Deadline => Outcome::RefusedDeadline,
+                Refusal::Shutdown => Outcome::RefusedShutdown,
+            };
+            svc.metrics.outcome(outcome).increment(1);
+            info!(service = %name, client = %peer, outcome = outcome.as_str(), "client refused: no upstream");
+            socket::reset_on_close(&client);
+            return;
+        }
+    };
+    svc.metrics.outcome(Outcome::Proxied).increment(1);
+    let _active = svc.active_guard();
+    let epoch_end = view.epoch_end.clone();
+
+    enum End {
+        Relay(Result<(), RelayError>),
+        Failover,
+        Shutdown,
+    }
+    let end = tokio::select! {
+        r = relay::relay(&client, &upstream, &svc.metrics.bytes_upstream, &svc.metrics.bytes_client) => End::Relay(r),
+        _ = epoch_end.cancelled() => End::Failover,
+        _ = stop.cancelled() => End::Shutdown,
+    };
+    match end {
+        End::Relay(Ok(())) => debug!(service = %name, client = %peer, epoch = view.epoch, "session ended"),
+        End::Relay(Err(RelayError { side: Side::Upstream, error })) => {
+            let class = classify(&error);
+            let (reason, sign) = match class {
+                ConnectClass::Timeout => (ResetReason::UpstreamTimeout, Sign::SessionTimeout),
+                _ => (ResetReason::UpstreamReset, Sign::SessionReset),
+            };
+            // why: the client sees what it would have seen talking to the host directly: a reset.
+            socket::reset_on_close(&client);
+            svc.metrics.reset(reason).increment(1);
+            svc.detector.sign(sign);
+            info!(service = %name, client = %peer, epoch = view.epoch, reason = reason.as_str(), error = %error, "session ended by the upstream");
+        }
+        End::Relay(Err(RelayError { side: Side::Client, error })) => {
+            debug!(service = %name, client = %peer, error = %error, "session ended by the client");
+        }
+        End::Failover => {
+            if svc.cfg.on_failover == OnFailover::Reset {
+                socket::reset_on_close(&client);
+            }
+            socket::reset_on_close(&upstream);
+            svc.metrics.reset(ResetReason::Failover).increment(1);
+            debug!(service = %name, client = %peer, epoch = view.epoch, "session ended: its epoch ended");
+        }
+        End::Shutdown => {
+            svc.metrics.reset(ResetReason::Shutdown).increment(1);
+            debug!(service = %name, client = %peer, "session ended: shutdown");
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! `staybound status`: reads `/status` from a running staybound's admin endpoint and prints a table.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Fetches `path` from the admin endpoint with a plain HTTP/1.0 GET.
+///
+/// # Errors
+/// Connection, timeout or a non-200 answer.
+pub fn fetch(admin: SocketAddr, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(3))
+        .map_err(|e| format!("cannot reach the admin endpoint at {admin}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| format!("reading from {admin}: {e}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("a malformed HTTP answer")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    if status != "200" {
+        return Err(format!("{admin}{path} answered {status}: {}", body.trim()));
+    }
+    Ok(body.to_string())
+}
+
+/// The table `staybound status` prints for a `/status` document.
+///
+/// # Errors
+/// A document that is not the expected JSON.
+pub fn table(json: &str) -> Result<String, String> {
+    let doc: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("/status is not JSON: {e}"))?;
+    let list = doc.as_array().ok_or("/status is not a list")?;
+    let mut rows = vec![[
+        "SERVICE".to_string(),
+        "STATE".into(),
+        "EPOCH".into(),
+        "IDENTITY".into(),
+        "LAST FAILOVER".into(),
+        "CAUSE".into(),
+        "DETECTION".into(),
+        "SESSIONS".into(),
+        "HELD".into(),
+    ]];
+    for s in list {
+        let str_of = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+        let num_of = |k: &str| s.get(k).map(|v| v.to_string()).unwrap_or("-".into());
+        let last = s.get("last_failover").filter(|v| !v.is_null());
+        let (when, cause, detection) = match last {
+            Some(f) => (
+                f.get("time").and_then(|v| v.as_str()).unwrap_or("-").to_string(),
+                f.get("cause").and_then(|v| v.as_str()).unwrap_or("-").to_string(),
+                f.get("detection_seconds").and_then(|v| v.as_f64()).map_or("-".into(), |d| format!("{:.3}s", d)),
+            ),
+            None => ("never".into(), "-".into(), "-".into()),
+        };
+        rows.push([
+            str_of("name"),
+            str_of("state"),
+            num_of("epoch"),
+            str_of("identity"),
+            when,
+            cause,
+            detection,
+            num_of("active_sessions"),
+            num_of("held_clients"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..9).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    Ok(out)
+}

@@ -1,0 +1,154 @@
+//! Every socket option staybound sets, in one file, each with the reason it is set. Options the kernel may
+//! refuse in some environments are applied best-effort with a warning; the ones a session depends on fail.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::config::KeepaliveConfig;
+
+/// A new non-blocking TCP socket for an upstream connect, bound to `source` when given, keep-alive set.
+///
+/// # Errors
+/// Socket creation or option errors; a `source` that is not on this host fails with EADDRNOTAVAIL unless
+/// `freebind`.
+pub fn upstream_socket(
+    peer: SocketAddr,
+    source: Option<IpAddr>,
+    freebind: bool,
+    keepalive: &KeepaliveConfig,
+) -> io::Result<TcpSocket> {
+    let socket = Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    if let Some(ip) = source {
+        // why: the upstream (and a cluster that filters by client address) must see the relocatable
+        // address, not this host's stationary one: bind() before connect().
+        // why: IP_BIND_ADDRESS_NO_PORT lets connect() pick the port per 4-tuple, so one source address
+        // can carry more than 28 000 sessions to different peers.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
+        if freebind {
+            // why: the relocatable address may arrive on this host after staybound starts.
+            match ip {
+                IpAddr::V4(_) => socket.set_freebind_v4(true)?,
+                IpAddr::V6(_) => socket.set_freebind_v6(true)?,
+            }
+        }
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    set_keepalive(&SockRef::from(&socket), keepalive.idle, keepalive)?;
+    if !keepalive.user_timeout.is_zero() {
+        // why: a session with unacknowledged data to a node that vanished fails after this, not after the
+        // kernel's ~15 minutes of retransmissions.
+        socket.set_tcp_user_timeout(Some(keepalive.user_timeout))?;
+    }
+    // why: relayed bytes are already batched by the client; Nagle would only add latency.
+    socket.set_tcp_nodelay(true)?;
+    Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(socket)))
+}
+
+/// TCP keep-alive with the given idle time and the interval and count of `keepalive`.
+pub fn set_keepalive(sock: &SockRef<'_>, idle: Duration, keepalive: &KeepaliveConfig) -> io::Result<()> {
+    // why: an idle session never learns that the logical host moved unless something is sent; a
+    // keep-alive probe draws the new node's RST.
+    let ka = TcpKeepalive::new().with_time(idle).with_interval(keepalive.interval).with_retries(keepalive.count);
+    sock.set_tcp_keepalive(&ka)
+}
+
+/// Options for an accepted client socket; best effort, since the session works without them.
+pub fn tune_client(stream: &TcpStream, keepalive: &KeepaliveConfig) {
+    let sock = SockRef::from(stream);
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY on a client socket");
+    }
+    if let Some(idle) = keepalive.client_idle {
+        // why: a client that crashed or was cut off would otherwise hold its session and upstream forever.
+        if let Err(e) = set_keepalive(&sock, idle, keepalive) {
+            tracing::warn!(error = %e, "could not set keep-alive on a client socket");
+        }
+    }
+}
+
+/// Ends a session's socket with RST instead of FIN when the stream is dropped.
+pub fn reset_on_close(stream: &TcpStream) {
+    // why: SO_LINGER 0 makes close() send RST; a legacy client blocked in read() gets ECONNRESET at once,
+    // the same error it would have seen talking to the moved host directly.
+    if let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "could not set SO_LINGER 0");
+    }
+}
+
+/// A listening TCP socket with the given backlog.
+///
+/// # Errors
+/// Bind or listen failures (address in use, address not on this host without `freebind`).
+pub fn tcp_listener(addr: SocketAddr, backlog: u32, freebind: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    // why: a restart must not wait for TIME_WAIT sessions of the previous process.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if freebind {
+        match addr {
+            SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+            SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+        }
+    }
+    socket.bind(&addr.into())?;
+    // why: after a failover every held client comes back at once; a small backlog would drop SYNs.
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(std::net::TcpListener::from(socket))
+}
+
+/// The kernel's count of keep-alive and data state for a live socket, read back for tests and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBack {
+    pub keepalive: bool,
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+    pub user_timeout: Option<Duration>,
+    pub nodelay: bool,
+}
+
+/// Reads the options back with getsockopt.
+///
+/// # Errors
+/// getsockopt failures.
+pub fn read_back(sock: &SockRef<'_>) -> io::Result<ReadBack> {
+    Ok(ReadBack {
+        keepalive: sock.keepalive()?,
+        idle: sock.tcp_keepalive_time()?,
+        interval: sock.tcp_keepalive_interval()?,
+        count: sock.tcp_keepalive_retries()?,
+        user_timeout: sock.tcp_user_timeout()?,
+        nodelay: sock.tcp_nodelay()?,
+    })
+}
+
+/// Milliseconds since the last ACK from the peer (`tcpi_last_ack_recv`), to date the last good sign of a
+/// held session.
+#[allow(unsafe_code)]
+pub fn last_ack_age(stream: &TcpStream) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    // SAFETY: TCP_INFO fills at most `len` bytes of a `tcp_info` that we own, zero-initialised (all of its
+    // fields are plain integers, so zero is a valid value); `len` is its exact size and the kernel writes
+    // back how much it filled. `fd` is a live socket borrowed from `stream` for the duration of the call.
+    // Neither socket2 nor nix exposes TCP_INFO.
+    let info = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len);
+        if rc != 0 {
+            return None;
+        }
+        info
+    };
+    Some(Duration::from_millis(u64::from(info.tcpi_last_ack_recv)))
+}
