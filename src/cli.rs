@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// staybound keeps legacy clients working while the highly-available service behind them fails over.
 #[derive(Debug, Parser)]
-#[command(name = "staybound", version, about, args_conflicts_with_subcommands = true)]
+#[command(name = "staybound", version, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

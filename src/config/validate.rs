@@ -151,6 +151,26 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, text[line_start..offset].chars().count() + 1)
 }
 
+/// The dotted key written on the line holding `offset`, under its table header (`service.keepalive.idle`).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| !k.is_empty() && !k.starts_with('['));
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k.to_string()),
+        (Some(t), None) => Some(t),
+        (None, None) => None,
+    }
+}
+
 /// A duration with a unit: "250ms", "5s", "2m", "1h 30m". A bare number is refused: its unit would be a guess.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
@@ -169,9 +189,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
             let (line, column) = line_col(text, span.start);
-            let at = text.get(span.clone()).unwrap_or("").trim();
-            let key =
-                if !at.is_empty() && at.len() < 64 && !at.contains('\n') { at.to_string() } else { "(syntax)".into() };
+            let key = key_at(text, span.start).unwrap_or_else(|| "(syntax)".into());
             let message = e.message().trim().to_string();
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),

@@ -1,0 +1,236 @@
+//! The binary as operators run it: exit codes, config errors that say where and what, `check`, and a
+//! SIGTERM drain.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_staybound");
+
+fn check(text: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+const OK: &str = "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:15000\"\nupstream = \"127.0.0.1:6379\"\n";
+
+#[test]
+fn bad_configs_exit_78_with_line_and_key() {
+    // (config, line the error is on, text the message must name)
+    let cases: Vec<(String, usize, &str)> = vec![
+        (format!("{OK}idel = \"1s\"\n"), 5, "idel"),
+        (format!("{OK}[service.keepalive]\nidle = \"5x\"\n"), 6, "keepalive.idle"),
+        (format!("{OK}[service.keepalive]\nidle = \"5\"\n"), 6, "unit"),
+        (format!("{OK}[service.keepalive]\nidle = \"1500ms\"\n"), 6, "whole number of seconds"),
+        (format!("{OK}[service.keepalive]\ncount = 0\n"), 6, "keepalive.count"),
+        (format!("{OK}[service.keepalive]\ncount = 500\n"), 6, "keepalive.count"),
+        (format!("{OK}[service.keepalive]\nclient_idle = \"never\"\n"), 6, "client_idle"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n".into(), 1, "upstream"),
+        ("[[service]]\nname = \"a\"\nupstream = \"127.0.0.1:1\"\n".into(), 1, "listen"),
+        ("[[service]]\nname = \"a\"\nlisten = []\nupstream = \"127.0.0.1:1\"\n".into(), 3, "listen"),
+        ("[[service]]\nname = \"a\"\nlisten = \"localhost:1\"\nupstream = \"127.0.0.1:1\"\n".into(), 3, "listen"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1\"\n".into(), 4, "upstream"),
+        (
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"host_with_underscore:80\"\n".into(),
+            4,
+            "upstream",
+        ),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"10.0.0.1:0\"\n".into(), 4, "upstream"),
+        ("[[service]]\nname = \"Bad Name\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n".into(), 2, "name"),
+        (format!("{OK}{}", OK.replace("15000", "15001")), 5, "duplicate name"),
+        (format!("{OK}source = \"not-an-ip\"\n"), 5, "source"),
+        (format!("{OK}source = \"::1\"\n"), 5, "address family"),
+        (format!("{OK}protocol = \"sctp\"\n"), 5, "protocol"),
+        (format!("{OK}on_failover = \"explode\"\n"), 5, "on_failover"),
+        (format!("{OK}max_connections = 0\n"), 5, "max_connections"),
+        (format!("{OK}depends_on = [\"ghost\"]\n"), 5, "ghost"),
+        (format!("{OK}depends_on = [\"a\"]\n"), 5, "itself"),
+        (format!("{OK}[service.probe]\nmode = \"send-expect\"\n"), 6, "send"),
+        (format!("{OK}[service.probe]\nidentity = \"no group\"\n"), 6, "capture group"),
+        (format!("{OK}[service.probe]\nidentity = \"(unclosed\"\n"), 6, "regex"),
+        (format!("{OK}[service.probe]\nsend = \"\\\\q\"\nmode = \"send-expect\"\n"), 6, "escape"),
+        (format!("{OK}[service.probe]\nfall = 0\n"), 6, "fall"),
+        (format!("{OK}[service.hold]\nbackoff_initial = \"2s\"\nbackoff_max = \"1s\"\n"), 7, "backoff_max"),
+        (format!("{OK}[service.hold]\nbudget_ratio = -1.0\n"), 6, "budget_ratio"),
+        (format!("{OK}[service.udp]\nmax_flows = 10\n"), 1, "applies only to protocol"),
+        ("[admin]\nlisten = \"nowhere\"\n".to_string() + OK, 2, "admin.listen"),
+        ("shutdown_grace = 30\n".to_string() + OK, 1, "shutdown_grace"),
+        ("[[service]\nname = \"a\"\n".into(), 1, ""),
+        (String::new(), 1, "service"),
+    ];
+    assert!(cases.len() >= 20);
+    for (text, line, what) in &cases {
+        let (code, _out, err) = check(text);
+        assert_eq!(code, 78, "config:\n{text}\nstderr:\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains(&format!("bad.toml:{line}:")), "config:\n{text}\nwanted line {line} in:\n{err}");
+        assert!(err.contains(what), "config:\n{text}\nwanted {what:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let (code, _, err) =
+        check("[[service]]\nname = \"a\"\nlisten = \"x\"\nupstream = \"y\"\n[service.hold]\ndeadline = \"soon\"\n");
+    assert_eq!(code, 78);
+    assert!(err.contains("3 problems"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let out = Command::new(BIN).args(["run", "--no-such-flag"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let out = Command::new(BIN).arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "run without --config");
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let report = String::from_utf8_lossy(&out.stdout);
+            assert!(report.contains("worst case to notice"), "{report}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "config/ holds the example and the minimal config");
+}
+
+/// A staybound child process whose admin and listen addresses are read from its JSON log.
+struct Running {
+    child: Child,
+    admin: SocketAddr,
+    listen: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn spawn(text: &str) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let (mut admin, mut listen) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (admin.is_none() || listen.is_none()) && Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let addr = v.get("listen").and_then(|l| l.as_str()).and_then(|l| l.parse().ok());
+        match v.get("message").and_then(|m| m.as_str()) {
+            Some("admin endpoint listening") => admin = addr,
+            Some("listening") => listen = addr,
+            _ => {}
+        }
+    }
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    Running {
+        child,
+        admin: admin.expect("admin address logged"),
+        listen: listen.expect("listen address logged"),
+        _dir: dir,
+    }
+}
+
+#[test]
+fn sigterm_lets_a_session_in_flight_finish_refuses_new_ones_and_exits_0() {
+    // An upstream that answers a request only when told to.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = upstream.accept().unwrap();
+        let mut req = [0u8; 3];
+        s.read_exact(&mut req).unwrap();
+        go_rx.recv().unwrap();
+        s.write_all(b"done").unwrap();
+    });
+    let mut sb = spawn(&format!(
+        "shutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"drain\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"off\"\n"
+    ));
+    let mut client = TcpStream::connect(sb.listen).unwrap();
+    client.write_all(b"req").unwrap();
+    // Wait until the session is proxying (its request reached the upstream side).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let body = staybound::status::fetch(sb.admin, "/status").unwrap();
+        if body.contains("\"active_sessions\":1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "session never became active: {body}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = Instant::now();
+    Command::new("kill").args(["-TERM", &sb.child.id().to_string()]).status().unwrap();
+    // New connects are refused once the listener is closed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect(sb.listen) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ => {
+                assert!(Instant::now() < deadline, "listener still open after SIGTERM");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    assert!(sb.child.try_wait().unwrap().is_none(), "still draining while a session is in flight");
+    go_tx.send(()).unwrap();
+    let mut reply = Vec::new();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"done");
+    server.join().unwrap();
+    let status = loop {
+        if let Some(s) = sb.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(6), "did not exit within the grace period");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn sigterm_ends_a_session_that_outlives_the_grace() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap();
+    let mut sb = spawn(&format!(
+        "shutdown_grace = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"grace\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"off\"\n"
+    ));
+    let mut client = TcpStream::connect(sb.listen).unwrap();
+    client.write_all(b"x").unwrap();
+    let (_held, _) = upstream.accept().unwrap();
+    let t0 = Instant::now();
+    Command::new("kill").args(["-TERM", &sb.child.id().to_string()]).status().unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let _ = client.read_to_end(&mut buf);
+    let status = sb.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(5), "ended after the grace, took {:?}", t0.elapsed());
+}
