@@ -100,6 +100,9 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
     }
 }
 
+/// A pending change of a dependency's view.
+type DepChange<'a> = Pin<Box<dyn Future<Output = Result<(), watch::error::RecvError>> + Send + 'a>>;
+
 /// Waits until the host's view or a dependency's changes, `until` passes, the deadline passes (an error)
 /// or `stop` fires (an error). Every held client of a service wakes on the same change.
 async fn wait_change(
@@ -110,8 +113,7 @@ async fn wait_change(
     stop: &CancellationToken,
 ) -> Result<(), Refusal> {
     let until = until.map_or(deadline, |u| u.min(deadline));
-    let mut dep_changes: Vec<Pin<Box<dyn Future<Output = Result<(), watch::error::RecvError>> + Send + '_>>> =
-        deps.iter_mut().map(|d| Box::pin(d.changed()) as Pin<Box<_>>).collect();
+    let mut dep_changes: Vec<DepChange<'_>> = deps.iter_mut().map(|d| Box::pin(d.changed()) as Pin<Box<_>>).collect();
     let any_dep = std::future::poll_fn(|cx| {
         for f in dep_changes.iter_mut() {
             if f.as_mut().poll(cx).is_ready() {

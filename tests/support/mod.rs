@@ -1,4 +1,5 @@
 //! Test harnesses shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod lab;
 pub mod proxy;

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs the peers the tests use (Debian packages), checks
+# formatting and lints, then runs every test. Failover tests build network namespaces and need root; as
+# non-root they print a loud SKIP, and with STAYBOUND_REQUIRE_NETNS=1 (CI) a skip is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pair in redis-server:redis-server redis-cli:redis-tools redis-benchmark:redis-tools haproxy:haproxy \
+            arping:arping ip:iproute2 curl:curl; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "installing: ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "missing packages: ${need[*]} (run as root, or: sudo apt-get install ${need[*]})" >&2
+        exit 1
+    fi
+fi
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --locked --no-fail-fast "$@"
+else
+    cargo test --locked --no-fail-fast "$@"
+fi
