@@ -1,0 +1,134 @@
+//! staybound as a sidecar in the lab's client namespace, legacy clients blocked on it, and what its admin
+//! endpoint says. Shared by the failover, ride-out and fault tests.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::lab::{Host, LOGICAL, Lab, REDIS_PORT, wait_until};
+use staybound::config::Config;
+use staybound::failover::bounds::{Bounds, bounds};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_staybound");
+pub const LISTEN: &str = "127.0.0.1:6379";
+pub const ADMIN: &str = "127.0.0.1:9901";
+
+/// A staybound process in the client namespace, with one service `redis` in front of the logical host.
+pub struct Sidecar<'a> {
+    pub lab: &'a Lab,
+    pub pid: u32,
+    pub config: Config,
+}
+
+impl<'a> Sidecar<'a> {
+    /// Starts staybound with `service_extra` appended to the `redis` service (tables such as `[service.probe]`).
+    pub fn start(lab: &'a Lab, service_extra: &str) -> Sidecar<'a> {
+        let text = format!(
+            "shutdown_grace = \"1s\"\n[admin]\nlisten = \"{ADMIN}\"\n[[service]]\nname = \"redis\"\nlisten = \"{LISTEN}\"\nupstream = \"{LOGICAL}:{REDIS_PORT}\"\n{service_extra}"
+        );
+        let path = lab.dir().join("staybound.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::from_toml_str(&text, Path::new("staybound.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let path_s = path.to_str().unwrap().to_string();
+        let pid = lab.spawn(
+            Host::Client,
+            &["env", "RUST_LOG=staybound=debug", BIN, "--log-format", "json", "run", "--config", &path_s],
+        );
+        let sc = Sidecar { lab, pid, config };
+        wait_until("staybound's admin endpoint answers", Duration::from_secs(10), || sc.try_get("/healthz").is_ok());
+        sc
+    }
+
+    fn try_get(&self, path: &str) -> Result<String, String> {
+        let admin: SocketAddr = ADMIN.parse().unwrap();
+        self.lab.in_ns(Host::Client, || staybound::status::fetch(admin, path))
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        self.try_get(path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The `redis` service's object in `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let body = self.get("/status");
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status: {e}: {body}"));
+        doc.as_array().and_then(|a| a.first()).cloned().unwrap_or_else(|| panic!("one service in /status: {body}"))
+    }
+
+    pub fn state(&self) -> String {
+        self.status()["state"].as_str().unwrap_or("?").to_string()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.status()["epoch"].as_u64().unwrap_or(0)
+    }
+
+    pub fn wait_state(&self, state: &str, timeout: Duration) {
+        wait_until(&format!("staybound reports {state}"), timeout, || self.state() == state);
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        super::proxy::metric_in(&self.get("/metrics"), name, labels)
+    }
+
+    /// The worst cases `staybound check` computes for this config.
+    pub fn bounds(&self) -> Bounds {
+        bounds(&self.config.services[0])
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        LISTEN.parse().unwrap()
+    }
+}
+
+/// A legacy client blocked in `BLPOP key 0`: it waits forever unless its connection breaks.
+pub struct Blocked {
+    rx: mpsc::Receiver<(Instant, String)>,
+}
+
+impl Blocked {
+    /// Connects from `host` to `to`, checks the session with PING, then blocks in BLPOP on a thread.
+    pub fn start(lab: &Lab, host: Host, to: SocketAddr) -> Blocked {
+        let mut s: TcpStream =
+            lab.connect_tcp(host, to, Duration::from_secs(3)).unwrap_or_else(|e| panic!("connect {to}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"+PONG\r\n", "the session works before it blocks");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"*3\r\n$5\r\nBLPOP\r\n$7\r\nsomekey\r\n$1\r\n0\r\n").unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            let what = match s.read(&mut buf) {
+                Ok(0) => "eof".to_string(),
+                Ok(n) => format!("data {:?}", String::from_utf8_lossy(&buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    "still blocked after 30s".to_string()
+                }
+                Err(e) => format!("error {e}"),
+            };
+            let _ = tx.send((Instant::now(), what));
+        });
+        Blocked { rx }
+    }
+
+    /// When and how the blocked call ended, if it did within `timeout`.
+    pub fn ended(&self, timeout: Duration) -> Option<(Instant, String)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+/// Runs a scenario `runs` times (env STAYBOUND_LAB_RUNS, default 1) and prints each figure.
+pub fn runs() -> usize {
+    std::env::var("STAYBOUND_LAB_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
+/// Allowance over a computed bound for a loaded machine (env STAYBOUND_LAB_MARGIN_MS, default 400).
+pub fn margin() -> Duration {
+    Duration::from_millis(std::env::var("STAYBOUND_LAB_MARGIN_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(400))
+}
