@@ -25,6 +25,11 @@ use crate::upstream::{ConnectClass, Connector, socket};
 use probe::{ExchangeError, HeldEvent};
 pub use state::{Evidence, Failover, HostState, Machine};
 
+/// How often the detector looks for the host while it is away, at first.
+const RECOVERY_PACE: Duration = Duration::from_millis(100);
+/// How long an outage is looked at that often.
+const RECOVERY_FAST: Duration = Duration::from_secs(10);
+
 /// A failover as shown in `/status`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FailoverRecord {
@@ -169,9 +174,13 @@ impl Detector {
             // TCP_INFO often so it is settled as soon as that happens.
             HostState::Suspect if self.svc.probe.mode == ProbeMode::Hold => Duration::from_millis(100),
             HostState::Suspect => interval.min(Duration::from_millis(250)),
-            // why: while the host is away, look again soon, so held clients are let through as soon as it
-            // is back; the backoff keeps a long outage from becoming a connect storm.
-            HostState::Down | HostState::FailingOver => self.backoff.next_delay(),
+            // why: held clients wait for this detector, so how soon it sees the host back bounds their
+            // stall: look every RECOVERY_PACE during the first RECOVERY_FAST of an outage, then back off
+            // to the probe interval so a long outage costs little.
+            HostState::Down | HostState::FailingOver => {
+                let away = Instant::now().saturating_duration_since(self.view.borrow().since);
+                if away < RECOVERY_FAST { RECOVERY_PACE.min(interval) } else { self.backoff.next_delay().max(interval) }
+            }
         }
     }
 
@@ -326,6 +335,12 @@ impl Detector {
     async fn open_held(&mut self) -> (ConnectClass, Option<String>) {
         let timeout = self.svc.probe.timeout;
         let result = match self.connector.resolve().await {
+            // why: while the address does not answer, a SYN already sent waits for its retransmission
+            // (a second or more) even after the address is back; staggered attempts put a fresh SYN on
+            // the wire every RECOVERY_PACE, so the first one after the takeover is answered at once.
+            Ok(peer) if self.machine.state() == HostState::Down => {
+                race_connect(&self.connector, peer, timeout, &self.probe_keepalive, &self.metrics).await
+            }
             Ok(peer) => self.connector.connect_with(peer, timeout, &self.probe_keepalive).await,
             Err(e) => Err(e),
         };
@@ -397,4 +412,59 @@ impl Detector {
             changed
         });
     }
+}
+
+/// Connect attempts started every `RECOVERY_PACE` for up to `timeout`, each bounded by `timeout`; the first
+/// to connect wins and the rest are dropped. An answer such as `refused` ends the race at once. Failed
+/// attempts other than the one returned are counted here.
+async fn race_connect(
+    connector: &Connector,
+    peer: std::net::SocketAddr,
+    timeout: Duration,
+    keepalive: &KeepaliveConfig,
+    metrics: &ServiceMetrics,
+) -> Result<TcpStream, crate::upstream::ConnectError> {
+    let mut set = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    let mut started = 0u32;
+    let mut best: Option<crate::upstream::ConnectError> = None;
+    let spawn = |set: &mut tokio::task::JoinSet<_>| {
+        let (c, ka) = (connector.clone(), keepalive.clone());
+        set.spawn(async move { c.connect_with(peer, timeout, &ka).await });
+    };
+    spawn(&mut set);
+    started += 1;
+    loop {
+        let may_start = start.elapsed() + RECOVERY_PACE < timeout && started < 16;
+        tokio::select! {
+            joined = set.join_next() => match joined {
+                Some(Ok(Ok(stream))) => return Ok(stream),
+                Some(Ok(Err(e))) => {
+                    if let Some(prev) = best.take() {
+                        metrics.connect(prev.class).increment(1);
+                    }
+                    let answered = e.class.address_answered();
+                    best = Some(e);
+                    if answered {
+                        break;
+                    }
+                }
+                Some(Err(_)) => {}
+                None if may_start => {
+                    spawn(&mut set);
+                    started += 1;
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep(RECOVERY_PACE), if may_start => {
+                spawn(&mut set);
+                started += 1;
+            }
+        }
+    }
+    Err(best.unwrap_or_else(|| crate::upstream::ConnectError {
+        class: ConnectClass::Other,
+        target: peer.to_string(),
+        source: std::io::Error::other("no connect attempt finished"),
+    }))
 }

@@ -13,7 +13,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::failover::{HostView, Sign};
+use crate::failover::{HostState, HostView, Sign};
 use crate::service::{CountGuard, Service};
 use crate::upstream::ConnectClass;
 use crate::upstream::retry::Backoff;
@@ -40,6 +40,9 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
     let mut backoff = Backoff::new(hold.backoff_initial, hold.backoff_max);
     let mut held: Option<CountGuard> = None;
     let mut first = true;
+    // The detector's news at the last attempt: an attempt made on new news is a fresh attempt, not a
+    // blind retry, so the budget does not hold clients back once the host is back.
+    let mut seen: Option<(u64, HostState)> = None;
     loop {
         if !svc.connectable() {
             held.get_or_insert_with(|| svc.held_guard());
@@ -48,7 +51,9 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
         }
         let view = view_rx.borrow_and_update().clone();
         let now = Instant::now();
-        if first {
+        let news = seen.is_some_and(|s| s != (view.epoch, view.state));
+        seen = Some((view.epoch, view.state));
+        if first || news {
             svc.budget.deposit(now);
         } else if !svc.budget.try_withdraw(now) {
             svc.metrics.budget_exhausted.increment(1);

@@ -206,6 +206,28 @@ fn poll_until(timeout: Duration, f: &mut dyn FnMut() -> bool) -> Result<(), u32>
 }
 
 /// Names of all network namespaces currently listed by `ip netns list`.
+/// Runs `f` on a fresh thread whose network namespace is the one named `ns`, and returns its result.
+pub fn in_named_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = Path::new(NETNS_DIR).join(ns);
+    let nsfd = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    thread::scope(|s| {
+        let h = s.spawn(move || {
+            // SAFETY: setns on a valid, open namespace fd; it affects only this new thread, which ends
+            // when `f` returns.
+            let rc = unsafe { sys::setns(nsfd.as_raw_fd(), sys::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+            drop(nsfd);
+            f()
+        });
+        h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Opens a TCP connection from inside the namespace named `ns`.
+pub fn connect_in_ns(ns: &str, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    in_named_ns(ns, || TcpStream::connect_timeout(&to, timeout))
+}
+
 pub fn list_netns() -> Vec<String> {
     let out = run(cmd("ip", &["netns", "list"]), EXEC_TIMEOUT);
     String::from_utf8_lossy(&out.stdout)
@@ -600,18 +622,7 @@ impl Lab {
     /// returns its result. Sockets created there stay in that namespace and
     /// can be used from any thread afterwards.
     pub fn in_ns<T: Send>(&self, host: Host, f: impl FnOnce() -> T + Send) -> T {
-        let path = Path::new(NETNS_DIR).join(self.ns_name(host));
-        let nsfd = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        thread::scope(|s| {
-            let h = s.spawn(move || {
-                // SAFETY: setns on a valid fd; affects only this new thread.
-                let rc = unsafe { sys::setns(nsfd.as_raw_fd(), sys::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
-                drop(nsfd);
-                f()
-            });
-            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        in_named_ns(self.ns_name(host), f)
     }
 
     /// Opens a TCP connection from inside `host` (in this process).

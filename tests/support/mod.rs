@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod lab;
+pub mod loadclient;
 pub mod proxy;
 pub mod sidecar;

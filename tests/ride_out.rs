@@ -1,0 +1,154 @@
+//! Riding out a takeover on loopback: held clients, retries under the budget, the hold deadline, and
+//! services that depend on others.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::proxy::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Starts an echo server on `addr` after `delay`: until then the port refuses.
+fn listen_later(addr: SocketAddr, delay: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // why: this sleep is the scenario (a service that starts late), not a synchronisation.
+        tokio::time::sleep(delay).await;
+        let listener = TcpListener::bind(addr).await.unwrap();
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    })
+}
+
+async fn client_round_trip(addr: SocketAddr, i: usize) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let mut c = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let msg = format!("hello from client {i}\n");
+    // Sent at once, while the client is still held: it must arrive intact once the upstream is up.
+    c.write_all(msg.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; msg.len()];
+    c.read_exact(&mut buf).await.map_err(|e| format!("client {i}: {e}"))?;
+    if buf != msg.as_bytes() {
+        return Err(format!("client {i} got {:?}", String::from_utf8_lossy(&buf)));
+    }
+    Ok(t0.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_ride_out_a_two_second_refusal() {
+    let up = closed_port();
+    let _server = listen_later(up, Duration::from_secs(2));
+    let proxy = Proxy::start(&format!(
+        "[[service]]\nname = \"ride\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"connect\"\ninterval = \"1s\"\n"
+    ))
+    .await;
+    let addr = proxy.addr("ride");
+    let start = Instant::now();
+    let clients: Vec<_> = (0..50).map(|i| tokio::spawn(client_round_trip(addr, i))).collect();
+    let mut waits = Vec::new();
+    for c in clients {
+        waits.push(c.await.unwrap().expect("every client gets through"));
+    }
+    let all = start.elapsed();
+    eprintln!("FIGURES 50 clients through a 2 s refusal: all done after {:.3}s", all.as_secs_f64());
+    assert_eq!(
+        proxy.metric("staybound_client_connections_total", &[("service", "ride"), ("outcome", "proxied")]),
+        50.0
+    );
+    assert!(proxy.metric("staybound_hold_seconds_count", &[("service", "ride")]) >= 1.0);
+    let refused =
+        proxy.metric("staybound_upstream_connect_attempts_total", &[("service", "ride"), ("result", "refused")]);
+    eprintln!("FIGURES refused connect attempts (probe and clients): {refused}");
+    assert!(refused < 200.0, "no retry storm: {refused} refused attempts over 2 s for 50 clients");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_caps_blind_retries() {
+    let up = closed_port();
+    // Probe off: no detector news, so every retry is a blind one and the budget alone paces them.
+    // 50 first attempts x 0.2 + 1/s x 2 s = 12 retries per 2 s window.
+    let proxy = Proxy::start(&format!(
+        "[[service]]\nname = \"budget\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"off\"\n[service.hold]\ndeadline = \"2s\"\nbudget_ratio = 0.2\nbudget_min_per_sec = 1\nbudget_window = \"2s\"\nbackoff_initial = \"20ms\"\nbackoff_max = \"100ms\"\n"
+    ))
+    .await;
+    let addr = proxy.addr("budget");
+    let clients: Vec<_> = (0..50).map(|i| tokio::spawn(client_round_trip(addr, i))).collect();
+    for c in clients {
+        assert!(c.await.unwrap().is_err(), "nothing listens: every client is refused at its deadline");
+    }
+    let attempts =
+        proxy.metric("staybound_upstream_connect_attempts_total", &[("service", "budget"), ("result", "refused")]);
+    let exhausted = proxy.metric("staybound_retry_budget_exhausted_total", &[("service", "budget")]);
+    eprintln!(
+        "FIGURES budget: {attempts} refused attempts for 50 clients over 2 s, {exhausted} retries refused by the budget"
+    );
+    // 50 first attempts plus at most 12 retries per 2 s window; the deadline spans at most two windows.
+    assert!(attempts >= 50.0);
+    assert!(attempts <= 50.0 + 2.0 * 12.0, "{attempts} attempts exceed the budget");
+    assert!(exhausted > 0.0, "the budget refused retries and counted them");
+    eventually("every client refused at its deadline is counted", Duration::from_secs(2), || {
+        proxy.metric("staybound_client_connections_total", &[("service", "budget"), ("outcome", "refused_deadline")])
+            == 50.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_holds_clients_until_its_upstream_is_up() {
+    let db = closed_port();
+    let app = echo_upstream().await;
+    let proxy = Proxy::start(&format!(
+        "[[service]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{db}\"\n[service.probe]\nmode = \"connect\"\ninterval = \"200ms\"\n\
+         [[service]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{app}\"\ndepends_on = [\"db\"]\n[service.probe]\nmode = \"connect\"\ninterval = \"200ms\"\n"
+    ))
+    .await;
+    let registry = proxy.instance.registry().clone();
+    eventually("db is seen down", Duration::from_secs(5), || {
+        proxy.metric("staybound_upstream_up", &[("service", "db")]) == 0.0
+    })
+    .await;
+    let reasons = staybound::admin::not_ready(&registry);
+    assert!(reasons.iter().any(|r| r.contains("app") && r.contains("dependency db")), "{reasons:?}");
+    // A client of app is held although app's own upstream is up...
+    let addr = proxy.addr("app");
+    let client = tokio::spawn(client_round_trip(addr, 0));
+    eventually("the app client is held", Duration::from_secs(5), || {
+        proxy.metric("staybound_held_clients", &[("service", "app")]) == 1.0
+    })
+    .await;
+    assert_eq!(
+        proxy.metric("staybound_upstream_connect_attempts_total", &[("service", "app"), ("result", "ok")]) as u64 > 0,
+        true
+    );
+    // ...until db comes up.
+    let _db = listen_later(db, Duration::ZERO);
+    client.await.unwrap().expect("released once db is up");
+    assert!(staybound::admin::not_ready(&registry).is_empty());
+}
+
+#[tokio::test]
+async fn deadline_expiry_refuses_with_a_reset_and_counts() {
+    let up = closed_port();
+    let proxy = Proxy::start(&format!(
+        "[[service]]\nname = \"late\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"off\"\n[service.hold]\ndeadline = \"250ms\"\n"
+    ))
+    .await;
+    let t0 = Instant::now();
+    let mut c = TcpStream::connect(proxy.addr("late")).await.unwrap();
+    c.write_all(b"x").await.unwrap();
+    let (got, reset) = read_to_end(&mut c).await;
+    assert!(got.is_empty());
+    assert!(reset, "a refused client gets RST, as a refusing host would give it");
+    assert!(t0.elapsed() >= Duration::from_millis(250), "held until its deadline");
+    eventually("counted", Duration::from_secs(2), || {
+        proxy.metric("staybound_client_connections_total", &[("service", "late"), ("outcome", "refused_deadline")])
+            == 1.0
+    })
+    .await;
+}
