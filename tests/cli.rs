@@ -3,10 +3,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_staybound");
@@ -115,46 +115,11 @@ fn every_shipped_config_is_valid() {
     assert!(seen >= 2, "config/ holds the example and the minimal config");
 }
 
-/// A staybound child process whose admin and listen addresses are read from its JSON log.
-struct Running {
-    child: Child,
-    admin: SocketAddr,
-    listen: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-fn spawn(text: &str) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.toml");
-    std::fs::write(&path, text).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let (mut admin, mut listen) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (admin.is_none() || listen.is_none()) && Instant::now() < deadline {
-        let Some(Ok(line)) = lines.next() else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        let addr = v.get("listen").and_then(|l| l.as_str()).and_then(|l| l.parse().ok());
-        match v.get("message").and_then(|m| m.as_str()) {
-            Some("admin endpoint listening") => admin = addr,
-            Some("listening") => listen = addr,
-            _ => {}
-        }
-    }
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Running {
-        child,
-        admin: admin.expect("admin address logged"),
-        listen: listen.expect("listen address logged"),
-        _dir: dir,
-    }
+/// A staybound child and the listen address of its one service.
+fn spawn(text: &str) -> (support::process::Running, SocketAddr) {
+    let sb = support::process::Running::start(text);
+    let listen = sb.listens().into_values().next().and_then(|v| v.first().copied()).expect("one listener");
+    (sb, listen)
 }
 
 #[test]
@@ -170,10 +135,10 @@ fn sigterm_lets_a_session_in_flight_finish_refuses_new_ones_and_exits_0() {
         go_rx.recv().unwrap();
         s.write_all(b"done").unwrap();
     });
-    let mut sb = spawn(&format!(
+    let (mut sb, listen) = spawn(&format!(
         "shutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"drain\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"off\"\n"
     ));
-    let mut client = TcpStream::connect(sb.listen).unwrap();
+    let mut client = TcpStream::connect(listen).unwrap();
     client.write_all(b"req").unwrap();
     // Wait until the session is proxying (its request reached the upstream side).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -190,7 +155,7 @@ fn sigterm_lets_a_session_in_flight_finish_refuses_new_ones_and_exits_0() {
     // New connects are refused once the listener is closed.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match TcpStream::connect(sb.listen) {
+        match TcpStream::connect(listen) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
             _ => {
                 assert!(Instant::now() < deadline, "listener still open after SIGTERM");
@@ -219,10 +184,10 @@ fn sigterm_lets_a_session_in_flight_finish_refuses_new_ones_and_exits_0() {
 fn sigterm_ends_a_session_that_outlives_the_grace() {
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let up = upstream.local_addr().unwrap();
-    let mut sb = spawn(&format!(
+    let (mut sb, listen) = spawn(&format!(
         "shutdown_grace = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"grace\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"off\"\n"
     ));
-    let mut client = TcpStream::connect(sb.listen).unwrap();
+    let mut client = TcpStream::connect(listen).unwrap();
     client.write_all(b"x").unwrap();
     let (_held, _) = upstream.accept().unwrap();
     let t0 = Instant::now();

@@ -117,6 +117,33 @@ fn silent_move_is_noticed_within_the_probe_interval() {
                 let signals = signal_counted(sc);
                 assert!(!signals.is_empty(), "a failover signal is counted");
                 eprintln!("signals: {signals:?}");
+                let detections = sc.metric("staybound_failover_detection_seconds_count", &[("service", "redis")]);
+                assert!(detections >= 1.0, "detection time recorded");
+                assert_eq!(sc.metric("staybound_upstream_up", &[("service", "redis")]), 1.0);
+                let ended = sc
+                    .metric("staybound_sessions_reset_total", &[("service", "redis"), ("reason", "failover")])
+                    + sc.metric(
+                        "staybound_sessions_reset_total",
+                        &[("service", "redis"), ("reason", "upstream_reset")],
+                    );
+                assert!(ended >= 1.0, "the blocked session was ended and counted");
+                let metrics = sc.get("/metrics");
+                let excerpt: Vec<&str> = metrics
+                    .lines()
+                    .filter(|l| {
+                        !l.starts_with('#')
+                            && !l.ends_with(" 0")
+                            && (l.contains("failover")
+                                || l.contains("epoch")
+                                || l.contains("sessions_reset")
+                                || l.contains("upstream_up")
+                                || l.contains("connect_attempts"))
+                    })
+                    .collect();
+                eprintln!("METRICS after the silent move:\n{}", excerpt.join("\n"));
+                let table =
+                    lab.exec(Host::Client, &[support::sidecar::BIN, "status", "--admin", support::sidecar::ADMIN]);
+                eprintln!("STATUS after the silent move:\n{}", String::from_utf8_lossy(&table.stdout));
             },
         ) else {
             return;

@@ -3,5 +3,6 @@
 
 pub mod lab;
 pub mod loadclient;
+pub mod process;
 pub mod proxy;
 pub mod sidecar;

@@ -1,0 +1,183 @@
+//! Operating staybound: SIGHUP reload without dropping what is unaffected, a bad reload kept out, the
+//! cluster manager's failover hook, `/readyz`, `/status` and `staybound status`, and every series present
+//! from the start.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::process::{BIN, Running};
+
+/// An echo upstream on a thread; returns its address.
+fn echo() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    addr
+}
+
+fn svc(name: &str, up: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{extra}[service.probe]\nmode = \"connect\"\n"
+    )
+}
+
+fn round_trip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, msg);
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn reload_adds_changes_and_removes_while_a_session_keeps_flowing() {
+    let up = echo();
+    let head = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let sb = Running::start(&format!("{head}{}{}{}", svc("keep", up, ""), svc("change", up, ""), svc("gone", up, "")));
+    let before = sb.listens();
+    let mut session = TcpStream::connect(before["keep"][0]).unwrap();
+    session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    round_trip(&mut session, b"before the reload");
+    let bytes_before = sb.metric("staybound_bytes_total", &[("service", "keep"), ("direction", "upstream")]);
+
+    // `change` moves to a new listen address and a new limit; `gone` goes; `new` comes.
+    std::fs::write(
+        &sb.config,
+        format!(
+            "{head}{}{}{}",
+            svc("keep", up, ""),
+            svc("change", up, "max_connections = 5\n").replace("127.0.0.1:0", "127.0.0.2:0"),
+            svc("new", up, "")
+        ),
+    )
+    .unwrap();
+    sb.signal("HUP");
+    wait("the reload is counted", Duration::from_secs(5), || {
+        sb.metric("staybound_config_reloads_total", &[("result", "ok")]) == 1.0
+    });
+    let after = sb.listens();
+    assert_eq!(after["keep"], before["keep"], "an unchanged listener is not re-bound");
+    assert_eq!(after["change"][0].ip().to_string(), "127.0.0.2", "a changed listen address is re-bound");
+    assert!(!after.contains_key("gone"));
+    let mut fresh = TcpStream::connect(after["new"][0]).unwrap();
+    round_trip(&mut fresh, b"new service works");
+    let mut moved = TcpStream::connect(after["change"][0]).unwrap();
+    round_trip(&mut moved, b"changed service works");
+    wait("the removed service's listener is closed", Duration::from_secs(5), || {
+        TcpStream::connect(before["gone"][0]).is_err()
+    });
+
+    // The session on the unchanged service never noticed, and its bytes are still counted.
+    round_trip(&mut session, b"after the reload");
+    wait("bytes counted through the reload", Duration::from_secs(5), || {
+        sb.metric("staybound_bytes_total", &[("service", "keep"), ("direction", "upstream")]) == bytes_before + 16.0
+    });
+
+    // A bad file is reported and counted; the running config stays.
+    std::fs::write(&sb.config, "[[service]]\nname = 42\n").unwrap();
+    sb.signal("HUP");
+    wait("the bad reload is counted", Duration::from_secs(5), || {
+        sb.metric("staybound_config_reloads_total", &[("result", "error")]) == 1.0
+    });
+    sb.wait_log("reload rejected: the running config stays", Duration::from_secs(5));
+    round_trip(&mut session, b"still here");
+    assert_eq!(sb.listens().len(), 3);
+}
+
+#[test]
+fn the_failover_hook_ends_old_sessions_and_unknown_services_get_404() {
+    let up = echo();
+    let sb = Running::start(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{}", svc("hooked", up, "")));
+    let listen = sb.listens()["hooked"][0];
+    let mut session = TcpStream::connect(listen).unwrap();
+    session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    round_trip(&mut session, b"epoch one");
+
+    let hook = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .arg(format!("http://{}{path}", sb.admin))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(hook("/failover/hooked"), "202");
+    assert_eq!(hook("/failover/nosuch"), "404");
+    let mut buf = [0u8; 1];
+    let ended = session.read(&mut buf);
+    assert!(
+        matches!(ended, Ok(0)) || ended.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{ended:?}"
+    );
+    wait("epoch 2", Duration::from_secs(5), || sb.metric("staybound_epoch", &[("service", "hooked")]) == 2.0);
+    assert_eq!(sb.metric("staybound_failovers_total", &[("service", "hooked"), ("signal", "admin")]), 1.0);
+    assert_eq!(sb.metric("staybound_sessions_reset_total", &[("service", "hooked"), ("reason", "failover")]), 1.0);
+
+    // A new session works on the new epoch.
+    let mut again = TcpStream::connect(listen).unwrap();
+    round_trip(&mut again, b"epoch two");
+
+    // `staybound status` prints the table operators read.
+    let out = Command::new(BIN).args(["status", "--admin", &sb.admin.to_string()]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    let row = table.lines().find(|l| l.starts_with("hooked")).unwrap_or_else(|| panic!("{table}"));
+    for want in ["up", " 2 ", "admin", "1 "] {
+        assert!(row.contains(want), "{want:?} in {row:?}");
+    }
+    let ready = sb.get("/readyz");
+    assert_eq!(ready, "ready\n");
+}
+
+#[test]
+fn every_series_is_there_from_the_start() {
+    let up = echo();
+    let sb = Running::start(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{}", svc("fresh", up, "")));
+    let text = sb.get("/metrics");
+    for name in [
+        "staybound_client_connections_total",
+        "staybound_client_connections_active",
+        "staybound_held_clients",
+        "staybound_hold_seconds_bucket",
+        "staybound_upstream_connect_attempts_total",
+        "staybound_retry_budget_exhausted_total",
+        "staybound_upstream_up",
+        "staybound_epoch",
+        "staybound_failovers_total",
+        "staybound_failover_detection_seconds_bucket",
+        "staybound_sessions_reset_total",
+        "staybound_bytes_total",
+        "staybound_udp_datagrams_total",
+        "staybound_udp_dropped_total",
+        "staybound_config_reloads_total",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{text}");
+        let base = name.trim_end_matches("_bucket");
+        assert!(text.contains(&format!("# HELP {base} ")), "{base} has HELP text");
+    }
+    for signal in ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin"] {
+        assert!(
+            text.contains(&format!("staybound_failovers_total{{service=\"fresh\",signal=\"{signal}\"}} 0")),
+            "{signal}"
+        );
+    }
+}
