@@ -68,6 +68,15 @@ fn bad_configs_exit_78_with_line_and_key() {
         ("shutdown_grace = 30\n".to_string() + OK, 1, "shutdown_grace"),
         ("[[service]\nname = \"a\"\n".into(), 1, ""),
         (String::new(), 1, "service"),
+        (
+            format!(
+                "{}depends_on = [\"b\"]\n{}depends_on = [\"a\"]\n",
+                OK,
+                OK.replace("\"a\"", "\"b\"").replace("15000", "15001")
+            ),
+            1,
+            "dependency cycle: a -> b -> a",
+        ),
     ];
     assert!(cases.len() >= 20);
     for (text, line, what) in &cases {
