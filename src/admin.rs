@@ -218,6 +218,7 @@ pub fn status_json(registry: &Registry) -> serde_json::Value {
                 "upstream": svc.cfg.upstream.to_string(),
                 "listen": entry.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "probe": svc.cfg.probe.mode.as_str(),
+                "neighbor_watch": &*view.neighbor,
             })
         })
         .collect();

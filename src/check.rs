@@ -8,6 +8,28 @@ use crate::failover::bounds::{self, fmt};
 
 /// The report `check` prints for a valid config.
 pub fn report(config: &Config) -> String {
+    report_with(config, &std::collections::HashMap::new())
+}
+
+/// Whether the neighbour-table sign is available for each service's upstream, as `check` shows it.
+pub async fn neighbor_notes(config: &Config) -> std::collections::HashMap<String, String> {
+    let mut notes = std::collections::HashMap::new();
+    for s in &config.services {
+        let note = match &s.upstream {
+            UpstreamAddr::Name { .. } => "not available: the upstream is a name".to_string(),
+            UpstreamAddr::Ip(addr) => match crate::failover::neighbor::is_directly_connected(addr.ip()).await {
+                Ok(true) => "available: the upstream is on a directly connected network".into(),
+                Ok(false) => "not available: the upstream is routed (no gratuitous ARP reaches this host)".into(),
+                Err(e) => format!("not available: {e}"),
+            },
+        };
+        notes.insert(s.name.clone(), note);
+    }
+    notes
+}
+
+/// The report, with a neighbour-watch note per service.
+pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String, String>) -> String {
     let mut out = String::new();
     let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let _ = writeln!(out, "{}: valid, {} service(s)", config.path.display(), config.services.len());
@@ -104,6 +126,9 @@ pub fn report(config: &Config) -> String {
                 d(s.udp.flow_idle),
                 s.udp.max_flows
             );
+        }
+        if let Some(note) = neighbor.get(&s.name) {
+            let _ = writeln!(out, "  neighbour watch {note}");
         }
         let b = bounds::bounds(s);
         let _ = writeln!(out, "  worst case to notice:");

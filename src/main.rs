@@ -110,7 +110,12 @@ fn load(args: &RunArgs) -> Result<Config, ExitCode> {
 fn check(args: RunArgs) -> ExitCode {
     match load(&args) {
         Ok(config) => {
-            print!("{}", staybound::check::report(&config));
+            let notes = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(staybound::check::neighbor_notes(&config)))
+                .unwrap_or_default();
+            print!("{}", staybound::check::report_with(&config, &notes));
             ExitCode::SUCCESS
         }
         Err(code) => code,

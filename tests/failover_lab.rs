@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, wait_until};
-use support::sidecar::{Blocked, Sidecar, margin, runs};
+use support::sidecar::{Blocked, Sidecar, margin, runs, wait_blocked};
 
 fn logical() -> SocketAddr {
     SocketAddr::from((LOGICAL, REDIS_PORT))
@@ -34,18 +34,8 @@ fn scenario(tag: &str, act: impl FnOnce(&Lab) -> Instant, after: impl FnOnce(&La
     sc.wait_state("up", Duration::from_secs(5));
     let via = Blocked::start(&lab, Host::Client, sc.listen());
     let direct = Blocked::start(&lab, Host::Client, logical());
-    // Blocked means acknowledged and waiting on node 1: nothing left in flight that a retransmission
-    // would carry to the new node.
-    wait_until("both clients are blocked on node 1", Duration::from_secs(5), || {
-        let out = lab.redis_cli_at(Host::Client, Host::Node1.addr(), &["INFO", "clients"]);
-        String::from_utf8_lossy(&out.stdout).contains("blocked_clients:2")
-    });
-    wait_until("every byte sent to the logical host is acknowledged", Duration::from_secs(5), || {
-        let out = lab.exec(Host::Client, &["ss", "-Htn", "state", "established", "dst", &LOGICAL.to_string()]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let lines: Vec<&str> = text.lines().collect();
-        lines.len() >= 3 && lines.iter().all(|l| l.split_whitespace().nth(1) == Some("0"))
-    });
+    // Blocked means acknowledged and waiting on node 1.
+    wait_blocked(&lab, Host::Node1, 2);
     let t0 = act(&lab);
     let (t1, how) = via.ended(Duration::from_secs(15)).expect("the client through staybound learned within 15 s");
     let staybound = t1.duration_since(t0);

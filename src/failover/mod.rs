@@ -6,6 +6,7 @@
 //! ends at once.
 
 pub mod bounds;
+pub mod neighbor;
 pub mod probe;
 pub mod state;
 
@@ -50,6 +51,8 @@ pub struct HostView {
     /// When `state` last changed.
     pub since: Instant,
     pub last_failover: Option<FailoverRecord>,
+    /// The neighbour-table watch: `watching`, or why it is not.
+    pub neighbor: Arc<str>,
 }
 
 /// A sign from outside the probe.
@@ -99,6 +102,8 @@ pub struct Detector {
     probe_keepalive: KeepaliveConfig,
     next_check: Instant,
     backoff: Backoff,
+    /// A sender into this detector's own sign queue, for the neighbour watch.
+    self_signs: mpsc::Sender<Sign>,
 }
 
 impl Detector {
@@ -111,6 +116,7 @@ impl Detector {
             identity: None,
             since: now,
             last_failover: None,
+            neighbor: Arc::from("starting"),
         };
         let (view_tx, view_rx) = watch::channel(view);
         let (sign_tx, sign_rx) = mpsc::channel(256);
@@ -127,12 +133,15 @@ impl Detector {
             signs: sign_rx,
             held: None,
             next_check: now,
+            self_signs: sign_tx.clone(),
         };
         (detector, DetectorHandle { view: view_rx, signs: sign_tx })
     }
 
     /// Runs until `cancel`.
     pub async fn run(mut self, cancel: CancellationToken) {
+        let watch = self.start_neighbor_watch(cancel.clone()).await;
+        self.view.send_modify(|v| v.neighbor = Arc::from(watch.as_str()));
         enum Event {
             Stop,
             Sign(Sign),
@@ -160,6 +169,50 @@ impl Detector {
             }
         }
         debug!(service = %self.svc.name, "detector stopped");
+    }
+
+    /// Starts the neighbour-table watch of the upstream address when it is on a directly connected
+    /// network; returns what `/status` shows of it.
+    async fn start_neighbor_watch(&self, cancel: CancellationToken) -> String {
+        let ip = match (&self.svc.upstream, self.svc.probe.mode) {
+            (_, ProbeMode::Off) => return "off: probe mode is off".into(),
+            (crate::config::UpstreamAddr::Ip(addr), _) => addr.ip(),
+            (crate::config::UpstreamAddr::Name { .. }, _) => return "off: the upstream is a name".into(),
+        };
+        match neighbor::is_directly_connected(ip).await {
+            Ok(true) => {}
+            Ok(false) => return "not available: the upstream is routed, not on a directly connected network".into(),
+            Err(e) => {
+                info!(service = %self.svc.name, reason = %e, "neighbour watch unavailable; the other signs still work");
+                return format!("unavailable: {e}");
+            }
+        }
+        let watch = match neighbor::NeighborWatch::start(vec![ip]).await {
+            Ok(w) => w,
+            Err(e) => {
+                info!(service = %self.svc.name, reason = %e, "neighbour watch unavailable; the other signs still work");
+                return format!("unavailable: {e}");
+            }
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let name = self.svc.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = watch.run(tx, cancel.cancelled_owned()).await {
+                warn!(service = %name, error = %e, "neighbour watch ended");
+            }
+        });
+        let signs = self.self_signs.clone();
+        let name = self.svc.name.clone();
+        tokio::spawn(async move {
+            while let Some(change) = rx.recv().await {
+                info!(service = %name, %change, "neighbour entry of the upstream changed its link-layer address");
+                if signs.send(Sign::Neighbor).await.is_err() {
+                    break;
+                }
+            }
+        });
+        info!(service = %self.svc.name, upstream = %ip, "watching the neighbour table for a takeover's gratuitous ARP");
+        "watching".into()
     }
 
     /// Time to the next check in the current state.

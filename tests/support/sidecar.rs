@@ -132,3 +132,21 @@ pub fn runs() -> usize {
 pub fn margin() -> Duration {
     Duration::from_millis(std::env::var("STAYBOUND_LAB_MARGIN_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(400))
 }
+
+/// Waits until at least `n` clients are blocked on `node`'s redis (sessions a move cut off may linger
+/// there) and every byte sent to the logical host is acknowledged: nothing left in flight that a
+/// retransmission would carry to another node.
+pub fn wait_blocked(lab: &Lab, node: Host, n: usize) {
+    wait_until(&format!("{n} client(s) blocked on {}", node.role()), Duration::from_secs(5), || {
+        let out = lab.redis_cli_at(Host::Client, node.addr(), &["INFO", "clients"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let blocked =
+            text.lines().find_map(|l| l.strip_prefix("blocked_clients:")).and_then(|v| v.trim().parse::<usize>().ok());
+        blocked.is_some_and(|b| b >= n)
+    });
+    wait_until("every byte sent to the logical host is acknowledged", Duration::from_secs(5), || {
+        let out = lab.exec(Host::Client, &["ss", "-Htn", "state", "established", "dst", &LOGICAL.to_string()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines().count() >= n && text.lines().all(|l| l.split_whitespace().nth(1) == Some("0"))
+    });
+}
