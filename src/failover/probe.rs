@@ -43,7 +43,7 @@ pub async fn watch_held(held: Option<&TcpStream>) -> HeldEvent {
 pub enum ExchangeError {
     /// No (complete) reply within the timeout.
     Timeout,
-    /// The reply came but lacks `expect`: something else answers on the port.
+    /// A reply came but lacks `expect` (by the timeout): something else answers on the port.
     Mismatch(Vec<u8>),
     Eof,
     Failed(ConnectClass, io::Error),
@@ -54,9 +54,9 @@ pub enum ExchangeError {
 /// # Errors
 /// Timeout, a reply without `expect`, EOF, or an I/O error.
 pub async fn exchange(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<Vec<u8>, ExchangeError> {
+    let mut reply = Vec::new();
     let work = async {
         stream.write_all(&probe.send).await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
-        let mut reply = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
             stream.readable().await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
@@ -65,10 +65,10 @@ pub async fn exchange(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<Vec
                 Ok(n) => {
                     reply.extend_from_slice(&buf[..n]);
                     if contains(&reply, &probe.expect) {
-                        return Ok(reply);
+                        return Ok(());
                     }
                     if reply.len() > 64 * 1024 {
-                        return Err(ExchangeError::Mismatch(reply));
+                        return Err(ExchangeError::Mismatch(Vec::new()));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -77,7 +77,11 @@ pub async fn exchange(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<Vec
         }
     };
     match tokio::time::timeout(probe.timeout, work).await {
-        Ok(r) => r,
+        Ok(Ok(())) => Ok(reply),
+        Ok(Err(ExchangeError::Mismatch(_))) => Err(ExchangeError::Mismatch(reply)),
+        Ok(Err(e)) => Err(e),
+        // why: something answered, just not what the service would: another service holds the port.
+        Err(_) if !reply.is_empty() => Err(ExchangeError::Mismatch(reply)),
         Err(_) => Err(ExchangeError::Timeout),
     }
 }

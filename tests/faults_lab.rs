@@ -1,0 +1,190 @@
+//! The Sun Cluster test plan in the namespace lab: repeated abort and rejoin (the address moved away and
+//! back, over and over) with clients through staybound, a double move inside one probe interval, a
+//! flapping address, and another service answering on the port.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, poll, wait_until};
+use support::loadclient::LoadClient;
+use support::sidecar::{Sidecar, margin};
+
+fn setup(tag: &str) -> Option<Lab> {
+    let lab = Lab::new(tag)?;
+    lab.start_redis(Host::Node1);
+    lab.start_redis(Host::Node2);
+    lab.add_logical(Host::Node1, true);
+    Some(lab)
+}
+
+/// Open file descriptors and resident memory (KiB) of a process.
+fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+/// The host pid of the staybound the lab started (`ip netns exec` execs it in place).
+fn host_pid(sc: &Sidecar<'_>) -> u32 {
+    sc.pid
+}
+
+fn cycles() -> usize {
+    std::env::var("STAYBOUND_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(20)
+}
+
+#[test]
+fn repeated_abort_and_rejoin_is_detected_every_time_and_leaks_nothing() {
+    let Some(lab) = setup("cycles") else { return };
+    let sc = Sidecar::start(&lab, "");
+    sc.wait_state("up", Duration::from_secs(5));
+    let load = LoadClient::start(&lab, Host::Client, sc.listen(), Duration::from_secs(5), "cycle");
+    let mut after_first = None;
+    let start = Instant::now();
+    let n = cycles();
+    for i in 0..n {
+        for (from, to) in [(Host::Node1, Host::Node2), (Host::Node2, Host::Node1)] {
+            let epoch = sc.epoch();
+            lab.move_logical(from, to, true);
+            wait_until(
+                &format!("cycle {i}: move {} -> {} detected", from.role(), to.role()),
+                Duration::from_secs(10),
+                || sc.epoch() > epoch && sc.state() == "up",
+            );
+        }
+        if i == 0 {
+            after_first = Some(fds_and_rss(host_pid(&sc)));
+        }
+    }
+    let stats = load.finish();
+    let epochs = sc.epoch();
+    let (fd0, rss0) = after_first.unwrap();
+    let (fd1, rss1) = fds_and_rss(host_pid(&sc));
+    eprintln!(
+        "FIGURES {n} abort/rejoin cycles in {:.1}s: epoch {epochs}; fds {fd0} -> {fd1}; RSS {rss0} -> {rss1} KiB; load client ok {} lost {}",
+        start.elapsed().as_secs_f64(),
+        stats.ok,
+        stats.lost
+    );
+    assert!(epochs > 2 * n as u64, "every move began an epoch: {epochs} for {} moves", 2 * n);
+    assert!(fd1 <= fd0 + 4, "no descriptor leak: {fd0} -> {fd1}");
+    assert!(rss1 <= rss0 + 2048, "no memory growth beyond 2 MiB: {rss0} -> {rss1} KiB");
+    assert!(stats.ok > 0);
+}
+
+#[test]
+fn a_double_move_inside_one_probe_interval_settles_on_the_right_node() {
+    let Some(lab) = setup("double") else { return };
+    let sc = Sidecar::start(&lab, "");
+    sc.wait_state("up", Duration::from_secs(5));
+    let node1 = lab.redis_run_id(Host::Client, Host::Node1.addr()).unwrap();
+    lab.move_logical(Host::Node1, Host::Node2, true);
+    lab.move_logical(Host::Node2, Host::Node1, true);
+    wait_until("staybound settles up", Duration::from_secs(10), || sc.state() == "up");
+    let mut got = None;
+    let reached = poll(Duration::from_secs(10), || {
+        got = lab.redis_run_id(Host::Client, std::net::Ipv4Addr::LOCALHOST);
+        got.as_deref() == Some(node1.as_str())
+    });
+    eprintln!("FIGURES double move: epoch {} after two moves, new client reached node 1: {reached}", sc.epoch());
+    assert!(reached, "a new client reaches node 1 again (got {got:?})");
+    assert_eq!(sc.status()["held_clients"], 0);
+}
+
+#[test]
+fn a_flapping_address_causes_no_retry_storm() {
+    let Some(lab) = setup("flap") else { return };
+    let sc = Sidecar::start(&lab, "");
+    sc.wait_state("up", Duration::from_secs(5));
+    let clients: Vec<LoadClient> =
+        (0..8).map(|_| LoadClient::start(&lab, Host::Client, sc.listen(), Duration::from_secs(2), "flap")).collect();
+    let t0 = Instant::now();
+    let mut up = true;
+    while t0.elapsed() < Duration::from_secs(10) {
+        // why: the flapping itself is the scenario: the address goes every 500 ms.
+        std::thread::sleep(Duration::from_millis(500));
+        if up {
+            lab.del_logical(Host::Node1)
+        } else {
+            lab.add_logical(Host::Node1, true)
+        }
+        up = !up;
+    }
+    if !up {
+        lab.add_logical(Host::Node1, true);
+    }
+    let flapped = t0.elapsed();
+    let stats: Vec<_> = clients.into_iter().map(LoadClient::finish).collect();
+    let m = |name: &str, labels: &[(&str, &str)]| sc.metric(name, labels);
+    let attempts: f64 = ["ok", "refused", "unreachable", "timeout", "reset", "addr_unavailable", "other"]
+        .iter()
+        .map(|r| m("staybound_upstream_connect_attempts_total", &[("service", "redis"), ("result", r)]))
+        .sum();
+    let accepted: f64 = ["proxied", "refused_deadline", "refused_limit", "refused_shutdown"]
+        .iter()
+        .map(|o| m("staybound_client_connections_total", &[("service", "redis"), ("outcome", o)]))
+        .sum::<f64>()
+        + m("staybound_held_clients", &[("service", "redis")]);
+    let exhausted = m("staybound_retry_budget_exhausted_total", &[("service", "redis")]);
+    // Clients: one first attempt each, plus 0.2 per first attempt and 10/s over each 10 s window.
+    // The detector: at most one new attempt every 100 ms while the host is away, one per second otherwise.
+    let secs = flapped.as_secs_f64() + 2.0;
+    let windows = (secs / 10.0).ceil() + 1.0;
+    let bound = accepted * 1.2 + 100.0 * windows + 12.0 * secs;
+    let (ok, lost): (u64, u64) = stats.iter().fold((0, 0), |a, s| (a.0 + s.ok, a.1 + s.lost));
+    eprintln!(
+        "FIGURES flapping 10 s: {attempts} connect attempts for {accepted} client connections (bound {bound:.0}), {exhausted} retries refused by the budget; 8 clients ok {ok} lost {lost}; epoch {}",
+        sc.epoch()
+    );
+    assert!(attempts <= bound, "{attempts} attempts over the bound {bound}");
+    wait_until("staybound is up after the flapping", Duration::from_secs(10), || sc.state() == "up");
+    let _ = margin();
+}
+
+#[test]
+fn another_service_on_the_port_is_flagged_and_clients_are_not_sent_to_it() {
+    let Some(lab) = Lab::new("wrongsvc") else { return };
+    lab.start_redis(Host::Node1);
+    lab.add_logical(Host::Node1, true);
+    // On node 2, something else answers on the port.
+    let listener = lab.listen_tcp(Host::Node2, SocketAddr::from(([0, 0, 0, 0], REDIS_PORT))).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(1000) {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let sc =
+        Sidecar::start(&lab, "[service.probe]\nmode = \"send-expect\"\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"\n");
+    sc.wait_state("up", Duration::from_secs(5));
+    lab.move_logical(Host::Node1, Host::Node2, true);
+    wait_until("the wrong service is flagged: not up", Duration::from_secs(5), || sc.state() == "failing-over");
+    let log = lab.read_log(sc.pid);
+    assert!(log.contains("probe reply lacks"), "a warning names the mismatch");
+    // A client arriving now is held, not proxied to the wrong service.
+    let mut c = lab.connect_tcp(Host::Client, sc.listen(), Duration::from_secs(2)).unwrap();
+    c.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    wait_until("the client is held", Duration::from_secs(5), || sc.status()["held_clients"] == 1);
+    // The real service takes the address back: the held client is served by it.
+    lab.move_logical(Host::Node2, Host::Node1, true);
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 7];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"+PONG\r\n");
+    let _ = LOGICAL;
+}
