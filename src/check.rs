@@ -72,8 +72,9 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
         }
         let _ = writeln!(
             out,
-            "  clients         max_connections {}, on_failover {}",
+            "  clients         max_connections {}, idle_timeout {}, on_failover {}",
             s.max_connections,
+            s.idle_timeout.map_or("off".to_string(), d),
             match s.on_failover {
                 crate::config::OnFailover::Reset => "reset",
                 crate::config::OnFailover::Close => "close",

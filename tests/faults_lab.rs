@@ -188,3 +188,47 @@ fn another_service_on_the_port_is_flagged_and_clients_are_not_sent_to_it() {
     assert_eq!(&buf, b"+PONG\r\n");
     let _ = LOGICAL;
 }
+
+#[test]
+fn a_client_that_vanishes_without_fin_is_reaped_by_client_keepalive() {
+    let Some(lab) = Lab::new("vanish") else { return };
+    lab.start_redis(Host::Node1);
+    lab.add_logical(Host::Node1, true);
+    // staybound also listens on the client host's LAN address, so a client on node 2 can use it.
+    let config = lab.dir().join("vanish.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:9901\"\n[[service]]\nname = \"redis\"\nlisten = [\"127.0.0.1:6379\", \"{}:6379\"]\nupstream = \"{LOGICAL}:{REDIS_PORT}\"\n[service.keepalive]\nclient_idle = \"1s\"\n",
+            Host::Client.addr()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    lab.spawn(Host::Client, &[support::sidecar::BIN, "run", "--config", &config]);
+    let to = SocketAddr::from((Host::Client.addr(), 6379));
+    lab.wait_tcp(Host::Node2, to, Duration::from_secs(10));
+    let mut c = lab.connect_tcp(Host::Node2, to, Duration::from_secs(2)).unwrap();
+    c.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    let mut buf = [0u8; 7];
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.read_exact(&mut buf).unwrap();
+    let admin: SocketAddr = support::sidecar::ADMIN.parse().unwrap();
+    let active = || -> i64 {
+        let body = lab.in_ns(Host::Client, || staybound::status::fetch(admin, "/status")).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        doc[0]["active_sessions"].as_i64().unwrap_or(-1)
+    };
+    // The probe session may have been counted on node 1 too: watch staybound's own count.
+    wait_until("the client's session is active", Duration::from_secs(5), || active() >= 1);
+    let t0 = Instant::now();
+    lab.link_down(Host::Node2);
+    wait_until("the vanished client's session is reaped", Duration::from_secs(10), || active() == 0);
+    // client_idle 1 s, then 3 unanswered probes 1 s apart.
+    eprintln!(
+        "FIGURES vanished client reaped after {:.2}s (client_idle 1 s + 3 probes x 1 s)",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(t0.elapsed() <= Duration::from_secs(4) + margin() * 3);
+    drop(c);
+}

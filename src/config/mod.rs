@@ -53,6 +53,9 @@ pub struct ServiceConfig {
     pub backlog: u32,
     /// What clients of sessions on a dead epoch get.
     pub on_failover: OnFailover,
+    /// A session with no bytes either way for this long is closed; `None` (the default) never: legacy
+    /// clients keep idle connections in pools on purpose.
+    pub idle_timeout: Option<Duration>,
     pub keepalive: KeepaliveConfig,
     pub probe: ProbeConfig,
     pub hold: HoldConfig,

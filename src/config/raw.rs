@@ -48,6 +48,7 @@ pub struct RawService {
     pub max_connections: Option<S<i64>>,
     pub backlog: Option<S<i64>>,
     pub on_failover: Option<S<String>>,
+    pub idle_timeout: Option<S<String>>,
     pub keepalive: Option<RawKeepalive>,
     pub probe: Option<RawProbe>,
     pub hold: Option<RawHold>,

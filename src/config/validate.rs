@@ -319,6 +319,16 @@ fn service(
         OnFailover::Reset,
         &[("reset", OnFailover::Reset), ("close", OnFailover::Close)],
     );
+    let idle_timeout = match &svc.idle_timeout {
+        Some(v) if v.get_ref() == "off" => None,
+        None => None,
+        some => Some(cx.duration(
+            some,
+            &key("idle_timeout"),
+            Duration::from_secs(3600),
+            (Duration::from_secs(1), Duration::from_secs(86_400 * 7)),
+        )),
+    };
 
     let keepalive = keepalive(cx, RawKeepalive::inherit(svc.keepalive, defaults.keepalive.as_ref()), &key("keepalive"));
     let probe = probe(cx, RawProbe::inherit(svc.probe, defaults.probe.as_ref()), &key("probe"));
@@ -340,6 +350,7 @@ fn service(
         max_connections,
         backlog,
         on_failover,
+        idle_timeout,
         keepalive,
         probe,
         hold,

@@ -7,6 +7,8 @@ pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -52,11 +54,14 @@ pub async fn serve(
         Relay(Result<(), RelayError>),
         Failover,
         Shutdown,
+        Idle,
     }
+    let activity = AtomicU64::new(0);
     let end = tokio::select! {
-        r = relay::relay(&client, &upstream, &svc.metrics.bytes_upstream, &svc.metrics.bytes_client) => End::Relay(r),
+        r = relay::relay(&client, &upstream, &svc.metrics.bytes_upstream, &svc.metrics.bytes_client, &activity) => End::Relay(r),
         _ = epoch_end.cancelled() => End::Failover,
         _ = stop.cancelled() => End::Shutdown,
+        _ = idle_watchdog(svc.cfg.idle_timeout, &activity) => End::Idle,
     };
     match end {
         End::Relay(Ok(())) => debug!(service = %name, client = %peer, epoch = view.epoch, "session ended"),
@@ -86,6 +91,32 @@ pub async fn serve(
         End::Shutdown => {
             svc.metrics.reset(ResetReason::Shutdown).increment(1);
             debug!(service = %name, client = %peer, "session ended: shutdown");
+        }
+        End::Idle => {
+            info!(service = %name, client = %peer, "session closed: no bytes either way for idle_timeout");
+        }
+    }
+}
+
+/// Returns when no read happened for `timeout`; never when `timeout` is `None`.
+async fn idle_watchdog(timeout: Option<Duration>, activity: &AtomicU64) {
+    let Some(timeout) = timeout else { return std::future::pending().await };
+    // why: checking a counter every half timeout costs nothing per byte; the session is closed between
+    // one and one and a half timeouts after its last byte.
+    let step = timeout / 2;
+    let mut seen = activity.load(Ordering::Relaxed);
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        let now = activity.load(Ordering::Relaxed);
+        if now == seen {
+            quiet += step;
+            if quiet >= timeout {
+                return;
+            }
+        } else {
+            seen = now;
+            quiet = Duration::ZERO;
         }
     }
 }

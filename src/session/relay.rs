@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io::{self, Read};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use metrics::Counter;
@@ -74,6 +75,7 @@ impl Pipe {
         from: (&TcpStream, Side),
         to: (&TcpStream, Side),
         bytes: &Counter,
+        activity: &AtomicU64,
     ) -> Poll<Result<(), RelayError>> {
         let err = |side: Side| move |error: io::Error| RelayError { side, error };
         loop {
@@ -114,6 +116,7 @@ impl Pipe {
                 }
                 Ok(n) => {
                     bytes.increment(n as u64);
+                    activity.fetch_add(1, Ordering::Relaxed);
                     self.buf = Some(buf);
                     self.pos = 0;
                     self.end = n;
@@ -157,7 +160,8 @@ impl Drop for Pipe {
 
 /// Relays until both directions have ended, or one fails.
 ///
-/// `to_upstream` counts client-to-upstream bytes, `to_client` the other way.
+/// `to_upstream` counts client-to-upstream bytes, `to_client` the other way; `activity` counts reads
+/// (the session's own counter, read by its idle watchdog).
 ///
 /// # Errors
 /// The first I/O error, with the side it happened on.
@@ -166,12 +170,13 @@ pub async fn relay(
     upstream: &TcpStream,
     to_upstream: &Counter,
     to_client: &Counter,
+    activity: &AtomicU64,
 ) -> Result<(), RelayError> {
     let mut up = Pipe::new();
     let mut down = Pipe::new();
     poll_fn(|cx| {
-        let a = up.poll_copy(cx, (client, Side::Client), (upstream, Side::Upstream), to_upstream)?;
-        let b = down.poll_copy(cx, (upstream, Side::Upstream), (client, Side::Client), to_client)?;
+        let a = up.poll_copy(cx, (client, Side::Client), (upstream, Side::Upstream), to_upstream, activity)?;
+        let b = down.poll_copy(cx, (upstream, Side::Upstream), (client, Side::Client), to_client, activity)?;
         match (a, b) {
             (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
             _ => Poll::Pending,
