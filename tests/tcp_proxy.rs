@@ -256,3 +256,26 @@ async fn max_connections_refuses_the_one_over_and_spares_the_others() {
         assert_eq!(&b, b"still here", "session {i} unharmed");
     }
 }
+
+#[tokio::test]
+async fn no_open_relay_whatever_the_client_sends() {
+    let up = echo_upstream().await;
+    let proxy = Proxy::start(&svc("relay", up, "")).await;
+    let mut c = TcpStream::connect(proxy.addr("relay")).await.unwrap();
+    // Requests that would make an open proxy dial elsewhere go to the configured upstream, verbatim.
+    let asks: &[&[u8]] = &[
+        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
+        b"PROXY TCP4 127.0.0.9 127.0.0.1 1234 22\r\n",
+        b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x16",
+    ];
+    for ask in asks {
+        c.write_all(ask).await.unwrap();
+        let mut back = vec![0u8; ask.len()];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, ask, "relayed to the configured upstream as bytes, nothing more");
+    }
+    assert_eq!(
+        proxy.metric("staybound_upstream_connect_attempts_total", &[("service", "relay"), ("result", "ok")]),
+        1.0
+    );
+}
