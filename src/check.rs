@@ -35,6 +35,11 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
     let _ = writeln!(out, "{}: valid, {} service(s)", config.path.display(), config.services.len());
     let _ = writeln!(out, "admin listen   {}", config.admin.listen);
     let _ = writeln!(out, "shutdown_grace {}", d(config.shutdown_grace));
+    let _ = writeln!(
+        out,
+        "workers        {}",
+        if config.workers == 0 { "one per core".to_string() } else { config.workers.to_string() }
+    );
     let mut warnings = Vec::new();
     if !config.admin.listen.ip().is_loopback() {
         warnings.push(format!(

@@ -123,7 +123,19 @@ fn check(args: RunArgs) -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("staybound-worker").build()
+    runtime_with(0)
+}
+
+/// The data-path runtime: `workers` threads (0: one per core); 1 is a single-threaded runtime.
+fn runtime_with(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers == 1 {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build();
+    }
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 1 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().thread_name("staybound-worker").build()
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -131,7 +143,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let rt = match runtime() {
+    let rt = match runtime_with(config.workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("staybound: cannot start the runtime: {e}");

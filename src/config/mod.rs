@@ -21,6 +21,9 @@ pub struct Config {
     pub path: PathBuf,
     /// On SIGTERM, how long sessions may drain before they are ended.
     pub shutdown_grace: Duration,
+    /// Data-path worker threads; 0: one per core. 1 runs the data path on a single thread, which on a
+    /// small host shared with the client avoids cross-thread wake-ups. Takes effect at start.
+    pub workers: usize,
     pub admin: AdminConfig,
     pub services: Vec<ServiceConfig>,
 }

@@ -12,6 +12,7 @@ pub type S<T> = Spanned<T>;
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub shutdown_grace: Option<S<String>>,
+    pub workers: Option<S<i64>>,
     pub admin: Option<RawAdmin>,
     pub defaults: Option<RawDefaults>,
     #[serde(default)]

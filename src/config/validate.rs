@@ -205,6 +205,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
         Duration::from_secs(30),
         (Duration::ZERO, Duration::from_secs(3600)),
     );
+    let workers = cx.int(&raw.workers, "workers", 1, (0, 256)) as usize;
     let admin_listen = match raw.admin.as_ref().and_then(|a| a.listen.as_ref()) {
         None => SocketAddr::from(([127, 0, 0, 1], 9901)),
         Some(v) => v.get_ref().parse().unwrap_or_else(|_| {
@@ -236,7 +237,13 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
     if !cx.problems.is_empty() {
         return Err(ConfigError::Invalid { path: path.to_path_buf(), problems: cx.problems });
     }
-    Ok(Config { path: path.to_path_buf(), shutdown_grace, admin: AdminConfig { listen: admin_listen }, services })
+    Ok(Config {
+        path: path.to_path_buf(),
+        shutdown_grace,
+        workers,
+        admin: AdminConfig { listen: admin_listen },
+        services,
+    })
 }
 
 fn service(
