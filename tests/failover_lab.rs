@@ -30,7 +30,8 @@ fn scenario(tag: &str, act: impl FnOnce(&Lab) -> Instant, after: impl FnOnce(&La
     lab.start_redis(Host::Node2);
     lab.add_logical(Host::Node1, true);
     let node1 = lab.redis_run_id(Host::Client, Host::Node1.addr()).expect("node1 run_id");
-    let sc = Sidecar::start(&lab, "");
+    // The probe and keep-alive path on its own: the neighbour watch has its own lab (neighbor_lab.rs).
+    let sc = Sidecar::start(&lab, "[service.probe]\nneighbor = false\n");
     sc.wait_state("up", Duration::from_secs(5));
     let via = Blocked::start(&lab, Host::Client, sc.listen());
     let direct = Blocked::start(&lab, Host::Client, logical());

@@ -97,3 +97,35 @@ fn an_announcement_repeating_the_same_mac_is_no_failover() {
     assert_eq!(sc.epoch(), 1);
     assert_eq!(sc.metric("staybound_failovers_total", &[("service", "redis"), ("signal", "neighbor")]), 0.0);
 }
+
+#[test]
+fn the_same_announced_move_without_the_watch_waits_for_the_probe() {
+    let Some(lab) = setup("nowatch") else { return };
+    let sc = Sidecar::start(&lab, "[service.probe]\nneighbor = false\n");
+    sc.wait_state("up", Duration::from_secs(5));
+    assert_eq!(sc.status()["neighbor_watch"], "off: probe.neighbor = false");
+    let mut times = Vec::new();
+    let (mut from, mut to) = (Host::Node1, Host::Node2);
+    for _ in 0..moves().min(5) {
+        let epoch = sc.epoch();
+        let client = Blocked::start(&lab, Host::Client, sc.listen());
+        wait_blocked(&lab, from, 1);
+        let t0 = Instant::now();
+        lab.move_logical(from, to, true);
+        let (t1, _) = client.ended(Duration::from_secs(10)).expect("the blocked session ended");
+        times.push(t1.duration_since(t0));
+        wait_until("the new epoch is up", Duration::from_secs(5), || sc.epoch() > epoch && sc.state() == "up");
+        std::mem::swap(&mut from, &mut to);
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "FIGURES without the watch over {} announced moves: min {:.1} ms, median {:.1} ms, max {:.1} ms",
+        times.len(),
+        ms(times[0]),
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1])
+    );
+    assert!(times.iter().all(|t| *t <= sc.bounds().silent_move.0 + margin()));
+    assert_eq!(sc.metric("staybound_failovers_total", &[("service", "redis"), ("signal", "neighbor")]), 0.0);
+}

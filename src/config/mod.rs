@@ -141,6 +141,8 @@ pub struct ProbeConfig {
     pub identity: Option<regex_lite::Regex>,
     pub fall: u32,
     pub rise: u32,
+    /// Watch the neighbour table for a takeover's gratuitous ARP (Linux, directly connected upstreams).
+    pub neighbor: bool,
 }
 
 impl PartialEq for ProbeConfig {
@@ -153,6 +155,7 @@ impl PartialEq for ProbeConfig {
             && self.identity.as_ref().map(|r| r.as_str()) == other.identity.as_ref().map(|r| r.as_str())
             && self.fall == other.fall
             && self.rise == other.rise
+            && self.neighbor == other.neighbor
     }
 }
 

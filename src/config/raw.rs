@@ -77,6 +77,7 @@ pub struct RawProbe {
     pub identity: Option<S<String>>,
     pub fall: Option<S<i64>>,
     pub rise: Option<S<i64>>,
+    pub neighbor: Option<S<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,7 +119,7 @@ macro_rules! inherit_keys {
 }
 
 inherit_keys!(RawKeepalive { idle, interval, count, user_timeout, client_idle });
-inherit_keys!(RawProbe { mode, interval, timeout, send, expect, identity, fall, rise });
+inherit_keys!(RawProbe { mode, interval, timeout, send, expect, identity, fall, rise, neighbor });
 inherit_keys!(RawHold {
     deadline,
     connect_timeout,

@@ -509,6 +509,7 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
         identity,
         fall: cx.int(&p.fall, &key("fall"), 1, (1, 100)) as u32,
         rise: cx.int(&p.rise, &key("rise"), 1, (1, 100)) as u32,
+        neighbor: p.neighbor.as_ref().is_none_or(|b| *b.get_ref()),
     }
 }
 

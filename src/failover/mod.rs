@@ -174,6 +174,9 @@ impl Detector {
     /// Starts the neighbour-table watch of the upstream address when it is on a directly connected
     /// network; returns what `/status` shows of it.
     async fn start_neighbor_watch(&self, cancel: CancellationToken) -> String {
+        if !self.svc.probe.neighbor {
+            return "off: probe.neighbor = false".into();
+        }
         let ip = match (&self.svc.upstream, self.svc.probe.mode) {
             (_, ProbeMode::Off) => return "off: probe mode is off".into(),
             (crate::config::UpstreamAddr::Ip(addr), _) => addr.ip(),

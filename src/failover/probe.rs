@@ -149,6 +149,7 @@ mod tests {
             identity: Some(regex_lite::Regex::new(r"run_id:([0-9a-f]+)").unwrap()),
             fall: 1,
             rise: 1,
+            neighbor: true,
         };
         let reply = b"$100\r\n# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n";
         assert!(contains(reply, &probe.expect));
