@@ -26,6 +26,9 @@ use crate::upstream::{ConnectClass, Connector, socket};
 use probe::{ExchangeError, HeldEvent};
 pub use state::{Evidence, Failover, HostState, Machine};
 
+/// Most provisional tokens kept for one epoch (see `HostView::next_epoch_end`).
+const MAX_LINKED: usize = 256;
+
 /// How often the detector looks for the host while it is away, at first.
 const RECOVERY_PACE: Duration = Duration::from_millis(100);
 /// How long an outage is looked at that often.
@@ -47,6 +50,10 @@ pub struct HostView {
     pub epoch: u64,
     /// Cancelled when this epoch ends.
     pub epoch_end: CancellationToken,
+    /// While a sign is being confirmed (`suspect`): the token of the epoch that begins if it is a move.
+    /// Sessions connected meanwhile take it: they most likely reached the new node, so a confirmed move
+    /// must not end them; if the suspicion clears, they join the current epoch.
+    pub next_epoch_end: Option<CancellationToken>,
     pub identity: Option<Arc<str>>,
     /// When `state` last changed.
     pub since: Instant,
@@ -64,8 +71,8 @@ pub enum Sign {
     SessionTimeout,
     /// A client's connect attempt failed.
     ConnectFailed(ConnectClass),
-    /// The neighbour entry of the upstream address changed its link-layer address.
-    Neighbor,
+    /// The neighbour entry of the upstream address changed its link-layer address, seen at this time.
+    Neighbor(Instant),
     /// The cluster manager says the host moved.
     Admin,
 }
@@ -104,6 +111,10 @@ pub struct Detector {
     backoff: Backoff,
     /// A sender into this detector's own sign queue, for the neighbour watch.
     self_signs: mpsc::Sender<Sign>,
+    /// Tokens of sessions that connected during a suspicion that cleared: they end with this epoch.
+    linked: Vec<CancellationToken>,
+    /// When the current sessions began to be made: the last epoch start or return to a connectable state.
+    sessions_since: Instant,
 }
 
 impl Detector {
@@ -113,6 +124,7 @@ impl Detector {
             state: HostState::Up,
             epoch: 1,
             epoch_end: CancellationToken::new(),
+            next_epoch_end: None,
             identity: None,
             since: now,
             last_failover: None,
@@ -134,6 +146,8 @@ impl Detector {
             held: None,
             next_check: now,
             self_signs: sign_tx.clone(),
+            linked: Vec::new(),
+            sessions_since: now,
         };
         (detector, DetectorHandle { view: view_rx, signs: sign_tx })
     }
@@ -208,8 +222,9 @@ impl Detector {
         let name = self.svc.name.clone();
         tokio::spawn(async move {
             while let Some(change) = rx.recv().await {
+                let seen = Instant::now();
                 info!(service = %name, %change, "neighbour entry of the upstream changed its link-layer address");
-                if signs.send(Sign::Neighbor).await.is_err() {
+                if signs.send(Sign::Neighbor(seen)).await.is_err() {
                     break;
                 }
             }
@@ -248,8 +263,14 @@ impl Detector {
                 self.observe(Evidence::Admin);
                 self.next_check = now;
             }
-            Sign::Neighbor => {
+            Sign::Neighbor(seen) => {
                 if self.svc.probe.mode == ProbeMode::Off {
+                    return;
+                }
+                // why: sessions made after the change already went to the new node; a change the detector
+                // has since caught up with (the host came back, or an epoch began) ends nothing.
+                if seen <= self.sessions_since {
+                    debug!(service = %self.svc.name, "neighbour change predates the current sessions: ignored");
                     return;
                 }
                 // why: the address now answers from another link-layer address; confirm at once, without
@@ -440,13 +461,21 @@ impl Detector {
         if before != after {
             info!(service = %name, from = before.as_str(), to = after.as_str(), epoch = self.machine.epoch(), "upstream state changed");
         }
+        if failover.is_some() || (!before.connectable() && after.connectable()) {
+            self.sessions_since = now;
+        }
         self.metrics.upstream_up.set(if after.connectable() { 1.0 } else { 0.0 });
         let identity = self.machine.identity().map(Arc::<str>::from);
+        let suspecting = self.machine.suspecting();
+        let linked = &mut self.linked;
         self.view.send_if_modified(|view| {
             let mut changed = false;
             if let Some(f) = &failover {
                 view.epoch_end.cancel();
-                view.epoch_end = CancellationToken::new();
+                for t in linked.drain(..) {
+                    t.cancel();
+                }
+                view.epoch_end = view.next_epoch_end.take().unwrap_or_default();
                 view.epoch = f.epoch;
                 view.last_failover = Some(FailoverRecord {
                     at: SystemTime::now(),
@@ -464,6 +493,20 @@ impl Detector {
             if view.identity != identity {
                 view.identity = identity;
                 changed = true;
+            }
+            match (suspecting, view.next_epoch_end.is_some()) {
+                // why: each cleared suspicion leaves a token until the epoch ends; past the cap new sessions
+                // simply join the current epoch, as they would without provisional tokens.
+                (true, false) if linked.len() < MAX_LINKED => {
+                    view.next_epoch_end = Some(CancellationToken::new());
+                    changed = true;
+                }
+                (false, true) => {
+                    // The suspicion cleared without a move: its sessions belong to this epoch.
+                    linked.extend(view.next_epoch_end.take());
+                    changed = true;
+                }
+                _ => {}
             }
             changed
         });

@@ -112,6 +112,10 @@ impl Machine {
     pub fn last_good(&self) -> Instant {
         self.last_good
     }
+    /// Whether a sign is being confirmed.
+    pub fn suspecting(&self) -> bool {
+        self.suspect.is_some()
+    }
 
     /// A good sign of the current epoch seen at `at` (an ACK on the held session); changes no state.
     pub fn good_sign(&mut self, at: Instant) {
@@ -237,6 +241,9 @@ impl Machine {
         self.epoch += 1;
         self.suspect = None;
         self.fails = 0;
+        // why: the old node's name belongs to the old epoch; the next name seen is the new node's, not a
+        // second failover.
+        self.identity = None;
         let f =
             Failover { epoch: self.epoch, signal, detection: now.saturating_duration_since(self.last_good), at: now };
         self.last_good = now;
@@ -352,6 +359,17 @@ mod tests {
         let f = m.observe(Instant::now(), id("node2")).unwrap();
         assert_eq!((f.epoch, f.signal), (2, Signal::Identity));
         assert_eq!((m.identity(), m.state()), (Some("node2"), HostState::Up));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_move_is_one_failover_even_when_the_new_node_names_itself_later() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        let id = |s: &str| Evidence::Ok { at: Instant::now(), identity: Some(s.into()) };
+        m.observe(Instant::now(), id("node1"));
+        let moved = Evidence::Moved { signal: Signal::Probe, confirm: ConnectClass::Ok, identity: None };
+        assert_eq!(m.observe(Instant::now(), moved).map(|f| f.epoch), Some(2));
+        assert_eq!(m.observe(Instant::now(), id("node2")), None, "the new node's name is adopted, not a second move");
+        assert_eq!((m.epoch(), m.identity()), (2, Some("node2")));
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,6 +3,7 @@
 //! counting and logging how it ended.
 
 pub mod hold;
+pub mod quiet;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -48,7 +49,12 @@ pub async fn serve(
     };
     svc.metrics.outcome(Outcome::Proxied).increment(1);
     let _active = svc.active_guard();
-    let epoch_end = view.epoch_end.clone();
+    // A session connected while a move is being confirmed belongs to the epoch the move would begin.
+    let epoch_end = match (&view.next_epoch_end, view.state) {
+        (Some(next), crate::failover::HostState::Suspect) => next.clone(),
+        _ => view.epoch_end.clone(),
+    };
+    let stop_session = stop.clone();
 
     enum End {
         Relay(Result<(), RelayError>),
@@ -56,12 +62,25 @@ pub async fn serve(
         Shutdown,
         Idle,
     }
-    let activity = AtomicU64::new(0);
+    let activity = Arc::new(AtomicU64::new(0));
+    // why: the end conditions wake the session themselves; a wake-up for relayed bytes must not poll them
+    // (each poll of a cancellation future takes locks).
+    let ends = quiet::Quiet::new({
+        let activity = activity.clone();
+        let idle = svc.cfg.idle_timeout;
+        async move {
+            tokio::select! {
+                biased;
+                _ = epoch_end.cancelled() => End::Failover,
+                _ = stop_session.cancelled() => End::Shutdown,
+                _ = idle_watchdog(idle, &activity) => End::Idle,
+            }
+        }
+    });
     let end = tokio::select! {
+        biased;
         r = relay::relay(&client, &upstream, &svc.metrics.bytes_upstream, &svc.metrics.bytes_client, &activity) => End::Relay(r),
-        _ = epoch_end.cancelled() => End::Failover,
-        _ = stop.cancelled() => End::Shutdown,
-        _ = idle_watchdog(svc.cfg.idle_timeout, &activity) => End::Idle,
+        end = ends => end,
     };
     match end {
         End::Relay(Ok(())) => debug!(service = %name, client = %peer, epoch = view.epoch, "session ended"),
