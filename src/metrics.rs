@@ -118,6 +118,7 @@ const UDP_DATAGRAMS: &str = "staybound_udp_datagrams_total";
 const UDP_DROPPED: &str = "staybound_udp_dropped_total";
 const UDP_BOUND: &str = "staybound_udp_listener_bound";
 const CONFIG_RELOADS: &str = "staybound_config_reloads_total";
+const LISTEN_OVERFLOWS: &str = "staybound_listen_overflows_total";
 
 /// The metric registry of one staybound process (or of one test instance).
 #[derive(Clone)]
@@ -126,6 +127,7 @@ pub struct Telemetry {
     handle: PrometheusHandle,
     reloads_ok: Counter,
     reloads_error: Counter,
+    listen_overflows: Counter,
 }
 
 impl Default for Telemetry {
@@ -155,11 +157,16 @@ impl Telemetry {
             recorder.register_counter(&Key::from_parts(CONFIG_RELOADS, vec![Label::new("result", result)]), &meta())
         };
         let (reloads_ok, reloads_error) = (reload("ok"), reload("error"));
-        Telemetry { recorder, handle, reloads_ok, reloads_error }
+        let listen_overflows = recorder.register_counter(&Key::from_name(LISTEN_OVERFLOWS), &meta());
+        listen_overflows.absolute(listen_overflows_now().unwrap_or(0));
+        Telemetry { recorder, handle, reloads_ok, reloads_error, listen_overflows }
     }
 
     /// Prometheus text format of every series.
     pub fn render(&self) -> String {
+        if let Some(n) = listen_overflows_now() {
+            self.listen_overflows.absolute(n);
+        }
         self.handle.render()
     }
 
@@ -220,6 +227,21 @@ impl Telemetry {
     }
 }
 
+/// The network namespace's count of connections dropped because a listen queue was full (Linux keeps
+/// no per-socket count): `TcpExt: ListenOverflows` of /proc/net/netstat.
+pub fn listen_overflows_now() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let i = names.split_whitespace().position(|n| n == "ListenOverflows")?;
+        return values.split_whitespace().nth(i)?.parse().ok();
+    }
+    None
+}
+
 fn meta() -> Metadata<'static> {
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
 }
@@ -238,6 +260,11 @@ fn describe(r: &PrometheusRecorder) {
         d(UDP_DATAGRAMS, None, "Datagrams relayed, by direction."),
         d(UDP_DROPPED, None, "Datagrams not relayed, by reason."),
         d(CONFIG_RELOADS, None, "Config reloads on SIGHUP, by result."),
+        d(
+            LISTEN_OVERFLOWS,
+            None,
+            "Connections dropped because a listen queue was full, in this network namespace (Linux counts no finer).",
+        ),
     ] {
         r.describe_counter(name, unit, help);
     }
