@@ -170,7 +170,7 @@ pub fn not_ready(registry: &Registry) -> Vec<String> {
     }
     for entry in services.iter() {
         let svc = entry.service.load();
-        if entry.listen.len() != svc.cfg.listen.len() {
+        if entry.bound().len() != svc.cfg.listen.len() {
             reasons.push(format!("service {}: not every listener is bound", entry.name));
         }
         let view = svc.detector.view.borrow().clone();
@@ -216,7 +216,7 @@ pub fn status_json(registry: &Registry) -> serde_json::Value {
                 "active_sessions": svc.counts.active(),
                 "held_clients": svc.counts.held(),
                 "upstream": svc.cfg.upstream.to_string(),
-                "listen": entry.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "listen": entry.bound().iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "probe": svc.cfg.probe.mode.as_str(),
                 "neighbor_watch": &*view.neighbor,
             })

@@ -54,7 +54,12 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
         };
         let _ = writeln!(out, "\nservice {} ({proto})", s.name);
         let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
-        let _ = writeln!(out, "  listen          {} (backlog {})", listen.join(", "), s.backlog);
+        let udp = s.protocol == Protocol::Udp;
+        if udp {
+            let _ = writeln!(out, "  listen          {}", listen.join(", "));
+        } else {
+            let _ = writeln!(out, "  listen          {} (backlog {})", listen.join(", "), s.backlog);
+        }
         let kind = match &s.upstream {
             UpstreamAddr::Ip(_) => "address",
             UpstreamAddr::Name { .. } => "name, resolved again on every connect",
@@ -64,7 +69,8 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
             Some(ip) => {
                 let _ = writeln!(
                     out,
-                    "  source          {ip} (bound before connect{})",
+                    "  source          {ip} (bound {}{})",
+                    if udp { "by every flow's socket" } else { "before connect" },
                     if s.freebind { ", freebind" } else { "" }
                 );
             }
@@ -74,6 +80,10 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
         }
         if !s.depends_on.is_empty() {
             let _ = writeln!(out, "  depends_on      {}", s.depends_on.join(", "));
+        }
+        if udp {
+            report_udp(&mut out, s, &mut warnings);
+            continue;
         }
         let _ = writeln!(
             out,
@@ -123,16 +133,6 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
             h.budget_min_per_sec,
             d(h.budget_window)
         );
-        if s.protocol == Protocol::Udp {
-            let nets: Vec<String> = s.udp.reply_from.iter().map(ToString::to_string).collect();
-            let _ = writeln!(
-                out,
-                "  udp             reply_from [{}], flow_idle {}, max_flows {}",
-                nets.join(", "),
-                d(s.udp.flow_idle),
-                s.udp.max_flows
-            );
-        }
         if let Some(note) = neighbor.get(&s.name) {
             let _ = writeln!(out, "  neighbour watch {note}");
         }
@@ -152,4 +152,62 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
         }
     }
     out
+}
+
+/// The part of the report that differs for a UDP service: no connections, keep-alives or hold, a probe
+/// over UDP or a host state taken from a dependency, and flows that stay across failovers.
+fn report_udp(out: &mut String, s: &crate::config::ServiceConfig, warnings: &mut Vec<String>) {
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let p = &s.probe;
+    match crate::udp::follows(s) {
+        Some(dep) => {
+            let _ = writeln!(out, "  probe           off: the host state is service {dep}'s (first of depends_on)");
+        }
+        None if p.mode == ProbeMode::SendExpect => {
+            let mut probe = format!(
+                "send-expect over UDP every {}, timeout {}, fall {}, rise {}, send \"{}\", expect \"{}\"",
+                d(p.interval),
+                d(p.timeout),
+                p.fall,
+                p.rise,
+                escape_bytes(&p.send),
+                escape_bytes(&p.expect)
+            );
+            if let Some(re) = &p.identity {
+                let _ = write!(probe, ", identity /{}/", re.as_str());
+            }
+            let _ = writeln!(out, "  probe           {probe}");
+        }
+        None => {
+            let _ = writeln!(out, "  probe           off: the host state is always up (no depends_on)");
+        }
+    }
+    if let UpstreamAddr::Name { .. } = s.upstream {
+        let _ = writeln!(
+            out,
+            "  resolve         for each new flow, within hold.connect_timeout {}",
+            d(s.hold.connect_timeout)
+        );
+    }
+    let nets: Vec<String> = s.udp.reply_from.iter().map(ToString::to_string).collect();
+    let _ = writeln!(
+        out,
+        "  udp             reply_from [{}], flow_idle {}, max_flows {}; flows stay across failovers",
+        nets.join(", "),
+        d(s.udp.flow_idle),
+        s.udp.max_flows
+    );
+    if p.mode == ProbeMode::SendExpect {
+        let b = bounds::bounds(s);
+        let _ = writeln!(out, "  worst case to notice:");
+        let _ =
+            writeln!(out, "    a black-holed host                    {:>6}  {}", fmt(b.black_hole.0), b.black_hole.1);
+        if b.black_hole.0 > bounds::WARN_ABOVE {
+            warnings.push(format!(
+                "service {}: a black-holed host is noticed only after {}",
+                s.name,
+                fmt(b.black_hole.0)
+            ));
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! * [`session`]: one client session: [`session::hold`] rides out a takeover to get an upstream,
 //!   [`session::relay`] moves the bytes, and the session ends with its epoch.
 //! * [`upstream`]: the connector (the only place that dials out), socket options, error classes, retries.
+//! * [`udp`]: `protocol = "udp"` services: flows, replies from the address the client used.
 //! * [`failover`]: the detector of each service: probe session, host state, epochs.
 //! * [`service`]: what a session needs of its service, in one place.
 //! * [`metrics`] and [`admin`]: what operators see.
@@ -24,4 +25,5 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod status;
+pub mod udp;
 pub mod upstream;

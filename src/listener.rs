@@ -19,7 +19,7 @@ use crate::upstream::socket;
 
 /// Accepts until `stop_accept`; sessions end on `stop_sessions`.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     svc: Arc<ArcSwap<Service>>,
     stop_accept: CancellationToken,
     stop_sessions: CancellationToken,

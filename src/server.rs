@@ -18,6 +18,7 @@ use crate::failover::{Detector, DetectorHandle};
 use crate::listener;
 use crate::metrics::{ServiceMetrics, Telemetry};
 use crate::service::{Counts, Service};
+use crate::udp;
 use crate::upstream::socket;
 
 /// What the admin server reads: the services now running.
@@ -30,8 +31,27 @@ pub struct Registry {
 pub struct Entry {
     pub name: String,
     pub service: Arc<ArcSwap<Service>>,
-    /// The bound listen addresses (ports resolved).
+    /// The bound listen addresses (ports resolved); for a UDP service, those bound at start (see `udp`).
     pub listen: Vec<SocketAddr>,
+    /// A UDP service's listen addresses as bound so far: one not on this host at start is bound later.
+    pub udp: Option<udp::BoundAddrs>,
+}
+
+impl Entry {
+    /// The listen addresses bound now.
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        match &self.udp {
+            Some(u) => u.bound(),
+            None => self.listen.clone(),
+        }
+    }
+}
+
+/// The listen sockets of a service, bound before anything else changes.
+enum Bound {
+    /// Each configured address with its listener (kept across reloads while the address stays).
+    Tcp(Vec<(SocketAddr, Arc<tokio::net::TcpListener>)>),
+    Udp(udp::Listeners),
 }
 
 /// Why staybound could not start (or a reload could not be applied).
@@ -50,8 +70,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("service {service:?}: {message}")]
-    Unsupported { service: String, message: String },
 }
 
 struct Running {
@@ -62,6 +80,8 @@ struct Running {
     detector: DetectorHandle,
     stop_detector: CancellationToken,
     stop_accept: CancellationToken,
+    /// The TCP listeners by configured address, reused by a reload that keeps the address.
+    tcp: Vec<(SocketAddr, Arc<tokio::net::TcpListener>)>,
 }
 
 /// A running staybound.
@@ -82,21 +102,28 @@ impl Instance {
     /// A listener or the admin address that cannot be bound.
     pub async fn start(config: Config, telemetry: Telemetry) -> Result<Instance, StartError> {
         let registry = Arc::new(Registry { telemetry, services: ArcSwap::from_pointee(Vec::new()) });
-        let admin = admin::start(config.admin.listen, registry.clone())
-            .map_err(|source| StartError::Admin { addr: config.admin.listen, source })?;
-        if !config.admin.listen.ip().is_loopback() {
-            warn!(listen = %admin.addr(), "the admin endpoint listens on a non-loopback address: anyone who reaches it can read metrics and declare failovers");
-        }
         let mut instance = Instance {
             config: config.clone(),
-            registry,
+            registry: registry.clone(),
             running: HashMap::new(),
             sessions: TaskTracker::new(),
             background: TaskTracker::new(),
             stop_sessions: CancellationToken::new(),
-            admin: Some(admin),
+            admin: None,
         };
         instance.apply(&config).await?;
+        // why: started after the services, so an admin endpoint that answers shows all of them.
+        let admin = match admin::start(config.admin.listen, registry) {
+            Ok(admin) => admin,
+            Err(source) => {
+                instance.abort().await;
+                return Err(StartError::Admin { addr: config.admin.listen, source });
+            }
+        };
+        if !config.admin.listen.ip().is_loopback() {
+            warn!(listen = %admin.addr(), "the admin endpoint listens on a non-loopback address: anyone who reaches it can read metrics and declare failovers");
+        }
+        instance.admin = Some(admin);
         Ok(instance)
     }
 
@@ -106,7 +133,7 @@ impl Instance {
 
     /// The bound listen addresses of a service.
     pub fn listen_addrs(&self, service: &str) -> Vec<SocketAddr> {
-        self.running.get(service).map(|r| r.entry.listen.clone()).unwrap_or_default()
+        self.running.get(service).map(|r| r.entry.bound()).unwrap_or_default()
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -132,30 +159,41 @@ impl Instance {
     }
 
     async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
-        for s in &config.services {
-            if s.protocol == Protocol::Udp {
-                return Err(StartError::Unsupported {
-                    service: s.name.clone(),
-                    message: "protocol = \"udp\" is not implemented yet".into(),
-                });
-            }
-        }
         // Bind every listener that is new or moved before changing anything, so a failure changes nothing.
-        let mut bound: HashMap<String, Vec<tokio::net::TcpListener>> = HashMap::new();
+        let mut bound: HashMap<String, Bound> = HashMap::new();
         for s in &config.services {
-            let same = self.running.get(&s.name).is_some_and(|r| r.cfg.listen == s.listen);
+            let same =
+                self.running.get(&s.name).is_some_and(|r| r.cfg.listen == s.listen && r.cfg.protocol == s.protocol);
             if same {
                 continue;
             }
-            let mut listeners = Vec::new();
-            for addr in &s.listen {
-                let l = socket::tcp_listener(*addr, s.backlog, s.freebind).map_err(|source| StartError::Listen {
+            let listeners = match s.protocol {
+                Protocol::Tcp => {
+                    let old = self.running.get(&s.name).map(|r| r.tcp.as_slice()).unwrap_or(&[]);
+                    let mut listeners = Vec::new();
+                    for addr in &s.listen {
+                        // why: an address the service keeps is already bound by it; binding it again
+                        // would fail with EADDRINUSE.
+                        let kept = old.iter().find(|(a, l)| {
+                            addr.port() != 0 && (a == addr || l.local_addr().is_ok_and(|bound| bound == *addr))
+                        });
+                        if let Some((_, l)) = kept {
+                            listeners.push((*addr, l.clone()));
+                            continue;
+                        }
+                        let l = socket::tcp_listener(*addr, s.backlog, s.freebind)
+                            .map_err(|source| StartError::Listen { service: s.name.clone(), addr: *addr, source })?;
+                        listeners.push((*addr, Arc::new(l)));
+                    }
+                    Bound::Tcp(listeners)
+                }
+                // An address not on this host yet is no error: the service binds it when it appears.
+                Protocol::Udp => Bound::Udp(udp::bind(s).map_err(|e| StartError::Listen {
                     service: s.name.clone(),
-                    addr: *addr,
-                    source,
-                })?;
-                listeners.push(l);
-            }
+                    addr: e.addr,
+                    source: e.source,
+                })?),
+            };
             bound.insert(s.name.clone(), listeners);
         }
 
@@ -182,6 +220,8 @@ impl Instance {
                         || r.cfg.probe != s.probe
                         || r.cfg.keepalive != s.keepalive
                         || r.cfg.hold != s.hold
+                        || r.cfg.protocol != s.protocol
+                        || r.cfg.udp != s.udp
                 }
             };
             if !restart {
@@ -211,6 +251,7 @@ impl Instance {
                             Arc::new(Counts::default()),
                         ))),
                         listen: Vec::new(),
+                        udp: None,
                     });
                     self.running.insert(
                         s.name.clone(),
@@ -222,6 +263,7 @@ impl Instance {
                             detector: handle,
                             stop_detector,
                             stop_accept: CancellationToken::new(),
+                            tcp: Vec::new(),
                         },
                     );
                 }
@@ -235,29 +277,43 @@ impl Instance {
                 .into_iter()
                 .filter_map(|d| self.running.get(&d).map(|r| (d.clone(), r.detector.view.clone())))
                 .collect();
+            // A UDP service without a probe of its own takes its host state from the service it follows.
+            let followed = udp::follows(s).and_then(|d| self.running.get(d)).map(|d| d.detector.clone());
             let Some(r) = self.running.get_mut(&s.name) else { continue };
-            let service = Service::new(cfg.clone(), r.metrics.clone(), r.detector.clone(), deps, r.counts.clone());
+            let detector = followed.unwrap_or_else(|| r.detector.clone());
+            let service = Service::new(cfg.clone(), r.metrics.clone(), detector, deps, r.counts.clone());
             r.cfg = cfg;
             match bound.remove(&s.name) {
                 None => r.entry.service.store(Arc::new(service)),
-                Some(listeners) => {
+                Some(Bound::Tcp(listeners)) => {
                     r.stop_accept.cancel();
                     r.stop_accept = CancellationToken::new();
                     let shared = Arc::new(ArcSwap::from_pointee(service));
                     let mut addrs = Vec::new();
-                    for l in listeners {
+                    for (_, l) in &listeners {
                         let addr = l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                         info!(service = %s.name, listen = %addr, upstream = %s.upstream, "listening");
                         addrs.push(addr);
                         self.background.spawn(listener::accept_loop(
-                            l,
+                            l.clone(),
                             shared.clone(),
                             r.stop_accept.clone(),
                             self.stop_sessions.clone(),
                             self.sessions.clone(),
                         ));
                     }
-                    r.entry = Arc::new(Entry { name: s.name.clone(), service: shared, listen: addrs });
+                    r.tcp = listeners;
+                    r.entry = Arc::new(Entry { name: s.name.clone(), service: shared, listen: addrs, udp: None });
+                }
+                Some(Bound::Udp(listeners)) => {
+                    r.tcp.clear();
+                    r.stop_accept.cancel();
+                    r.stop_accept = CancellationToken::new();
+                    let shared = Arc::new(ArcSwap::from_pointee(service));
+                    let (listen, bound) = (listeners.local_addrs(), listeners.addrs());
+                    // why: a datagram flow has nothing to drain; it stops with the listeners.
+                    self.background.spawn(listeners.serve(shared.clone(), r.stop_accept.clone()));
+                    r.entry = Arc::new(Entry { name: s.name.clone(), service: shared, listen, udp: Some(bound) });
                 }
             }
         }

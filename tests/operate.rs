@@ -54,6 +54,8 @@ fn reload_adds_changes_and_removes_while_a_session_keeps_flowing() {
     let head = "[admin]\nlisten = \"127.0.0.1:0\"\n";
     let sb = Running::start(&format!("{head}{}{}{}", svc("keep", up, ""), svc("change", up, ""), svc("gone", up, "")));
     let before = sb.listens();
+    // `keep` is rewritten with its bound port, so the next reload can keep that address and add one.
+    let keep_addr = before["keep"][0];
     let mut session = TcpStream::connect(before["keep"][0]).unwrap();
     session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     round_trip(&mut session, b"before the reload");
@@ -86,10 +88,33 @@ fn reload_adds_changes_and_removes_while_a_session_keeps_flowing() {
         TcpStream::connect(before["gone"][0]).is_err()
     });
 
+    // A reload that keeps `keep`'s address and adds another reuses the bound socket (no EADDRINUSE).
+    let keep_two = svc("keep", up, "")
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = [\"{keep_addr}\", \"127.0.0.3:0\"]"));
+    std::fs::write(
+        &sb.config,
+        format!(
+            "{head}{keep_two}{}{}",
+            svc("change", up, "max_connections = 5\n").replace("127.0.0.1:0", "127.0.0.2:0"),
+            svc("new", up, "")
+        ),
+    )
+    .unwrap();
+    sb.signal("HUP");
+    wait("the second reload is counted", Duration::from_secs(5), || {
+        sb.metric("staybound_config_reloads_total", &[("result", "ok")]) == 2.0
+    });
+    let two = sb.listens()["keep"].clone();
+    assert_eq!(two.len(), 2);
+    assert_eq!(two[0], keep_addr, "the kept address is still served");
+    let mut extra = TcpStream::connect(two[1]).unwrap();
+    round_trip(&mut extra, b"added address works");
+
     // The session on the unchanged service never noticed, and its bytes are still counted.
     round_trip(&mut session, b"after the reload");
     wait("bytes counted through the reload", Duration::from_secs(5), || {
-        sb.metric("staybound_bytes_total", &[("service", "keep"), ("direction", "upstream")]) == bytes_before + 16.0
+        sb.metric("staybound_bytes_total", &[("service", "keep"), ("direction", "upstream")])
+            == bytes_before + (b"after the reload".len() + b"added address works".len()) as f64
     });
 
     // A bad file is reported and counted; the running config stays.

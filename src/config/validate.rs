@@ -272,11 +272,6 @@ fn service(
     };
     let protocol =
         cx.one_of(&svc.protocol, &key("protocol"), Protocol::Tcp, &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)]);
-    if protocol == Protocol::Udp
-        && let Some(p) = &svc.protocol
-    {
-        cx.at(p.span(), &key("protocol"), "\"udp\" is not implemented yet in this version; use \"tcp\"");
-    }
 
     let listen = match &svc.listen {
         None => {
@@ -338,7 +333,25 @@ fn service(
     };
 
     let keepalive = keepalive(cx, RawKeepalive::inherit(svc.keepalive, defaults.keepalive.as_ref()), &key("keepalive"));
-    let probe = probe(cx, RawProbe::inherit(svc.probe, defaults.probe.as_ref()), &key("probe"));
+    let own_mode = svc.probe.as_ref().and_then(|p| p.mode.clone());
+    let mut probe = probe(cx, RawProbe::inherit(svc.probe, defaults.probe.as_ref()), &key("probe"));
+    if protocol == Protocol::Udp && matches!(probe.mode, ProbeMode::Hold | ProbeMode::Connect) {
+        // why: "hold" and "connect" are TCP sessions; a UDP service probes with datagrams ("send-expect") or
+        // takes its host state from a TCP service in `depends_on`. The built-in default ("hold") and a
+        // [defaults.probe] mode meant for TCP services become "off" here; the service's own setting is an error.
+        match own_mode {
+            Some(m) => cx.at(
+                m.span(),
+                &key("probe.mode"),
+                format!(
+                    "{:?} is a TCP probe; a udp service takes \"send-expect\" (sent over UDP) or \"off\" (its host \
+                     state then comes from the first service in depends_on)",
+                    m.get_ref()
+                ),
+            ),
+            None => probe.mode = ProbeMode::Off,
+        }
+    }
     let hold = hold(cx, RawHold::inherit(svc.hold, defaults.hold.as_ref()), &key("hold"));
     let own_udp = svc.udp.is_some();
     let udp = udp(cx, RawUdp::inherit(svc.udp, defaults.udp.as_ref()), &key("udp"));
@@ -647,6 +660,26 @@ fn cross_checks(cx: &mut Ctx<'_>, services: &[ServiceConfig], spans: &[(Range<us
             }
         }
     }
+    for (i, s) in services.iter().enumerate() {
+        // A UDP service without a probe takes its host state from the first of its depends_on; that one must
+        // have a detector of its own.
+        let followed = crate::udp::follows(s).and_then(|d| services.iter().find(|o| o.name == d));
+        if let Some(dep) = followed
+            && crate::udp::follows(dep).is_some()
+        {
+            let span = spans[i].1.first().cloned().unwrap_or(spans[i].0.clone());
+            cx.at(
+                span,
+                &format!("service[{}].depends_on", s.name),
+                format!(
+                    "{:?} is a udp service without a probe of its own: a udp service with probe mode \"off\" takes \
+                     its host state from the first service in depends_on, which must be a tcp service or have a \
+                     send-expect probe",
+                    dep.name
+                ),
+            );
+        }
+    }
     if let Some(cycle) = find_cycle(services) {
         let first = services.iter().position(|s| s.name == cycle[0]).unwrap_or(0);
         cx.at(
@@ -756,6 +789,31 @@ mod tests {
         };
         let err = load(&format!("{}{}{}", svc("a", "b"), svc("b", "c"), svc("c", "a"))).unwrap_err();
         assert!(err.to_string().contains("dependency cycle"), "{err}");
+    }
+
+    #[test]
+    fn udp_services_probe_over_udp_or_follow_a_dependency() {
+        let udp = |extra: &str| {
+            format!(
+                "[[service]]\nname = \"t\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n[[service]]\nname = \"u\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:53\"\nupstream = \"127.0.0.1:53\"\ndepends_on = [\"t\"]\n{extra}"
+            )
+        };
+        let c = load(&udp("[service.udp]\nreply_from = [\"198.18.0.0/24\"]\nflow_idle = \"1s\"\n")).unwrap();
+        let u = c.service("u").unwrap();
+        assert_eq!((u.protocol, u.probe.mode), (Protocol::Udp, ProbeMode::Off), "the TCP default becomes off");
+        assert_eq!(c.service("t").unwrap().probe.mode, ProbeMode::Hold);
+        assert_eq!(u.udp.flow_idle, Duration::from_secs(1));
+        let c = load(&udp("[service.probe]\nmode = \"send-expect\"\nsend = \"ping\"\n")).unwrap();
+        assert_eq!(c.service("u").unwrap().probe.mode, ProbeMode::SendExpect);
+        let err = load(&udp("[service.probe]\nmode = \"hold\"\n")).unwrap_err();
+        assert!(err.problems().iter().any(|p| p.key == "service[u].probe.mode"), "{err}");
+        // Following a service that itself follows would leave nobody watching the host.
+        let chain = format!(
+            "{}[[service]]\nname = \"v\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:54\"\nupstream = \"127.0.0.1:53\"\ndepends_on = [\"u\"]\n",
+            udp("")
+        );
+        let err = load(&chain).unwrap_err();
+        assert!(err.problems().iter().any(|p| p.key == "service[v].depends_on"), "{err}");
     }
 
     #[test]

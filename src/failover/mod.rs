@@ -19,7 +19,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{KeepaliveConfig, ProbeMode, ServiceConfig};
+use crate::config::{KeepaliveConfig, ProbeMode, Protocol, ServiceConfig};
 use crate::metrics::{ServiceMetrics, Signal};
 use crate::upstream::retry::Backoff;
 use crate::upstream::{ConnectClass, Connector, socket};
@@ -273,6 +273,12 @@ impl Detector {
                     debug!(service = %self.svc.name, "neighbour change predates the current sessions: ignored");
                     return;
                 }
+                if self.svc.protocol == Protocol::Udp {
+                    // A UDP service holds no session: confirm with one probe exchange instead.
+                    let (confirm, identity) = self.udp_confirm().await;
+                    self.observe(Evidence::Moved { signal: Signal::Neighbor, confirm, identity });
+                    return;
+                }
                 // why: the address now answers from another link-layer address; confirm at once, without
                 // waiting for a probe interval, by reaching it anew.
                 self.held = None;
@@ -354,6 +360,7 @@ impl Detector {
                 }
                 None => self.reconnect_check().await,
             },
+            ProbeMode::SendExpect if self.svc.protocol == Protocol::Udp => self.check_udp().await,
             ProbeMode::SendExpect => {
                 if self.held.is_none() {
                     self.reconnect_check().await;
@@ -394,6 +401,37 @@ impl Detector {
                 self.reconnect_check().await;
                 self.held = None;
             }
+        }
+    }
+
+    /// One send-expect exchange over UDP (a UDP service's probe), reported as evidence.
+    async fn check_udp(&mut self) {
+        match crate::udp::probe::exchange(&self.svc, &self.connector).await {
+            Ok(reply) => {
+                let identity = probe::identity_of(&self.svc.probe, &reply);
+                self.observe(Evidence::Ok { at: Instant::now(), identity });
+            }
+            Err(ExchangeError::Mismatch(reply)) => {
+                warn!(service = %self.svc.name, reply = %String::from_utf8_lossy(&reply[..reply.len().min(200)]), "probe reply lacks `expect`");
+                self.observe(Evidence::Refused);
+            }
+            // ICMP port unreachable: the address is up on some node, the service is not.
+            Err(ExchangeError::Failed(ConnectClass::Refused, _)) => self.observe(Evidence::Refused),
+            Err(e) => {
+                debug!(service = %self.svc.name, error = ?e, "UDP probe got no reply");
+                self.observe(Evidence::Silent { signal: Signal::Probe });
+            }
+        }
+    }
+
+    /// A UDP service's confirmation of a sign: one probe exchange, read as a connect's class would be.
+    async fn udp_confirm(&mut self) -> (ConnectClass, Option<String>) {
+        match crate::udp::probe::exchange(&self.svc, &self.connector).await {
+            Ok(reply) => (ConnectClass::Ok, probe::identity_of(&self.svc.probe, &reply)),
+            Err(ExchangeError::Mismatch(_) | ExchangeError::Failed(ConnectClass::Refused, _)) => {
+                (ConnectClass::Refused, None)
+            }
+            Err(_) => (ConnectClass::Timeout, None),
         }
     }
 

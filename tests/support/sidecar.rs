@@ -37,7 +37,10 @@ impl<'a> Sidecar<'a> {
             &["env", "RUST_LOG=staybound=debug", BIN, "--log-format", "json", "run", "--config", &path_s],
         );
         let sc = Sidecar { lab, pid, config };
-        wait_until("staybound's admin endpoint answers", Duration::from_secs(10), || sc.try_get("/healthz").is_ok());
+        // The admin endpoint answers before the services are registered: wait for them in /status.
+        wait_until("staybound's services are registered", Duration::from_secs(10), || {
+            sc.try_get("/status").is_ok_and(|body| body.trim() != "[]")
+        });
         sc
     }
 

@@ -1,0 +1,249 @@
+//! The receive loop of one UDP listen socket: datagrams from clients, in batches, each handed to the flow of
+//! its client address and the local address it was sent to (made on the first datagram, within
+//! `max_flows`), and sent on from that flow's upstream socket. It owns the flow table and expires flows idle
+//! for `flow_idle`. The reply direction is each flow's own task (`flow`).
+
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn_udp::RecvMeta;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::Shared;
+use super::flow::{FlowEntry, upstream_socket};
+use super::pktinfo::{ClientSocket, MAX_DATAGRAM};
+use crate::metrics::UdpDrop;
+use crate::upstream::ConnectClass;
+
+/// Datagrams taken per receive call (recvmmsg) when GRO is off.
+const BATCH: usize = 8;
+
+/// A flow is its client's address and the local address the client sent to.
+type FlowKey = (SocketAddr, Option<IpAddr>);
+
+/// How often idle flows are looked for: a flow ends between `flow_idle` and `flow_idle` plus this.
+fn sweep_period(flow_idle: Duration) -> Duration {
+    (flow_idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// One listen socket and its flows.
+struct Listener {
+    sock: Arc<ClientSocket>,
+    shared: Arc<Shared>,
+    flows: HashMap<FlowKey, FlowEntry>,
+}
+
+/// Serves one bound listen socket until `stop`; its flows end with it.
+pub async fn run(sock: ClientSocket, shared: Arc<Shared>, stop: CancellationToken) {
+    let sock = Arc::new(sock);
+    let segments = sock.gro_segments();
+    let (per_buf, batch) = if segments > 1 { (MAX_DATAGRAM * segments, 1) } else { (MAX_DATAGRAM, BATCH) };
+    // Every receive buffer, allocated once for the life of the listener.
+    let mut storage = vec![0u8; per_buf * batch];
+    let mut meta = [RecvMeta::default(); BATCH];
+    let mut l = Listener { sock, shared, flows: HashMap::new() };
+    let mut next_sweep = Instant::now() + sweep_period(l.shared.svc.load().cfg.udp.flow_idle);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = sleep_until(next_sweep) => {
+                let idle = l.shared.svc.load().cfg.udp.flow_idle;
+                l.expire(idle);
+                next_sweep = Instant::now() + sweep_period(idle);
+                continue;
+            }
+            r = l.sock.readable() => if let Err(e) = r {
+                warn!(service = %l.shared.name, listen = %l.sock.local_addr(), error = %e, "UDP listen socket failed; it stops");
+                break;
+            }
+        }
+        let received = {
+            let mut chunks = storage.chunks_mut(per_buf);
+            let mut slices: [IoSliceMut<'_>; BATCH] =
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+            l.sock.try_recv(&mut slices[..batch], &mut meta[..batch])
+        };
+        let n = match received {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                // An unconnected socket reports no ICMP errors; this is local trouble (ENOMEM ...). Pause
+                // instead of spinning on it.
+                debug!(service = %l.shared.name, listen = %l.sock.local_addr(), error = %e, "receive failed");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => continue,
+                }
+            }
+        };
+        for (i, m) in meta.iter().enumerate().take(n) {
+            let start = i * per_buf;
+            let data = &storage[start..start + m.len.min(per_buf)];
+            let local = l.sock.reply_source(m.dst_ip);
+            for datagram in datagrams(data, m.stride) {
+                l.forward(datagram, m.addr, local, &stop).await;
+                // why: `readable()` and the `try_` calls spend no scheduling budget; without this, a steady
+                // stream of clients would keep this worker thread from the flows' reply tasks (which are
+                // spawned onto it) and from the idle sweep.
+                tokio::task::consume_budget().await;
+            }
+        }
+    }
+    let flows = l.flows.len();
+    l.flows.clear();
+    debug!(service = %l.shared.name, listen = %l.sock.local_addr(), flows, "UDP listener stopped");
+}
+
+/// The datagrams of one receive buffer: GRO packs equal-sized datagrams `stride` bytes apart (the last one
+/// may be shorter). An empty datagram is one datagram too.
+fn datagrams(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+    let stride = if stride == 0 || stride > data.len() { data.len().max(1) } else { stride };
+    let count = if data.is_empty() { 1 } else { data.len().div_ceil(stride) };
+    (0..count).map(move |k| &data[(k * stride).min(data.len())..((k + 1) * stride).min(data.len())])
+}
+
+impl Listener {
+    /// Sends one client datagram on through its flow, making the flow first if needed.
+    async fn forward(&mut self, data: &[u8], client: SocketAddr, local: Option<IpAddr>, stop: &CancellationToken) {
+        let key = (client, local);
+        if !self.flows.contains_key(&key) {
+            let Some(entry) = self.open(client, local).await else { return };
+            self.flows.insert(key, entry);
+        }
+        let Some(entry) = self.flows.get(&key) else { return };
+        let flow = &entry.flow;
+        flow.touch(self.shared.now_ms());
+        loop {
+            match flow.upstream.try_send_to(data, flow.peer) {
+                Ok(_) => {
+                    self.shared.metrics.udp_upstream.increment(1);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // why: the upstream socket's send buffer drains on its own; waiting here pushes back on
+                    // the clients through the listen socket's receive queue, as a kernel relay would.
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => {
+                            let name = &self.shared.name;
+                            self.shared.dropped(UdpDrop::SendError, |_| {
+                                debug!(service = %name, client = %client, "datagram to the upstream dropped: stopping");
+                            });
+                            return;
+                        }
+                        r = flow.upstream.writable() => if r.is_err() { continue },
+                    }
+                }
+                Err(e) => {
+                    let shared = &self.shared;
+                    shared.dropped(UdpDrop::SendError, |n| {
+                        warn!(service = %shared.name, client = %client, upstream = %flow.peer, error = %e, dropped = n, "datagram to the upstream dropped: send failed")
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Makes the flow of a new client, or counts and logs why it cannot be made.
+    async fn open(&mut self, client: SocketAddr, local: Option<IpAddr>) -> Option<FlowEntry> {
+        let shared = self.shared.clone();
+        let svc = shared.svc.load_full();
+        let cfg = &svc.cfg;
+        let Some(slot) = shared.take_slot(cfg.udp.max_flows) else {
+            shared.dropped(UdpDrop::FlowLimit, |n| {
+                warn!(service = %shared.name, client = %client, max_flows = cfg.udp.max_flows, dropped = n, "datagram from a new client dropped: max_flows reached")
+            });
+            return None;
+        };
+        let no_source = |n: u64| warn!(service = %shared.name, client = %client, source = ?cfg.source, dropped = n, "datagram from a new client dropped: the source address is not on this host");
+        if !shared.source_gate_open() {
+            shared.dropped(UdpDrop::NoFlow, no_source);
+            return None;
+        }
+        // why: a name is looked up again for every new flow, so DNS-based failover is followed; the lookup
+        // holds this listener, so it is bounded by the connect timeout.
+        let resolved = match tokio::time::timeout(cfg.hold.connect_timeout, svc.connector.resolve()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer from the resolver within {:?}", cfg.hold.connect_timeout)),
+        };
+        let peer = match resolved {
+            Ok(peer) => peer,
+            Err(e) => {
+                shared.dropped(UdpDrop::NoFlow, |n| {
+                    warn!(service = %shared.name, client = %client, upstream = %cfg.upstream, error = %e, dropped = n, "datagram from a new client dropped: the upstream does not resolve")
+                });
+                return None;
+            }
+        };
+        let upstream = match upstream_socket(peer, cfg.source, cfg.freebind) {
+            Ok(s) => {
+                shared.source_available();
+                s
+            }
+            Err(e) if crate::upstream::classify(&e) == ConnectClass::AddrUnavailable && cfg.source.is_some() => {
+                shared.source_unavailable(cfg.source, &e);
+                shared.dropped(UdpDrop::NoFlow, no_source);
+                return None;
+            }
+            Err(e) => {
+                shared.dropped(UdpDrop::NoFlow, |n| {
+                    warn!(service = %shared.name, client = %client, error = %e, dropped = n, "datagram from a new client dropped: no upstream socket")
+                });
+                return None;
+            }
+        };
+        let entry = FlowEntry::start(&shared, &self.sock, upstream, peer, client, local, slot);
+        if let Ok(from) = entry.flow.upstream.local_addr() {
+            debug!(service = %shared.name, client = %client, to = ?local, upstream = %peer, from = %from, "flow opened");
+        }
+        svc.metrics.outcome(crate::metrics::Outcome::Proxied).increment(1);
+        Some(entry)
+    }
+
+    /// Ends every flow without a datagram either way for `idle`.
+    fn expire(&mut self, idle: Duration) {
+        let now = self.shared.now_ms();
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let before = self.flows.len();
+        self.flows.retain(|_, e| now.saturating_sub(e.flow.last()) < idle_ms);
+        let ended = before - self.flows.len();
+        if ended > 0 {
+            debug!(service = %self.shared.name, listen = %self.sock.local_addr(), ended, left = self.flows.len(), "idle flows ended");
+        }
+        if self.flows.capacity() > 64 && self.flows.len() < self.flows.capacity() / 4 {
+            // why: after a flood of clients, give the table's memory back.
+            self.flows.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gro_buffers_split_on_stride() {
+        let data: Vec<u8> = (0..10).collect();
+        let parts: Vec<&[u8]> = datagrams(&data, 4).collect();
+        assert_eq!(parts, vec![&data[0..4], &data[4..8], &data[8..10]]);
+        let one: Vec<&[u8]> = datagrams(&data, 10).collect();
+        assert_eq!(one, vec![&data[..]]);
+        let zero_stride: Vec<&[u8]> = datagrams(&data, 0).collect();
+        assert_eq!(zero_stride, vec![&data[..]]);
+        let empty: Vec<&[u8]> = datagrams(&[], 0).collect();
+        assert_eq!(empty, vec![&[] as &[u8]]);
+    }
+
+    #[test]
+    fn sweeps_are_frequent_enough() {
+        assert_eq!(sweep_period(Duration::from_secs(1)), Duration::from_millis(250));
+        assert_eq!(sweep_period(Duration::from_secs(60)), Duration::from_secs(1));
+    }
+}

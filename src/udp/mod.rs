@@ -1,0 +1,333 @@
+//! `protocol = "udp"` services: datagrams relayed between legacy clients and the logical host, answered from
+//! the address each client sent to.
+//!
+//! What this module owns:
+//! * the listen sockets of a UDP service ([`bind`]): every address that can be bound at start is bound then;
+//!   one that is not on this host yet (EADDRNOTAVAIL, no `freebind`) is bound as soon as it appears, with a
+//!   backoff of 0.5 s to 5 s, and `staybound_udp_listener_bound` is 1 only once all are;
+//! * replies from the right address ([`pktinfo`]): on a wildcard listen address every datagram's local
+//!   address is read (IP_PKTINFO / IPV6_PKTINFO) and the reply leaves from exactly that address;
+//! * flows (`listener`, `flow`): one per client address and local address, each with its own upstream
+//!   socket bound to `source` and not connected, so that replies from the nodes' stationary addresses (listed
+//!   in `reply_from`) arrive; flows end after `flow_idle`, at most `max_flows` exist, and every datagram not
+//!   relayed is counted in `staybound_udp_dropped_total` and logged at most once a second per reason;
+//! * the UDP send-expect probe ([`probe`]) that the detector runs for a UDP service.
+//!
+//! What it leaves to others: the failover state. A datagram has no session to reset, so nothing happens here
+//! on a new epoch: flows stay, and replies simply come from the new node. A UDP service's host state is that
+//! of the service named first in its `depends_on` (a TCP service on the same logical host, whose detector
+//! holds a probe session) when its own probe is off ([`follows`]), or its own detector's when its probe is
+//! `send-expect` (sent over UDP). Datagrams are relayed whatever that state: holding them would only delay
+//! what the client's own retries already cover.
+
+mod flow;
+mod listener;
+pub mod pktinfo;
+pub mod probe;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{ProbeMode, Protocol, ServiceConfig};
+use crate::listener::RateLimitedLog;
+use crate::metrics::{ServiceMetrics, UdpDrop};
+use crate::service::Service;
+use crate::upstream::retry::Backoff;
+use flow::FlowSlot;
+use pktinfo::ClientSocket;
+
+/// Retry pace for a listen or source address that is not on this host yet.
+const BIND_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(5));
+/// At most one log line per this period per drop reason and service.
+const DROP_LOG_PERIOD: Duration = Duration::from_secs(1);
+
+/// A listen address that could not be bound, for a reason other than "not on this host yet".
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on udp {addr}: {source}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+/// The service a UDP service takes its host state from: the first of its `depends_on`, when its own probe
+/// is off. The server gives such a service that dependency's detector.
+pub fn follows(cfg: &ServiceConfig) -> Option<&str> {
+    if cfg.protocol == Protocol::Udp && cfg.probe.mode == ProbeMode::Off {
+        cfg.depends_on.first().map(String::as_str)
+    } else {
+        None
+    }
+}
+
+/// The listen addresses of a UDP service as bound so far (ports resolved), in `listen` order; `None` for an
+/// address that is not bound yet.
+#[derive(Debug, Clone)]
+pub struct BoundAddrs(watch::Receiver<Vec<Option<SocketAddr>>>);
+
+impl BoundAddrs {
+    /// The addresses bound now.
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        self.0.borrow().iter().flatten().copied().collect()
+    }
+
+    /// Whether every listen address is bound.
+    pub fn all_bound(&self) -> bool {
+        self.0.borrow().iter().all(Option::is_some)
+    }
+}
+
+/// The listen sockets of one UDP service, bound (or waiting for their address), not yet serving.
+#[derive(Debug)]
+pub struct Listeners {
+    bound: Vec<ClientSocket>,
+    pending: Vec<(usize, SocketAddr)>,
+    freebind: bool,
+    addrs: watch::Sender<Vec<Option<SocketAddr>>>,
+}
+
+/// Binds every listen address of `cfg` that can be bound now. An address that is not on this host yet is left
+/// for [`Listeners::serve`] to bind when it appears. Must run inside a tokio runtime.
+///
+/// # Errors
+/// The first listen address that cannot be bound for another reason (in use, permission, ...).
+pub fn bind(cfg: &ServiceConfig) -> Result<Listeners, ListenError> {
+    let mut bound = Vec::new();
+    let mut pending = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, addr) in cfg.listen.iter().enumerate() {
+        match ClientSocket::bind(*addr, cfg.freebind) {
+            Ok(s) => {
+                addrs.push(Some(s.local_addr()));
+                bound.push(s);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                warn!(service = %cfg.name, listen = %addr, "UDP listen address not on this host (yet): it is bound as soon as it appears (set freebind = true to bind it at once)");
+                addrs.push(None);
+                pending.push((i, *addr));
+            }
+            Err(source) => return Err(ListenError { addr: *addr, source }),
+        }
+    }
+    let (addrs, _) = watch::channel(addrs);
+    Ok(Listeners { bound, pending, freebind: cfg.freebind, addrs })
+}
+
+impl Listeners {
+    /// The addresses bound now (ports resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.bound.iter().map(ClientSocket::local_addr).collect()
+    }
+
+    /// A view of the bound addresses that follows late binds.
+    pub fn addrs(&self) -> BoundAddrs {
+        BoundAddrs(self.addrs.subscribe())
+    }
+
+    /// Serves until `stop`: the bound sockets at once, the others once bound. Flows end with it. The serving
+    /// tasks start before this returns (so the service is listening when the caller goes on); the future
+    /// returned ends when they have all stopped. Must run inside a tokio runtime.
+    pub fn serve(self, svc: Arc<ArcSwap<Service>>, stop: CancellationToken) -> impl Future<Output = ()> + use<> {
+        let current = svc.load_full();
+        let shared = Arc::new(Shared {
+            name: current.cfg.name.clone(),
+            metrics: current.metrics.clone(),
+            svc,
+            base: Instant::now(),
+            flows: AtomicUsize::new(0),
+            logs: UdpDrop::ALL.map(|_| Mutex::new(RateLimitedLog::new(DROP_LOG_PERIOD))),
+            source: Mutex::new(SourceGate { closed_until: None, backoff: Backoff::new(BIND_RETRY.0, BIND_RETRY.1) }),
+            tasks: TaskTracker::new(),
+        });
+        let all = self.pending.is_empty();
+        shared.metrics.udp_bound.set(if all { 1.0 } else { 0.0 });
+        for sock in self.bound {
+            info!(service = %shared.name, listen = %sock.local_addr(), upstream = %current.cfg.upstream, wildcard = sock.is_wildcard(), "listening (udp)");
+            shared.tasks.spawn(listener::run(sock, shared.clone(), stop.clone()));
+        }
+        let addrs = Arc::new(self.addrs);
+        for (index, addr) in self.pending {
+            let (shared2, stop2, addrs2) = (shared.clone(), stop.clone(), addrs.clone());
+            let freebind = self.freebind;
+            shared.tasks.spawn(async move {
+                let Some(sock) = bind_when_present(addr, freebind, &shared2, &stop2).await else { return };
+                let local = sock.local_addr();
+                addrs2.send_modify(|v| {
+                    if let Some(slot) = v.get_mut(index) {
+                        *slot = Some(local);
+                    }
+                });
+                let all = addrs2.borrow().iter().all(Option::is_some);
+                if all {
+                    shared2.metrics.udp_bound.set(1.0);
+                }
+                info!(service = %shared2.name, listen = %local, all_bound = all, "UDP listen address appeared on this host: listening");
+                listener::run(sock, shared2, stop2).await;
+            });
+        }
+        shared.tasks.spawn(mirror_host_state(shared.clone(), stop.clone()));
+        async move {
+            stop.cancelled().await;
+            shared.tasks.close();
+            shared.tasks.wait().await;
+            // (`udp_bound` is left as it is: a reload that moved the listeners has set it for the new ones.)
+            addrs.send_modify(|v| v.iter_mut().for_each(|a| *a = None));
+        }
+    }
+}
+
+/// Binds and serves every listen address of a UDP service until `stop`: [`bind`], then
+/// [`Listeners::serve`].
+///
+/// # Errors
+/// A listen address that cannot be bound for a reason other than "not on this host yet".
+pub async fn serve(svc: Arc<ArcSwap<Service>>, stop: CancellationToken) -> Result<(), ListenError> {
+    let cfg = svc.load().cfg.clone();
+    bind(&cfg)?.serve(svc, stop).await;
+    Ok(())
+}
+
+/// Retries binding `addr` until it is on this host (or another error goes away), with a bounded backoff.
+async fn bind_when_present(
+    addr: SocketAddr,
+    freebind: bool,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> Option<ClientSocket> {
+    let mut backoff = Backoff::new(BIND_RETRY.0, BIND_RETRY.1);
+    let mut last_error: Option<io::ErrorKind> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+        match ClientSocket::bind(addr, freebind) {
+            Ok(s) => return Some(s),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => last_error = None,
+            Err(e) => {
+                // The address is here now, but something else is wrong (in use, ...): say so once per kind.
+                if last_error != Some(e.kind()) {
+                    warn!(service = %shared.name, listen = %addr, error = %e, "cannot bind the UDP listen address; retrying");
+                    last_error = Some(e.kind());
+                }
+            }
+        }
+    }
+}
+
+/// Keeps this service's `staybound_upstream_up` and `staybound_epoch` equal to the host view its service
+/// reads: the followed service's (see [`follows`]), or its own detector's, which sets the same values itself.
+async fn mirror_host_state(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut view = shared.svc.load().detector.view.clone();
+    loop {
+        {
+            let v = view.borrow_and_update();
+            shared.metrics.upstream_up.set(if v.state.connectable() { 1.0 } else { 0.0 });
+            shared.metrics.epoch.set(v.epoch as f64);
+        }
+        let closed = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = view.changed() => r.is_err(),
+            // why: a reload may give the service another detector, or restart one (which resets these gauges)
+            // without the followed view changing.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        let current = &shared.svc.load().detector.view;
+        if !view.same_channel(current) {
+            view = current.clone();
+        } else if closed {
+            // The detector stopped and the service has no new one yet (a reload in progress).
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+}
+
+/// What every listener and flow of one UDP service shares.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) metrics: Arc<ServiceMetrics>,
+    /// The current generation of the service (replaced on reload).
+    pub(crate) svc: Arc<ArcSwap<Service>>,
+    /// Origin of the flows' activity clocks.
+    base: Instant,
+    /// Flows alive across the service's listeners.
+    flows: AtomicUsize,
+    logs: [Mutex<RateLimitedLog>; 4],
+    source: Mutex<SourceGate>,
+    /// Listener, late-bind and flow tasks.
+    tasks: TaskTracker,
+}
+
+/// Whether new flows may try to bind `source`: closed for a backoff after it was not on this host.
+struct SourceGate {
+    closed_until: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Shared {
+    /// Milliseconds since the service started serving.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Counts a datagram not relayed, and runs `log` (with the count since the last line) when a line is due.
+    pub fn dropped(&self, reason: UdpDrop, log: impl FnOnce(u64)) {
+        self.metrics.udp_dropped(reason).increment(1);
+        let index = UdpDrop::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let due = lock(&self.logs[index]).hit();
+        if let Some(n) = due {
+            log(n);
+        }
+    }
+
+    /// Takes a place under `max`, if one is free.
+    fn take_slot(self: &Arc<Self>, max: usize) -> Option<FlowSlot> {
+        self.flows.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(FlowSlot(self.clone()))
+    }
+
+    /// Whether a new flow may try to bind `source` now.
+    fn source_gate_open(&self) -> bool {
+        lock(&self.source).closed_until.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// `source` was bound: the gate opens (and says so if it was closed).
+    fn source_available(&self) {
+        let mut gate = lock(&self.source);
+        if gate.closed_until.take().is_some() {
+            gate.backoff.reset();
+            info!(service = %self.name, "the source address is on this host now: new flows are made again");
+        }
+    }
+
+    /// `source` is not on this host: no new flow tries it again before a backoff.
+    fn source_unavailable(&self, source: Option<IpAddr>, e: &io::Error) {
+        let mut gate = lock(&self.source);
+        let first = gate.closed_until.is_none();
+        let delay = gate.backoff.next_delay();
+        gate.closed_until = Some(Instant::now() + delay);
+        if first {
+            warn!(
+                service = %self.name, source = ?source, error = %e,
+                "the source address is not on this host (yet): datagrams from new clients are dropped (no_flow) until it is; set freebind = true to bind it anyway"
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,193 @@
+//! The client-facing socket of one UDP listen address. It tells, for every datagram, which local address the
+//! client sent it to, and sends the reply from exactly that address (IP_PKTINFO / IPV6_PKTINFO), so a client
+//! of a wildcard listener is answered from the relocatable address it used, not from the host's stationary
+//! one. It owns the socket options of that socket; flows and their upstream sockets live in `flow`.
+//!
+//! Why quinn-udp rather than nix `recvmsg`/`sendmsg` with `ControlMessageOwned::Ipv4PacketInfo`: both are
+//! free of `unsafe` on our side for the cmsgs, but nix's `sendmsg` allocates a `Vec` for the control buffer on
+//! every call (one allocation per reply on the hot path), and the IPv6 path and the cmsg sizing would be ours
+//! to write. quinn-udp encodes and decodes both families into stack buffers, receives in batches (recvmmsg),
+//! and is run by quinn and Firefox. Its QUIC defaults are undone here (see `ClientSocket::bind`).
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// The largest UDP payload (IPv6 jumbograms aside); every receive buffer holds one.
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// Receive buffer asked of the kernel for a listen socket (capped by `net.core.rmem_max`).
+const LISTEN_RCVBUF: usize = 4 << 20;
+
+/// A bound listen socket that knows where each datagram was sent to.
+#[derive(Debug)]
+pub struct ClientSocket {
+    sock: UdpSocket,
+    state: UdpSocketState,
+    local: SocketAddr,
+    /// Datagrams one receive buffer may hold: 1, unless GRO could not be turned off.
+    gro_segments: usize,
+}
+
+impl ClientSocket {
+    /// Binds `addr` (with IP_FREEBIND when `freebind`) and sets the socket up to report and to choose the
+    /// local address of each datagram. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// Socket creation, option and bind errors; an address not on this host fails with EADDRNOTAVAIL unless
+    /// `freebind`.
+    pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<ClientSocket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_nonblocking(true)?;
+        if addr.is_ipv6() {
+            // why: `[::]` takes only IPv6; IPv4 clients are served by an explicit `0.0.0.0` listener, so every
+            // local address we answer from is of the socket's own family (no v4-mapped sources).
+            socket.set_only_v6(true)?;
+        }
+        if freebind {
+            // why: the relocatable address may arrive on this host after staybound starts.
+            match addr {
+                SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+                SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+            }
+        }
+        if let Err(e) = socket.set_recv_buffer_size(LISTEN_RCVBUF) {
+            // why: a burst of client datagrams waits here while the relay catches up.
+            tracing::debug!(error = %e, "could not enlarge SO_RCVBUF of a UDP listen socket");
+        }
+        socket.bind(&addr.into())?;
+        let sock = UdpSocket::from_std(std::net::UdpSocket::from(socket))?;
+        // Sets IP_PKTINFO / IPV6_RECVPKTINFO (what we want), and QUIC's defaults undone below.
+        let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+        undo_quic_defaults(&sock, addr.is_ipv6())?;
+        // why: with UDP_GRO on, one receive may return up to 64 coalesced datagrams, which needs a 4 MiB
+        // buffer per socket; off, every receive is one datagram. If it cannot be turned off, it was never on
+        // (old kernel) or we split by `stride` with a buffer sized for it.
+        let gro_segments = match nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::UdpGroSegment, &false) {
+            Ok(()) => 1,
+            Err(_) => state.gro_segments().max(1),
+        };
+        let local = sock.local_addr()?;
+        Ok(ClientSocket { sock, state, local, gro_segments })
+    }
+
+    /// The bound address (port resolved).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Whether it listens on 0.0.0.0 or `::`, so that replies must name their source address.
+    pub fn is_wildcard(&self) -> bool {
+        self.local.ip().is_unspecified()
+    }
+
+    /// How many datagrams one receive buffer may hold (see `RecvMeta::stride`).
+    pub fn gro_segments(&self) -> usize {
+        self.gro_segments
+    }
+
+    /// Waits until a datagram may be waiting.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.sock.readable().await
+    }
+
+    /// Waits until a send may succeed.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.sock.writable().await
+    }
+
+    /// Receives up to `bufs.len()` datagrams (or GRO batches) without waiting; `meta[i]` describes `bufs[i]`.
+    ///
+    /// # Errors
+    /// `WouldBlock` when nothing is queued; socket errors.
+    pub fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        self.sock.try_io(Interest::READABLE, || self.state.recv(UdpSockRef::from(&self.sock), bufs, meta))
+    }
+
+    /// Sends one datagram to `to` from `from` (the local address the client used; `None` lets the kernel
+    /// choose, which is right for a listener bound to one address), without waiting.
+    ///
+    /// # Errors
+    /// `WouldBlock` when the send buffer is full; EINVAL when `from` is no longer on this host; others.
+    pub fn try_send(&self, to: SocketAddr, from: Option<IpAddr>, data: &[u8]) -> io::Result<()> {
+        let transmit = Transmit { destination: to, ecn: None, contents: data, segment_size: None, src_ip: from };
+        self.sock.try_io(Interest::WRITABLE, || self.state.try_send(UdpSockRef::from(&self.sock), &transmit))
+    }
+
+    /// The source address a reply to a datagram sent to `dst` must carry.
+    pub fn reply_source(&self, dst: Option<IpAddr>) -> Option<IpAddr> {
+        match dst {
+            // why: a datagram to a multicast group is answered from a unicast address the kernel picks.
+            Some(ip) if self.is_wildcard() && !ip.is_multicast() && !is_v4_broadcast(ip) => Some(ip),
+            _ => None,
+        }
+    }
+}
+
+fn is_v4_broadcast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+/// quinn-udp sets what QUIC wants and a generic relay must not have: path-MTU "probe" mode with DF set
+/// (IP_MTU_DISCOVER / IPV6_MTU_DISCOVER = PROBE, IPV6_DONTFRAG = 1), so a reply larger than the path MTU
+/// fails with EMSGSIZE instead of being fragmented. Put the kernel's defaults back.
+fn undo_quic_defaults(sock: &UdpSocket, v6: bool) -> io::Result<()> {
+    if v6 {
+        set_int_option(sock, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT)?;
+        // The IPv4-level option quinn-udp also sets on IPv6 sockets concerns only v4-mapped traffic, which
+        // `only_v6` rules out.
+        nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::Ipv6DontFrag, &false).map_err(io::Error::from)
+    } else {
+        // The IPv4 default follows net.ipv4.ip_no_pmtu_disc (see the kernel's `inet_create`).
+        let no_pmtu_disc = std::fs::read_to_string("/proc/sys/net/ipv4/ip_no_pmtu_disc")
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .is_some_and(|v| v != 0);
+        let default = if no_pmtu_disc { libc::IP_PMTUDISC_DONT } else { libc::IP_PMTUDISC_WANT };
+        set_int_option(sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, default)
+    }
+}
+
+/// `setsockopt(fd, level, name, &value, sizeof(int))`: for the integer options neither socket2 nor nix exposes
+/// (IP_MTU_DISCOVER, IPV6_MTU_DISCOVER).
+#[allow(unsafe_code)]
+fn set_int_option(sock: &impl AsFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    let fd = sock.as_fd();
+    // SAFETY: `fd` is a live socket borrowed from `sock` for the whole call (`BorrowedFd` cannot outlive it).
+    // The option value is a `c_int` on our stack, passed by pointer with its exact size, and the kernel only
+    // reads `optlen` bytes from it; nothing is retained after the call returns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn quic_defaults_are_undone_and_pktinfo_stays() -> Result<(), Box<dyn std::error::Error>> {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let s = ClientSocket::bind("127.0.0.1:0".parse()?, false)?;
+        assert!(getsockopt(&s.sock, sockopt::Ipv4PacketInfo)?, "IP_PKTINFO is on");
+        assert!(!getsockopt(&s.sock, sockopt::UdpGroSegment)?, "UDP_GRO is off");
+        assert_eq!(s.gro_segments(), 1);
+        // (No IPv6 loopback here is no failure.)
+        if let Ok(v6) = ClientSocket::bind("[::1]:0".parse()?, false) {
+            assert!(!getsockopt(&v6.sock, sockopt::Ipv6DontFrag)?, "IPV6_DONTFRAG is off");
+        }
+        Ok(())
+    }
+}
