@@ -325,8 +325,10 @@ impl Instance {
 
     /// Stops accepting, lets sessions drain for `grace`, then ends the rest and stops every task.
     pub async fn shutdown(mut self, grace: Duration) {
-        for r in self.running.values() {
+        for r in self.running.values_mut() {
             r.stop_accept.cancel();
+            // The listening sockets close now: a new connect is refused, not queued.
+            r.tcp.clear();
         }
         self.sessions.close();
         let active: i64 = self.running.values().map(|r| r.counts.active() + r.counts.held()).sum();

@@ -11,15 +11,7 @@ use support::process::Running;
 use support::proxy::closed_port;
 
 fn echo() -> SocketAddr {
-    echo_with_backlog(128)
-}
-
-/// An echo upstream whose listen queue holds `backlog` connections.
-fn echo_with_backlog(backlog: i32) -> SocketAddr {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
-    sock.listen(backlog).unwrap();
-    let l = std::net::TcpListener::from(sock);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
@@ -175,41 +167,71 @@ fn an_upstream_that_never_reads_throttles_the_client_and_memory_stays_bounded() 
 
 #[test]
 fn a_five_thousand_connection_burst_fits_the_backlog() {
-    // The upstream's own queue must not overflow either: the count is the whole namespace's.
-    let up = echo_with_backlog(8192);
-    let sb = Running::start(&format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"burst\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"off\"\n"
-    ));
-    let listen = sb.listens()["burst"][0];
-    let before = sb.metric("staybound_listen_overflows_total", &[]);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    // Every client connects at once, as every held client does after a failover.
-    let ok = rt.block_on(async move {
-        let tasks: Vec<_> = (0..5000)
-            .map(|i| {
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut c = tokio::net::TcpStream::connect(listen).await.ok()?;
-                    let msg = format!("{i:05}");
-                    c.write_all(msg.as_bytes()).await.ok()?;
-                    let mut back = [0u8; 5];
-                    tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut back)).await.ok()?.ok()?;
-                    (back == msg.as_bytes()).then_some(c)
-                })
-            })
-            .collect();
-        let mut held = Vec::new();
-        for t in tasks {
-            if let Ok(Some(c)) = t.await {
-                held.push(c);
-            }
-        }
-        held.len()
+    // The overflow count is a network namespace's: the burst gets a namespace of its own, so no other
+    // test's listen queue is counted.
+    let Some(lab) = support::lab::Lab::new("burst") else { return };
+    let client = support::lab::Host::Client;
+    let upstream = lab.in_ns(client, || {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 7000)).into()).unwrap();
+        sock.listen(8192).unwrap();
+        std::net::TcpListener::from(sock)
     });
-    let after = sb.metric("staybound_listen_overflows_total", &[]);
-    eprintln!(
-        "FIGURES burst: {ok} of 5000 simultaneous connects echoed; listen overflows in this namespace {before} -> {after}"
-    );
+    std::thread::spawn(move || {
+        for s in upstream.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    let config = lab.dir().join("burst.toml");
+    std::fs::write(
+        &config,
+        "[admin]\nlisten = \"127.0.0.1:9901\"\n[[service]]\nname = \"burst\"\nlisten = \"127.0.0.1:6379\"\nupstream = \"127.0.0.1:7000\"\n[service.probe]\nmode = \"off\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    lab.spawn(client, &[support::sidecar::BIN, "run", "--config", &config]);
+    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
+    let overflows = || {
+        let text = lab.in_ns(client, || staybound::status::fetch(admin, "/metrics")).unwrap_or_default();
+        support::proxy::metric_in(&text, "staybound_listen_overflows_total", &[])
+    };
+    wait("staybound is up", Duration::from_secs(10), || {
+        lab.in_ns(client, || staybound::status::fetch(admin, "/status")).is_ok()
+    });
+    let before = overflows();
+    let listen: SocketAddr = "127.0.0.1:6379".parse().unwrap();
+    // Every client connects at once, as every held client does after a failover.
+    let ok = lab.in_ns(client, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let tasks: Vec<_> = (0..5000)
+                .map(|i| {
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut c = tokio::net::TcpStream::connect(listen).await.ok()?;
+                        let msg = format!("{i:05}");
+                        c.write_all(msg.as_bytes()).await.ok()?;
+                        let mut back = [0u8; 5];
+                        tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut back)).await.ok()?.ok()?;
+                        (back == msg.as_bytes()).then_some(c)
+                    })
+                })
+                .collect();
+            let mut held = Vec::new();
+            for t in tasks {
+                if let Ok(Some(c)) = t.await {
+                    held.push(c);
+                }
+            }
+            held.len()
+        })
+    });
+    let after = overflows();
+    eprintln!("FIGURES burst: {ok} of 5000 simultaneous connects echoed; listen overflows {before} -> {after}");
     assert_eq!(ok, 5000);
     assert_eq!(after, before, "no connection dropped by a full listen queue");
 }
