@@ -102,7 +102,7 @@ pub async fn run(sock: ClientSocket, shared: Arc<Shared>, stop: CancellationToke
 
 /// The datagrams of one receive buffer: GRO packs equal-sized datagrams `stride` bytes apart (the last one
 /// may be shorter). An empty datagram is one datagram too.
-fn datagrams(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+pub fn datagrams(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
     let stride = if stride == 0 || stride > data.len() { data.len().max(1) } else { stride };
     let count = if data.is_empty() { 1 } else { data.len().div_ceil(stride) };
     (0..count).map(move |k| &data[(k * stride).min(data.len())..((k + 1) * stride).min(data.len())])

@@ -25,6 +25,11 @@ mod listener;
 pub mod pktinfo;
 pub mod probe;
 
+/// The flow path's pure decisions, for tests and fuzzing: which datagrams are replies, and how a
+/// coalesced (GRO) receive buffer splits into datagrams.
+pub use flow::is_reply;
+pub use listener::datagrams;
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
