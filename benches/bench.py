@@ -996,7 +996,8 @@ def main(argv: list[str]) -> int:
             elif os.access(args.staybound, os.X_OK):
                 contenders.append(Contender("staybound", "staybound",
                                             cmd=["{staybound}", "run", "--config", "{config}"]))
-                desc[w] = (f"`{args.staybound} run --config …` "
+                shown = os.path.relpath(args.staybound, REPO) if str(args.staybound).startswith(str(REPO)) else args.staybound
+                desc[w] = (f"`{shown} run --config …` "
                            f"({tool_version([args.staybound, '--version'])}), probe off")
                 notes.append("staybound runs with `[service.probe] mode = \"off\"`: the numbers "
                              "are the pure data path, without the application keep-alive.")
