@@ -10,15 +10,7 @@ use std::time::{Duration, Instant};
 
 use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, poll, wait_until};
 use support::loadclient::LoadClient;
-use support::sidecar::{Sidecar, margin};
-
-fn setup(tag: &str) -> Option<Lab> {
-    let lab = Lab::new(tag)?;
-    lab.start_redis(Host::Node1);
-    lab.start_redis(Host::Node2);
-    lab.add_logical(Host::Node1, true);
-    Some(lab)
-}
+use support::sidecar::{Sidecar, margin, two_nodes};
 
 /// Open file descriptors and resident memory (KiB) of a process.
 fn fds_and_rss(pid: u32) -> (usize, u64) {
@@ -43,7 +35,7 @@ fn cycles() -> usize {
 
 #[test]
 fn repeated_abort_and_rejoin_is_detected_every_time_and_leaks_nothing() {
-    let Some(lab) = setup("cycles") else { return };
+    let Some(lab) = two_nodes("cycles") else { return };
     let sc = Sidecar::start(&lab, "");
     sc.wait_state("up", Duration::from_secs(5));
     let load = LoadClient::start(&lab, Host::Client, sc.listen(), Duration::from_secs(5), "cycle");
@@ -82,7 +74,7 @@ fn repeated_abort_and_rejoin_is_detected_every_time_and_leaks_nothing() {
 
 #[test]
 fn a_double_move_inside_one_probe_interval_settles_on_the_right_node() {
-    let Some(lab) = setup("double") else { return };
+    let Some(lab) = two_nodes("double") else { return };
     let sc = Sidecar::start(&lab, "");
     sc.wait_state("up", Duration::from_secs(5));
     let node1 = lab.redis_run_id(Host::Client, Host::Node1.addr()).unwrap();
@@ -101,7 +93,7 @@ fn a_double_move_inside_one_probe_interval_settles_on_the_right_node() {
 
 #[test]
 fn a_flapping_address_causes_no_retry_storm() {
-    let Some(lab) = setup("flap") else { return };
+    let Some(lab) = two_nodes("flap") else { return };
     let sc = Sidecar::start(&lab, "");
     sc.wait_state("up", Duration::from_secs(5));
     let clients: Vec<LoadClient> =

@@ -6,16 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::lab::{Host, Lab, wait_until};
-use support::sidecar::{Blocked, Sidecar, margin, wait_blocked};
-
-fn setup(tag: &str) -> Option<Lab> {
-    let lab = Lab::new(tag)?;
-    lab.start_redis(Host::Node1);
-    lab.start_redis(Host::Node2);
-    lab.add_logical(Host::Node1, true);
-    Some(lab)
-}
+use support::lab::{Host, wait_until};
+use support::sidecar::{Blocked, Sidecar, margin, two_nodes, wait_blocked};
 
 fn moves() -> usize {
     std::env::var("STAYBOUND_NEIGHBOR_MOVES").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
@@ -23,7 +15,7 @@ fn moves() -> usize {
 
 #[test]
 fn an_announced_move_ends_the_session_within_200ms() {
-    let Some(lab) = setup("garp") else { return };
+    let Some(lab) = two_nodes("garp") else { return };
     let sc = Sidecar::start(&lab, "");
     sc.wait_state("up", Duration::from_secs(5));
     wait_until("the neighbour watch runs", Duration::from_secs(5), || sc.status()["neighbor_watch"] == "watching");
@@ -64,7 +56,7 @@ fn an_announced_move_ends_the_session_within_200ms() {
 
 #[test]
 fn an_unannounced_move_is_still_caught_by_the_probe() {
-    let Some(lab) = setup("nogarp") else { return };
+    let Some(lab) = two_nodes("nogarp") else { return };
     let sc = Sidecar::start(&lab, "");
     sc.wait_state("up", Duration::from_secs(5));
     let client = Blocked::start(&lab, Host::Client, sc.listen());
@@ -85,7 +77,7 @@ fn an_unannounced_move_is_still_caught_by_the_probe() {
 
 #[test]
 fn an_announcement_repeating_the_same_mac_is_no_failover() {
-    let Some(lab) = setup("samemac") else { return };
+    let Some(lab) = two_nodes("samemac") else { return };
     let sc = Sidecar::start(&lab, "");
     sc.wait_state("up", Duration::from_secs(5));
     let client = Blocked::start(&lab, Host::Client, sc.listen());
@@ -100,7 +92,7 @@ fn an_announcement_repeating_the_same_mac_is_no_failover() {
 
 #[test]
 fn the_same_announced_move_without_the_watch_waits_for_the_probe() {
-    let Some(lab) = setup("nowatch") else { return };
+    let Some(lab) = two_nodes("nowatch") else { return };
     let sc = Sidecar::start(&lab, "[service.probe]\nneighbor = false\n");
     sc.wait_state("up", Duration::from_secs(5));
     assert_eq!(sc.status()["neighbor_watch"], "off: probe.neighbor = false");

@@ -7,25 +7,10 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::process::{BIN, Running};
-
-/// An echo upstream on a thread; returns its address.
-fn echo() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
-    addr
-}
+use support::lab::wait_until as wait;
+use support::process::{BIN, Running, echo};
 
 fn svc(name: &str, up: SocketAddr, extra: &str) -> String {
     format!(
@@ -38,14 +23,6 @@ fn round_trip(s: &mut TcpStream, msg: &[u8]) {
     let mut buf = vec![0u8; msg.len()];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(buf, msg);
-}
-
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

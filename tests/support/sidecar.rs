@@ -153,3 +153,12 @@ pub fn wait_blocked(lab: &Lab, node: Host, n: usize) {
         text.lines().count() >= n && text.lines().all(|l| l.split_whitespace().nth(1) == Some("0"))
     });
 }
+
+/// A lab with redis on both nodes and the logical address on node 1, announced.
+pub fn two_nodes(tag: &str) -> Option<Lab> {
+    let lab = Lab::new(tag)?;
+    lab.start_redis(Host::Node1);
+    lab.start_redis(Host::Node2);
+    lab.add_logical(Host::Node1, true);
+    Some(lab)
+}
