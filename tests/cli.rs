@@ -59,6 +59,7 @@ fn bad_configs_exit_78_with_line_and_key() {
         (format!("{OK}[service.probe]\nmode = \"send-expect\"\n"), 6, "send"),
         (format!("{OK}[service.probe]\nidentity = \"no group\"\n"), 6, "capture group"),
         (format!("{OK}[service.probe]\nidentity = \"(unclosed\"\n"), 6, "regex"),
+        (format!("{OK}[service.probe]\nidentity = \"(a{{0,100}}){{0,100}}b\"\n"), 6, "KiB"),
         (format!("{OK}[service.probe]\nsend = \"\\\\q\"\nmode = \"send-expect\"\n"), 6, "escape"),
         (format!("{OK}[service.probe]\nfall = 0\n"), 6, "fall"),
         (format!("{OK}[service.hold]\nbackoff_initial = \"2s\"\nbackoff_max = \"1s\"\n"), 7, "backoff_max"),

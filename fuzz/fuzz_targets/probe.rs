@@ -2,10 +2,10 @@
 //! * `failover::probe::contains(haystack, needle)`: agrees with a plain reference search; an empty needle
 //!   and any slice of the haystack are always found;
 //! * `failover::probe::identity_of(&ProbeConfig, reply)` with a `send-expect` probe whose identity regex
-//!   comes from the input (at most 64 bytes, compiled with `regex_lite::Regex::new` as validation does,
-//!   skipped when invalid, when it has other than one capture group, or when its program exceeds
-//!   `MAX_NFA`) and a reply of at most 64 KiB: an identity it returns is a substring of the reply read as
-//!   lossy UTF-8, and a probe without an identity regex returns none;
+//!   comes from the input (at most 64 bytes, compiled with `config::compile_identity` as validation does,
+//!   within its program-size limit; skipped when refused or when it has other than one capture group)
+//!   and a reply of at most 64 KiB: an identity it returns is a substring of the reply read as lossy
+//!   UTF-8, and a probe without an identity regex returns none;
 //! * `config::unescape` / `escape_bytes`: `unescape(&escape_bytes(b)) == Ok(b)` for all bytes `b`,
 //!   `escape_bytes` writes printable ASCII only, and `unescape` of any text does not panic (and what it
 //!   decodes survives the round trip).
@@ -19,17 +19,11 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use staybound::config::{Config, ProbeConfig, ProbeMode, escape_bytes, unescape};
+use staybound::config::{Config, ProbeConfig, ProbeMode, compile_identity, escape_bytes, unescape};
 use staybound::failover::probe::{contains, identity_of};
 
 const MAX_REGEX: usize = 64;
 const MAX_REPLY: usize = 64 * 1024;
-/// Regexes whose compiled program is larger are skipped. regex-lite's matching time grows with program
-/// size times text length, and a short regex can compile to a large program: `(a{0,100}){0,100}b` (19
-/// bytes, accepted by validation, which keeps regex-lite's 10 MiB default) takes about 4 s on a 4 KiB
-/// reply and 44 s on 64 KiB. That is a known cost of the engine, reported once; rediscovering it as a
-/// libFuzzer timeout on every run would hide everything else.
-const MAX_NFA: usize = 16 * 1024;
 
 fn reference_contains(haystack: &[u8], needle: &[u8]) -> bool {
     if needle.is_empty() {
@@ -95,9 +89,8 @@ fuzz_target!(|data: &[u8]| {
     // identity_of
     assert_eq!(identity_of(&probe(None, needle), reply), None);
     if let Ok(pattern) = std::str::from_utf8(regex_bytes)
-        && let Ok(re) = regex_lite::Regex::new(pattern)
+        && let Ok(re) = compile_identity(pattern)
         && re.captures_len() == 2
-        && regex_lite::RegexBuilder::new(pattern).size_limit(MAX_NFA).build().is_ok()
     {
         let p = probe(Some(re), needle);
         if let Some(id) = identity_of(&p, reply) {

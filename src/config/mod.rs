@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use escape::{escape_bytes, unescape};
-pub use validate::{ConfigError, Problem};
+pub use validate::{ConfigError, IDENTITY_PROGRAM_LIMIT, Problem, compile_identity};
 
 /// Everything staybound runs, as validated from one file.
 #[derive(Debug, Clone)]

@@ -481,7 +481,7 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
         }
     }
     let identity = match &p.identity {
-        Some(v) if !v.get_ref().is_empty() => match regex_lite::Regex::new(v.get_ref()) {
+        Some(v) if !v.get_ref().is_empty() => match compile_identity(v.get_ref()) {
             Ok(re) if re.captures_len() == 2 => {
                 if mode == ProbeMode::Off {
                     cx.at(v.span(), &key("identity"), "needs a probe: mode is \"off\"");
@@ -493,6 +493,19 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
                     v.span(),
                     &key("identity"),
                     format!("{:?} must have exactly one capture group (it has {})", v.get_ref(), re.captures_len() - 1),
+                );
+                None
+            }
+            Err(e) if regex_lite::Regex::new(v.get_ref()).is_ok() => {
+                cx.at(
+                    v.span(),
+                    &key("identity"),
+                    format!(
+                        "{:?} compiles to a program over {} KiB, which would make every probe slow to match; \
+                         use bounded repetition sparingly ({e})",
+                        v.get_ref(),
+                        IDENTITY_PROGRAM_LIMIT / 1024
+                    ),
                 );
                 None
             }
@@ -581,6 +594,17 @@ fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> HoldConfig {
             (Duration::from_secs(1), Duration::from_secs(3600)),
         ),
     }
+}
+
+/// The largest compiled program accepted for `probe.identity`. regex-lite's matching time grows with
+/// program size times reply length, and a short pattern can compile to a large program:
+/// `(a{0,100}){0,100}b` is 19 bytes and takes seconds per 4 KiB reply. Identity patterns in use
+/// (`run_id:([0-9a-f]+)` and the like) compile to well under 1 KiB.
+pub const IDENTITY_PROGRAM_LIMIT: usize = 16 * 1024;
+
+/// Compiles an identity pattern as validation accepts it: within [`IDENTITY_PROGRAM_LIMIT`].
+pub fn compile_identity(pattern: &str) -> Result<regex_lite::Regex, regex_lite::Error> {
+    regex_lite::RegexBuilder::new(pattern).size_limit(IDENTITY_PROGRAM_LIMIT).build()
 }
 
 fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
