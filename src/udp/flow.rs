@@ -20,6 +20,7 @@ use super::pktinfo::{ClientSocket, MAX_DATAGRAM};
 use crate::config::IpNet;
 use crate::metrics::UdpDrop;
 use crate::service::CountGuard;
+use crate::upstream::socket::set_freebind;
 
 thread_local! {
     // why: a reply is received and sent on in one synchronous step, so one buffer per runtime thread serves
@@ -85,11 +86,7 @@ pub fn upstream_socket(peer: SocketAddr, source: Option<IpAddr>, freebind: bool)
     let bind_ip = match source {
         Some(ip) => {
             if freebind {
-                // why: the relocatable address may arrive on this host after staybound starts.
-                match ip {
-                    IpAddr::V4(_) => socket.set_freebind_v4(true)?,
-                    IpAddr::V6(_) => socket.set_freebind_v6(true)?,
-                }
+                set_freebind(&socket, ip)?;
             }
             ip
         }

@@ -18,6 +18,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
+use crate::upstream::socket::set_freebind;
+
 /// The largest UDP payload (IPv6 jumbograms aside); every receive buffer holds one.
 pub const MAX_DATAGRAM: usize = 65_535;
 
@@ -50,11 +52,7 @@ impl ClientSocket {
             socket.set_only_v6(true)?;
         }
         if freebind {
-            // why: the relocatable address may arrive on this host after staybound starts.
-            match addr {
-                SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
-                SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
-            }
+            set_freebind(&socket, addr.ip())?;
         }
         if let Err(e) = socket.set_recv_buffer_size(LISTEN_RCVBUF) {
             // why: a burst of client datagrams waits here while the relay catches up.

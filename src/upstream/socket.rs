@@ -31,11 +31,7 @@ pub fn upstream_socket(
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
             .map_err(io::Error::from)?;
         if freebind {
-            // why: the relocatable address may arrive on this host after staybound starts.
-            match ip {
-                IpAddr::V4(_) => socket.set_freebind_v4(true)?,
-                IpAddr::V6(_) => socket.set_freebind_v6(true)?,
-            }
+            set_freebind(&socket, ip)?;
         }
         socket.bind(&SocketAddr::new(ip, 0).into())?;
     }
@@ -81,6 +77,18 @@ pub fn reset_on_close(stream: &TcpStream) {
     }
 }
 
+/// Lets `socket` bind `ip` before the address is on this host (IP_FREEBIND / IPV6_FREEBIND): the
+/// relocatable address may arrive after staybound starts, and arrives again at each failback.
+///
+/// # Errors
+/// The option cannot be set.
+pub fn set_freebind(socket: &Socket, ip: IpAddr) -> io::Result<()> {
+    match ip {
+        IpAddr::V4(_) => socket.set_freebind_v4(true),
+        IpAddr::V6(_) => socket.set_freebind_v6(true),
+    }
+}
+
 /// A listening TCP socket with the given backlog.
 ///
 /// # Errors
@@ -93,10 +101,7 @@ pub fn tcp_listener(addr: SocketAddr, backlog: u32, freebind: bool) -> io::Resul
         socket.set_only_v6(true)?;
     }
     if freebind {
-        match addr {
-            SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
-            SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
-        }
+        set_freebind(&socket, addr.ip())?;
     }
     socket.bind(&addr.into())?;
     // why: after a failover every held client comes back at once; a small backlog would drop SYNs.
