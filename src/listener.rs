@@ -34,11 +34,11 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let current = svc.load_full();
-                match current.limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
+                match current.limit.try_acquire() {
+                    Some(permit) => {
                         tracker.spawn(session::serve(stream, peer, current, permit, stop_sessions.clone()));
                     }
-                    Err(_) => {
+                    None => {
                         socket::reset_on_close(&stream);
                         drop(stream);
                         current.metrics.outcome(Outcome::RefusedLimit).increment(1);

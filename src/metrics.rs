@@ -20,11 +20,20 @@ pub enum Signal {
     Keepalive,
     Neighbor,
     Admin,
+    /// A reload gave the service another upstream address.
+    Reload,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 6] =
-        [Signal::Probe, Signal::Identity, Signal::SessionReset, Signal::Keepalive, Signal::Neighbor, Signal::Admin];
+    pub const ALL: [Signal; 7] = [
+        Signal::Probe,
+        Signal::Identity,
+        Signal::SessionReset,
+        Signal::Keepalive,
+        Signal::Neighbor,
+        Signal::Admin,
+        Signal::Reload,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Signal::Probe => "probe",
@@ -33,6 +42,7 @@ impl Signal {
             Signal::Keepalive => "keepalive",
             Signal::Neighbor => "neighbor",
             Signal::Admin => "admin",
+            Signal::Reload => "reload",
         }
     }
 }
@@ -295,7 +305,7 @@ pub struct ServiceMetrics {
     pub budget_exhausted: Counter,
     pub upstream_up: Gauge,
     pub epoch: Gauge,
-    failovers: [Counter; 6],
+    failovers: [Counter; 7],
     pub detection_seconds: Histogram,
     resets: [Counter; 4],
     pub bytes_upstream: Counter,

@@ -14,10 +14,10 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminHandle};
 use crate::config::{Config, Protocol, ServiceConfig};
-use crate::failover::{Detector, DetectorHandle};
+use crate::failover::{Detector, DetectorHandle, Reconfigure};
 use crate::listener;
 use crate::metrics::{ServiceMetrics, Telemetry};
-use crate::service::{Counts, Service};
+use crate::service::{Lasting, Service};
 use crate::udp;
 use crate::upstream::socket;
 
@@ -76,8 +76,11 @@ struct Running {
     entry: Arc<Entry>,
     cfg: Arc<ServiceConfig>,
     metrics: Arc<ServiceMetrics>,
-    counts: Arc<Counts>,
+    /// What every generation of the service shares: counts, limit, retry budget, connector.
+    lasting: Lasting,
+    /// The service's one detector, for as long as its name is in the config.
     detector: DetectorHandle,
+    reconfigure: Reconfigure,
     stop_detector: CancellationToken,
     stop_accept: CancellationToken,
     /// The TCP listeners by configured address, reused by a reload that keeps the address.
@@ -144,8 +147,11 @@ impl Instance {
         &self.config
     }
 
-    /// Applies a new config: new services start, removed ones stop accepting and drain, changed ones take
-    /// effect for new sessions, and a listener is re-bound only if its address changed.
+    /// Applies a new config: new services start, removed ones stop accepting and drain, and a listener is
+    /// re-bound only if its address changed. A service that keeps its name is reconfigured, never reset: its
+    /// detector (epoch, tokens, host state) keeps watching the sessions made before, its `max_connections`
+    /// is resized over them, its retry budget keeps its window; settings of the data path take effect for
+    /// new sessions.
     ///
     /// # Errors
     /// A new listener that cannot be bound; nothing is changed then.
@@ -208,66 +214,47 @@ impl Instance {
             }
         }
 
-        // Detectors first (new, or restarted when what they watch changed), so dependencies can be wired.
+        // Detectors first (new ones started, kept ones reconfigured in place), so dependencies can be wired.
         for s in &config.services {
             let cfg = Arc::new(s.clone());
-            let restart = match self.running.get(&s.name) {
-                None => true,
-                Some(r) => {
-                    r.cfg.upstream != s.upstream
-                        || r.cfg.source != s.source
-                        || r.cfg.freebind != s.freebind
-                        || r.cfg.probe != s.probe
-                        || r.cfg.keepalive != s.keepalive
-                        || r.cfg.hold != s.hold
-                        || r.cfg.protocol != s.protocol
-                        || r.cfg.udp != s.udp
-                }
-            };
-            if !restart {
+            if let Some(r) = self.running.get(&s.name) {
+                // why: the shared connector changes before the detector hears of a new address, so a held
+                // client that sees the new epoch dials the new address.
+                r.lasting.reconfigure(&cfg);
+                r.reconfigure.send(cfg);
                 continue;
             }
-            let metrics = match self.running.get(&s.name) {
-                Some(r) => r.metrics.clone(),
-                None => self.registry.telemetry.service(&s.name),
-            };
-            let (detector, handle) = Detector::new(cfg.clone(), metrics.clone());
+            let metrics = self.registry.telemetry.service(&s.name);
+            let (detector, handle, reconfigure) = Detector::new(cfg.clone(), metrics.clone());
             let stop_detector = CancellationToken::new();
             self.background.spawn(detector.run(stop_detector.clone()));
-            match self.running.get_mut(&s.name) {
-                Some(r) => {
-                    r.stop_detector.cancel();
-                    r.stop_detector = stop_detector;
-                    r.detector = handle;
-                }
-                None => {
-                    let placeholder = Arc::new(Entry {
-                        name: s.name.clone(),
-                        service: Arc::new(ArcSwap::from_pointee(Service::new(
-                            cfg.clone(),
-                            metrics.clone(),
-                            handle.clone(),
-                            Vec::new(),
-                            Arc::new(Counts::default()),
-                        ))),
-                        listen: Vec::new(),
-                        udp: None,
-                    });
-                    self.running.insert(
-                        s.name.clone(),
-                        Running {
-                            counts: placeholder.service.load().counts.clone(),
-                            entry: placeholder,
-                            cfg: cfg.clone(),
-                            metrics,
-                            detector: handle,
-                            stop_detector,
-                            stop_accept: CancellationToken::new(),
-                            tcp: Vec::new(),
-                        },
-                    );
-                }
-            }
+            let lasting = Lasting::new(&cfg);
+            let placeholder = Arc::new(Entry {
+                name: s.name.clone(),
+                service: Arc::new(ArcSwap::from_pointee(Service::new(
+                    cfg.clone(),
+                    metrics.clone(),
+                    handle.clone(),
+                    Vec::new(),
+                    &lasting,
+                ))),
+                listen: Vec::new(),
+                udp: None,
+            });
+            self.running.insert(
+                s.name.clone(),
+                Running {
+                    entry: placeholder,
+                    cfg,
+                    metrics,
+                    lasting,
+                    detector: handle,
+                    reconfigure,
+                    stop_detector,
+                    stop_accept: CancellationToken::new(),
+                    tcp: Vec::new(),
+                },
+            );
         }
 
         // Services with their (transitive) dependencies, then listeners.
@@ -281,7 +268,7 @@ impl Instance {
             let followed = udp::follows(s).and_then(|d| self.running.get(d)).map(|d| d.detector.clone());
             let Some(r) = self.running.get_mut(&s.name) else { continue };
             let detector = followed.unwrap_or_else(|| r.detector.clone());
-            let service = Service::new(cfg.clone(), r.metrics.clone(), detector, deps, r.counts.clone());
+            let service = Service::new(cfg.clone(), r.metrics.clone(), detector, deps, &r.lasting);
             r.cfg = cfg;
             match bound.remove(&s.name) {
                 None => r.entry.service.store(Arc::new(service)),
@@ -331,7 +318,7 @@ impl Instance {
             r.tcp.clear();
         }
         self.sessions.close();
-        let active: i64 = self.running.values().map(|r| r.counts.active() + r.counts.held()).sum();
+        let active: i64 = self.running.values().map(|r| r.lasting.counts.active() + r.lasting.counts.held()).sum();
         info!(sessions = active, grace_ms = grace.as_millis() as u64, "shutting down: draining sessions");
         if tokio::time::timeout(grace, self.sessions.wait()).await.is_err() {
             warn!("drain grace over: ending the remaining sessions");

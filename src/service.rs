@@ -1,10 +1,15 @@
 //! One service as it runs: its settings, metric handles, detector handle, connector, retry budget, the
 //! views of the services it depends on, and its session counts. Everything a session needs, in one place.
+//!
+//! A reload makes a new generation of a `Service`; what must hold across generations is in `Lasting`: the
+//! session counts, the `max_connections` limit (resized, never replaced, so the sessions made before count),
+//! the retry budget and the connector (so a client held since before a reload dials the new address).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Semaphore, watch};
+use arc_swap::ArcSwap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::config::ServiceConfig;
@@ -17,14 +22,118 @@ use crate::upstream::retry::RetryBudget;
 pub struct Service {
     pub cfg: Arc<ServiceConfig>,
     pub metrics: Arc<ServiceMetrics>,
-    pub connector: Connector,
+    /// Shared by every generation: a client held since before a reload dials what the config says now.
+    pub connector: Arc<ArcSwap<Connector>>,
     pub detector: DetectorHandle,
     /// The services this one depends on, directly or transitively, by name.
     pub deps: Vec<(String, watch::Receiver<HostView>)>,
-    pub budget: RetryBudget,
+    pub budget: Arc<RetryBudget>,
     /// One permit per client session, held or proxying.
-    pub limit: Arc<Semaphore>,
+    pub limit: Arc<Limit>,
     pub counts: Arc<Counts>,
+}
+
+/// What every generation of a service shares across reloads.
+#[derive(Clone)]
+pub struct Lasting {
+    pub counts: Arc<Counts>,
+    pub limit: Arc<Limit>,
+    pub budget: Arc<RetryBudget>,
+    pub connector: Arc<ArcSwap<Connector>>,
+}
+
+impl Lasting {
+    pub fn new(cfg: &Arc<ServiceConfig>) -> Lasting {
+        Lasting {
+            counts: Arc::new(Counts::default()),
+            limit: Limit::new(cfg.max_connections),
+            budget: Arc::new(RetryBudget::new(&cfg.hold, Instant::now())),
+            connector: Arc::new(ArcSwap::from_pointee(Connector::new(cfg.clone()))),
+        }
+    }
+
+    /// Takes a reload's settings: the limit is resized, the budget keeps its window, the connector is new.
+    pub fn reconfigure(&self, cfg: &Arc<ServiceConfig>) {
+        self.limit.resize(cfg.max_connections);
+        self.budget.reconfigure(&cfg.hold);
+        self.connector.store(Arc::new(Connector::new(cfg.clone())));
+    }
+}
+
+/// `max_connections`: a semaphore that can be resized while its permits are out.
+#[derive(Debug)]
+pub struct Limit {
+    sem: Arc<Semaphore>,
+    sizes: Mutex<Sizes>,
+}
+
+#[derive(Debug)]
+struct Sizes {
+    /// The configured limit.
+    size: usize,
+    /// Permits to forget when they come back: the limit shrank below the sessions then open.
+    debt: usize,
+}
+
+impl Limit {
+    pub fn new(size: usize) -> Arc<Limit> {
+        Arc::new(Limit { sem: Arc::new(Semaphore::new(size)), sizes: Mutex::new(Sizes { size, debt: 0 }) })
+    }
+
+    /// A permit for one more session, if the limit allows it now.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let permit = self.sem.clone().try_acquire_owned().ok()?;
+        Some(Permit { permit: Some(permit), limit: self.clone() })
+    }
+
+    /// Sets the limit. Growing adds permits at once; shrinking takes the free ones at once and the rest as
+    /// sessions end, so no new session starts until fewer than `size` are open.
+    pub fn resize(&self, size: usize) {
+        let mut s = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
+        if size > s.size {
+            let grow = size - s.size;
+            let paid = grow.min(s.debt);
+            s.debt -= paid;
+            self.sem.add_permits(grow - paid);
+        } else {
+            let shrink = s.size - size;
+            let taken = self.sem.forget_permits(shrink);
+            s.debt += shrink - taken;
+        }
+        s.size = size;
+    }
+
+    pub fn size(&self) -> usize {
+        self.sizes.lock().unwrap_or_else(|e| e.into_inner()).size
+    }
+
+    /// Permits free now.
+    pub fn available(&self) -> usize {
+        self.sem.available_permits()
+    }
+}
+
+/// One session's place under its service's `max_connections`.
+#[derive(Debug)]
+pub struct Permit {
+    permit: Option<OwnedSemaphorePermit>,
+    limit: Arc<Limit>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut s = self.limit.sizes.lock().unwrap_or_else(|e| e.into_inner());
+        let permit = self.permit.take();
+        if s.debt > 0 {
+            s.debt -= 1;
+            if let Some(p) = permit {
+                p.forget();
+            }
+        } else {
+            // why: given back under the lock, so a shrink in progress counts it as free, not as owed.
+            drop(permit);
+        }
+    }
 }
 
 /// Live session counts, shared by every generation of a service across reloads.
@@ -49,17 +158,17 @@ impl Service {
         metrics: Arc<ServiceMetrics>,
         detector: DetectorHandle,
         deps: Vec<(String, watch::Receiver<HostView>)>,
-        counts: Arc<Counts>,
+        lasting: &Lasting,
     ) -> Service {
         Service {
-            connector: Connector::new(cfg.clone()),
-            budget: RetryBudget::new(&cfg.hold, Instant::now()),
-            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            connector: lasting.connector.clone(),
+            budget: lasting.budget.clone(),
+            limit: lasting.limit.clone(),
+            counts: lasting.counts.clone(),
             cfg,
             metrics,
             detector,
             deps,
-            counts,
         }
     }
 
@@ -118,5 +227,54 @@ impl Drop for CountGuard {
             Kind::Active => self.counts.active.fetch_sub(1, Ordering::Relaxed),
             Kind::Held => self.counts.held.fetch_sub(1, Ordering::Relaxed),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(limit: &Arc<Limit>, n: usize) -> Vec<Permit> {
+        (0..n).map_while(|_| limit.try_acquire()).collect()
+    }
+
+    #[test]
+    fn a_limit_grows_at_once() {
+        let limit = Limit::new(2);
+        let held = take(&limit, 5);
+        assert_eq!(held.len(), 2);
+        limit.resize(4);
+        assert_eq!(take(&limit, 5).len(), 2, "two more after growing to 4");
+    }
+
+    #[test]
+    fn a_limit_shrinks_as_sessions_end() {
+        let limit = Limit::new(3);
+        let mut held = take(&limit, 3);
+        limit.resize(1);
+        assert!(limit.try_acquire().is_none());
+        held.pop();
+        assert!(limit.try_acquire().is_none(), "2 open at a limit of 1");
+        held.pop();
+        assert!(limit.try_acquire().is_none(), "1 open at a limit of 1");
+        held.pop();
+        let one = take(&limit, 3);
+        assert_eq!(one.len(), 1, "none open: one fits");
+        drop(one);
+        assert_eq!(limit.available(), 1);
+    }
+
+    #[test]
+    fn a_shrink_takes_free_permits_at_once_and_a_grow_pays_the_rest() {
+        let limit = Limit::new(4);
+        let mut held = take(&limit, 2);
+        limit.resize(1);
+        assert_eq!(limit.available(), 0, "the two free permits were taken, one is owed");
+        limit.resize(3);
+        assert_eq!(limit.available(), 1, "growing by 2 pays the one owed and frees one");
+        held.extend(take(&limit, 5));
+        assert_eq!(held.len(), 3);
+        drop(held);
+        assert_eq!((limit.available(), limit.size()), (3, 3));
     }
 }

@@ -4,10 +4,16 @@
 //!
 //! Each epoch carries a cancellation token; ending an epoch cancels it, and every session of that epoch
 //! ends at once.
+//!
+//! A detector lives as long as its service's name: a reload sends it the new settings (`Reconfigure`) and it
+//! changes in place (`reconfig` says what a change touches), keeping its epoch, tokens, host state, identity
+//! and last failover, so the sessions made before the reload stay under its watch. A new upstream address
+//! is a failover (signal `reload`).
 
 pub mod bounds;
 pub mod neighbor;
 pub mod probe;
+pub mod reconfig;
 pub mod state;
 
 use std::sync::Arc;
@@ -97,6 +103,17 @@ impl DetectorHandle {
     }
 }
 
+/// The server's side of a detector: new settings on reload.
+#[derive(Debug)]
+pub struct Reconfigure(watch::Sender<Arc<ServiceConfig>>);
+
+impl Reconfigure {
+    /// Gives the detector new settings; it applies them in place. A stopped detector ignores them.
+    pub fn send(&self, cfg: Arc<ServiceConfig>) {
+        self.0.send_replace(cfg);
+    }
+}
+
 /// The detector of one service.
 pub struct Detector {
     svc: Arc<ServiceConfig>,
@@ -115,10 +132,14 @@ pub struct Detector {
     linked: Vec<CancellationToken>,
     /// When the current sessions began to be made: the last epoch start or return to a connectable state.
     sessions_since: Instant,
+    /// New settings from a reload.
+    settings: watch::Receiver<Arc<ServiceConfig>>,
+    /// Stops the neighbour watch of the current upstream (a child of the detector's own stop).
+    neighbor_stop: CancellationToken,
 }
 
 impl Detector {
-    pub fn new(svc: Arc<ServiceConfig>, metrics: Arc<ServiceMetrics>) -> (Detector, DetectorHandle) {
+    pub fn new(svc: Arc<ServiceConfig>, metrics: Arc<ServiceMetrics>) -> (Detector, DetectorHandle, Reconfigure) {
         let now = Instant::now();
         let view = HostView {
             state: HostState::Up,
@@ -132,6 +153,7 @@ impl Detector {
         };
         let (view_tx, view_rx) = watch::channel(view);
         let (sign_tx, sign_rx) = mpsc::channel(256);
+        let (settings_tx, settings) = watch::channel(svc.clone());
         metrics.upstream_up.set(1.0);
         metrics.epoch.set(1.0);
         let detector = Detector {
@@ -148,32 +170,39 @@ impl Detector {
             self_signs: sign_tx.clone(),
             linked: Vec::new(),
             sessions_since: now,
+            settings,
+            neighbor_stop: CancellationToken::new(),
         };
-        (detector, DetectorHandle { view: view_rx, signs: sign_tx })
+        (detector, DetectorHandle { view: view_rx, signs: sign_tx }, Reconfigure(settings_tx))
     }
 
     /// Runs until `cancel`.
     pub async fn run(mut self, cancel: CancellationToken) {
-        let watch = self.start_neighbor_watch(cancel.clone()).await;
-        self.view.send_modify(|v| v.neighbor = Arc::from(watch.as_str()));
+        self.restart_neighbor_watch(&cancel).await;
         enum Event {
             Stop,
+            Settings,
             Sign(Sign),
             Held(HeldEvent),
             Check,
         }
-        let mode = self.svc.probe.mode;
         loop {
-            let check_at = if mode == ProbeMode::Off { None } else { Some(self.next_check) };
+            let check_at = if self.svc.probe.mode == ProbeMode::Off { None } else { Some(self.next_check) };
             let event = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => Event::Stop,
+                // A closed channel (the server let go of the sender) disables the branch; it never spins.
+                Ok(()) = self.settings.changed() => Event::Settings,
                 Some(sign) = self.signs.recv() => Event::Sign(sign),
                 ev = probe::watch_held(self.held.as_ref()) => Event::Held(ev),
                 _ = async { match check_at { Some(t) => sleep_until(t).await, None => std::future::pending().await } } => Event::Check,
             };
             match event {
                 Event::Stop => break,
+                Event::Settings => {
+                    let new = self.settings.borrow_and_update().clone();
+                    self.reconfigure(new, &cancel).await;
+                }
                 Event::Sign(sign) => self.on_sign(sign).await,
                 Event::Held(ev) => self.on_held(ev).await,
                 Event::Check => {
@@ -182,7 +211,51 @@ impl Detector {
                 }
             }
         }
+        self.neighbor_stop.cancel();
         debug!(service = %self.svc.name, "detector stopped");
+    }
+
+    /// Applies a reload's settings in place: the epoch, its tokens, the host state, the identity and the
+    /// last failover stay; what depends on a changed part is made anew.
+    async fn reconfigure(&mut self, new: Arc<ServiceConfig>, cancel: &CancellationToken) {
+        let change = reconfig::Change::between(&self.svc, &new);
+        let old_upstream = self.svc.upstream.clone();
+        self.svc = new.clone();
+        self.connector = Connector::new(new.clone());
+        self.machine.set_thresholds(new.probe.fall, new.probe.rise);
+        self.probe_keepalive = probe::probe_keepalive(&new.probe, &new.keepalive);
+        self.backoff = Backoff::new(new.hold.backoff_initial, new.probe.interval.min(new.hold.backoff_max));
+        if !change.any() {
+            return;
+        }
+        info!(service = %new.name, moved = change.moved, reprobe = change.reprobe, identity = change.identity, "reload: detector reconfigured in place");
+        if change.identity {
+            self.machine.forget_identity();
+        }
+        if change.reprobe {
+            self.held = None;
+            self.next_check = Instant::now();
+            self.restart_neighbor_watch(cancel).await;
+        }
+        if change.moved {
+            warn!(service = %new.name, old = %old_upstream, new = %new.upstream, "reload: the upstream address changed; the sessions to the old one end");
+            self.observe(Evidence::Reload);
+        }
+        if new.probe.mode == ProbeMode::Off && self.machine.state() != HostState::Up {
+            // why: with the probe off nothing would ever bring the host back up; as at the start, the data
+            // path connects and finds out for itself.
+            let before = self.machine.state();
+            self.machine.assume_up(Instant::now());
+            self.publish(before, None);
+        }
+    }
+
+    /// (Re)starts the neighbour watch for the current upstream and shows its state in the view.
+    async fn restart_neighbor_watch(&mut self, cancel: &CancellationToken) {
+        self.neighbor_stop.cancel();
+        self.neighbor_stop = cancel.child_token();
+        let watch = self.start_neighbor_watch(self.neighbor_stop.clone()).await;
+        self.view.send_modify(|v| v.neighbor = Arc::from(watch.as_str()));
     }
 
     /// Starts the neighbour-table watch of the upstream address when it is on a directly connected
@@ -481,14 +554,22 @@ impl Detector {
 
     /// Feeds evidence to the machine and publishes what changed.
     fn observe(&mut self, ev: Evidence) {
-        let now = Instant::now();
         let before = self.machine.state();
-        let failover = self.machine.observe(now, ev);
+        let failover = self.machine.observe(Instant::now(), ev);
+        self.publish(before, failover);
+    }
+
+    /// Publishes the machine's state after a change from `before`, with the failover it decided, if any.
+    fn publish(&mut self, before: HostState, failover: Option<Failover>) {
+        let now = Instant::now();
         let after = self.machine.state();
         let name = &self.svc.name;
         if let Some(f) = &failover {
             self.metrics.failover(f.signal).increment(1);
-            self.metrics.detection_seconds.record(f.detection.as_secs_f64());
+            // why: a reload's failover is decided, not detected: it has no detection time to record.
+            if f.signal != Signal::Reload {
+                self.metrics.detection_seconds.record(f.detection.as_secs_f64());
+            }
             self.metrics.epoch.set(f.epoch as f64);
             warn!(
                 service = %name, epoch = f.epoch, signal = f.signal.as_str(),
@@ -512,6 +593,13 @@ impl Detector {
                 view.epoch_end.cancel();
                 for t in linked.drain(..) {
                     t.cancel();
+                }
+                if f.signal == Signal::Reload
+                    && let Some(next) = view.next_epoch_end.take()
+                {
+                    // why: sessions made while a sign was being confirmed reached the old address, not the
+                    // new one: they end with the old epoch.
+                    next.cancel();
                 }
                 view.epoch_end = view.next_epoch_end.take().unwrap_or_default();
                 view.epoch = f.epoch;

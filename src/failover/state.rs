@@ -57,6 +57,8 @@ pub enum Evidence {
     Sign { signal: Signal },
     /// The cluster manager declared a failover.
     Admin,
+    /// A reload gave the service another upstream address: the sessions of the old one are not of this host.
+    Reload,
 }
 
 /// An epoch that ended.
@@ -117,6 +119,28 @@ impl Machine {
         self.suspect.is_some()
     }
 
+    /// New fall and rise counts (a reload); the state, epoch and counts so far stay.
+    pub fn set_thresholds(&mut self, fall: u32, rise: u32) {
+        self.fall = fall.max(1);
+        self.rise = rise.max(1);
+    }
+
+    /// Forgets the node's name without ending the epoch: a new identity pattern names nodes differently, so
+    /// the next name it reads is not a move.
+    pub fn forget_identity(&mut self) {
+        self.identity = None;
+    }
+
+    /// Nothing watches the host any more (the probe was turned off): up, as at the start, with no failover.
+    pub fn assume_up(&mut self, now: Instant) {
+        if !self.state.connectable() {
+            self.last_good = now;
+        }
+        self.state = HostState::Up;
+        self.suspect = None;
+        self.fails = 0;
+    }
+
     /// A good sign of the current epoch seen at `at` (an ACK on the held session); changes no state.
     pub fn good_sign(&mut self, at: Instant) {
         if self.state.connectable() && at > self.last_good {
@@ -149,14 +173,23 @@ impl Machine {
                 }
                 None
             }
-            Evidence::Admin => {
-                let f = self.end_epoch(now, Signal::Admin);
-                if self.state == HostState::Suspect {
-                    self.state = HostState::Up;
-                }
-                Some(f)
-            }
+            Evidence::Admin => Some(self.declared(now, Signal::Admin)),
+            Evidence::Reload => Some(self.declared(now, Signal::Reload)),
         }
+    }
+
+    /// A failover said by someone else (the cluster manager, a reload): the epoch ends at once; a suspicion
+    /// is settled by it.
+    fn declared(&mut self, now: Instant, signal: Signal) -> Failover {
+        let mut f = self.end_epoch(now, signal);
+        if signal == Signal::Reload {
+            // why: a reload's failover is decided, not detected: no time passed between a sign and it.
+            f.detection = Duration::ZERO;
+        }
+        if self.state == HostState::Suspect {
+            self.state = HostState::Up;
+        }
+        f
     }
 
     fn ok(&mut self, now: Instant, at: Instant, identity: Option<String>) -> Option<Failover> {
@@ -390,5 +423,35 @@ mod tests {
             assert_eq!((f.epoch, f.signal), (want, Signal::Admin));
         }
         assert_eq!(m.state(), HostState::Up);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_to_another_address_ends_the_epoch_and_keeps_the_rest() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        let id = |s: &str| Evidence::Ok { at: Instant::now(), identity: Some(s.into()) };
+        m.observe(Instant::now(), id("node1"));
+        m.set_thresholds(3, 2);
+        let f = m.observe(Instant::now(), Evidence::Reload).unwrap();
+        assert_eq!((f.epoch, f.signal, m.state()), (2, Signal::Reload, HostState::Up));
+        // The new fall count applies: two silences only suspect.
+        for _ in 0..2 {
+            assert_eq!(m.observe(Instant::now(), silent()), None);
+        }
+        assert_eq!((m.state(), m.epoch()), (HostState::Suspect, 2));
+        assert!(m.observe(Instant::now(), silent()).is_some());
+        assert_eq!(m.state(), HostState::Down);
+        // The probe turned off: up again, no failover.
+        m.assume_up(Instant::now());
+        assert_eq!((m.state(), m.epoch(), m.suspecting()), (HostState::Up, 3, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_identity_is_adopted_not_a_move() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        let id = |s: &str| Evidence::Ok { at: Instant::now(), identity: Some(s.into()) };
+        m.observe(Instant::now(), id("node1"));
+        m.forget_identity();
+        assert_eq!(m.observe(Instant::now(), id("db-node1.example")), None);
+        assert_eq!((m.epoch(), m.identity()), (1, Some("db-node1.example")));
     }
 }

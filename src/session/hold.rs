@@ -69,8 +69,9 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
         if timeout.is_zero() {
             return Err(Refusal::Deadline);
         }
+        let connector = svc.connector.load_full();
         let attempt = tokio::select! {
-            r = svc.connector.connect(timeout) => r,
+            r = connector.connect(timeout) => r,
             _ = stop.cancelled() => return Err(Refusal::Shutdown),
         };
         match attempt {
@@ -118,11 +119,17 @@ async fn wait_change(
     stop: &CancellationToken,
 ) -> Result<(), Refusal> {
     let until = until.map_or(deadline, |u| u.min(deadline));
-    let mut dep_changes: Vec<DepChange<'_>> = deps.iter_mut().map(|d| Box::pin(d.changed()) as Pin<Box<_>>).collect();
+    let mut dep_changes: Vec<Option<DepChange<'_>>> =
+        deps.iter_mut().map(|d| Some(Box::pin(d.changed()) as Pin<Box<_>>)).collect();
     let any_dep = std::future::poll_fn(|cx| {
-        for f in dep_changes.iter_mut() {
-            if f.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(());
+        for slot in dep_changes.iter_mut() {
+            let Some(f) = slot else { continue };
+            match f.as_mut().poll(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(()),
+                // why: a closed view never changes again; taken as a change it would wake this client in a
+                // loop until its deadline. It is left out and its last word stands.
+                Poll::Ready(Err(_)) => *slot = None,
+                Poll::Pending => {}
             }
         }
         Poll::Pending

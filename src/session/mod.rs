@@ -12,26 +12,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::OnFailover;
 use crate::failover::Sign;
 use crate::metrics::{Outcome, ResetReason};
-use crate::service::Service;
+use crate::service::{Permit, Service};
 use crate::upstream::{ConnectClass, classify, socket};
 use hold::Refusal;
 use relay::{RelayError, Side};
 
 /// Serves one accepted client until its session ends. `stop` ends it (after the drain grace on SIGTERM).
-pub async fn serve(
-    client: TcpStream,
-    peer: SocketAddr,
-    svc: Arc<Service>,
-    _permit: OwnedSemaphorePermit,
-    stop: CancellationToken,
-) {
+pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _permit: Permit, stop: CancellationToken) {
     socket::tune_client(&client, &svc.cfg.keepalive);
     let name = &svc.cfg.name;
     let (upstream, view) = match hold::connect(&svc, &stop).await {

@@ -169,7 +169,7 @@ impl Listener {
         }
         // why: a name is looked up again for every new flow, so DNS-based failover is followed; the lookup
         // holds this listener, so it is bounded by the connect timeout.
-        let resolved = match tokio::time::timeout(cfg.hold.connect_timeout, svc.connector.resolve()).await {
+        let resolved = match tokio::time::timeout(cfg.hold.connect_timeout, svc.connector.load_full().resolve()).await {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer from the resolver within {:?}", cfg.hold.connect_timeout)),
         };

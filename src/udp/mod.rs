@@ -243,8 +243,8 @@ async fn mirror_host_state(shared: Arc<Shared>, stop: CancellationToken) {
         let closed = tokio::select! {
             _ = stop.cancelled() => return,
             r = view.changed() => r.is_err(),
-            // why: a reload may give the service another detector, or restart one (which resets these gauges)
-            // without the followed view changing.
+            // why: a reload may give the service another detector (its probe turned on or off, or another
+            // first dependency) without the followed view changing.
             _ = tokio::time::sleep(Duration::from_secs(1)) => false,
         };
         let current = &shared.svc.load().detector.view;

@@ -41,19 +41,37 @@ impl Backoff {
 /// Slots the window is divided into.
 const SLOTS: usize = 10;
 
-/// Retries allowed per first attempt, over a sliding window.
+/// Retries allowed per first attempt, over a sliding window. A reload changes its settings, not what it
+/// has counted: the deposits and withdrawals of the window stay.
 #[derive(Debug)]
 pub struct RetryBudget {
+    inner: Mutex<Slots>,
+}
+
+/// A budget's settings, from `HoldConfig`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Params {
     /// Thousandths of a retry earned per first attempt (integers: sums must not drift).
     ratio_milli: u64,
     /// Thousandths of retries the window always allows, whatever the deposits.
     reserve_milli: u64,
     slot_len: Duration,
-    inner: Mutex<Slots>,
+}
+
+impl Params {
+    fn of(hold: &HoldConfig) -> Params {
+        Params {
+            ratio_milli: (hold.budget_ratio * 1000.0).round() as u64,
+            reserve_milli: (f64::from(hold.budget_min_per_sec) * hold.budget_window.as_secs_f64() * 1000.0).round()
+                as u64,
+            slot_len: hold.budget_window / SLOTS as u32,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Slots {
+    params: Params,
     start: Instant,
     /// Index of the slot that began at `start`.
     current: usize,
@@ -61,41 +79,56 @@ struct Slots {
     withdrawals: [u64; SLOTS],
 }
 
+impl Slots {
+    fn rotate(&mut self, now: Instant) {
+        let slot_len = self.params.slot_len;
+        let elapsed = now.saturating_duration_since(self.start);
+        let steps = (elapsed.as_nanos() / slot_len.as_nanos().max(1)) as usize;
+        for _ in 0..steps.min(SLOTS) {
+            self.current = (self.current + 1) % SLOTS;
+            self.deposits[self.current] = 0;
+            self.withdrawals[self.current] = 0;
+        }
+        self.start += slot_len * steps as u32;
+    }
+}
+
 impl RetryBudget {
     pub fn new(hold: &HoldConfig, now: Instant) -> RetryBudget {
         RetryBudget {
-            ratio_milli: (hold.budget_ratio * 1000.0).round() as u64,
-            reserve_milli: (f64::from(hold.budget_min_per_sec) * hold.budget_window.as_secs_f64() * 1000.0).round()
-                as u64,
-            slot_len: hold.budget_window / SLOTS as u32,
-            inner: Mutex::new(Slots { start: now, current: 0, deposits: [0; SLOTS], withdrawals: [0; SLOTS] }),
+            inner: Mutex::new(Slots {
+                params: Params::of(hold),
+                start: now,
+                current: 0,
+                deposits: [0; SLOTS],
+                withdrawals: [0; SLOTS],
+            }),
         }
     }
 
-    fn rotate(&self, s: &mut Slots, now: Instant) {
-        let elapsed = now.saturating_duration_since(s.start);
-        let steps = (elapsed.as_nanos() / self.slot_len.as_nanos().max(1)) as usize;
-        for _ in 0..steps.min(SLOTS) {
-            s.current = (s.current + 1) % SLOTS;
-            s.deposits[s.current] = 0;
-            s.withdrawals[s.current] = 0;
-        }
-        s.start += self.slot_len * steps as u32;
+    fn slots(&self, now: Instant) -> std::sync::MutexGuard<'_, Slots> {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.rotate(now);
+        s
+    }
+
+    /// New settings (a reload); what the window counted so far stays.
+    pub fn reconfigure(&self, hold: &HoldConfig) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.params = Params::of(hold);
     }
 
     /// A first attempt: earns `ratio` retries.
     pub fn deposit(&self, now: Instant) {
-        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        self.rotate(&mut s, now);
+        let mut s = self.slots(now);
         let i = s.current;
-        s.deposits[i] += self.ratio_milli;
+        s.deposits[i] += s.params.ratio_milli;
     }
 
     /// A retry: allowed while withdrawals in the window stay within deposits plus the reserve.
     pub fn try_withdraw(&self, now: Instant) -> bool {
-        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        self.rotate(&mut s, now);
-        let earned = s.deposits.iter().sum::<u64>() + self.reserve_milli;
+        let mut s = self.slots(now);
+        let earned = s.deposits.iter().sum::<u64>() + s.params.reserve_milli;
         if s.withdrawals.iter().sum::<u64>() + 1000 <= earned {
             let i = s.current;
             s.withdrawals[i] += 1000;
@@ -159,6 +192,19 @@ mod tests {
         budget.deposit(Instant::now());
         budget.deposit(Instant::now());
         assert!(budget.try_withdraw(Instant::now()));
+        assert!(!budget.try_withdraw(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_what_the_window_counted() {
+        let budget = RetryBudget::new(&hold(0.5, 0), Instant::now());
+        budget.deposit(Instant::now());
+        budget.deposit(Instant::now());
+        assert!(budget.try_withdraw(Instant::now()));
+        budget.reconfigure(&hold(1.0, 0));
+        assert!(!budget.try_withdraw(Instant::now()), "the retry already made still counts");
+        budget.deposit(Instant::now());
+        assert!(budget.try_withdraw(Instant::now()), "a deposit earns the new ratio");
         assert!(!budget.try_withdraw(Instant::now()));
     }
 }
