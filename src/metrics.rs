@@ -76,17 +76,25 @@ pub enum Outcome {
     RefusedLimit,
     RefusedDeadline,
     RefusedShutdown,
+    /// The client closed its connection while it was held: no upstream was made for it.
+    ClientGone,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 4] =
-        [Outcome::Proxied, Outcome::RefusedLimit, Outcome::RefusedDeadline, Outcome::RefusedShutdown];
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Proxied,
+        Outcome::RefusedLimit,
+        Outcome::RefusedDeadline,
+        Outcome::RefusedShutdown,
+        Outcome::ClientGone,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Proxied => "proxied",
             Outcome::RefusedLimit => "refused_limit",
             Outcome::RefusedDeadline => "refused_deadline",
             Outcome::RefusedShutdown => "refused_shutdown",
+            Outcome::ClientGone => "client_gone",
         }
     }
 }
@@ -297,7 +305,7 @@ fn describe(r: &PrometheusRecorder) {
 
 /// Pre-resolved handles of one service's series.
 pub struct ServiceMetrics {
-    outcome: [Counter; 4],
+    outcome: [Counter; 5],
     pub active: Gauge,
     pub held: Gauge,
     pub hold_seconds: Histogram,

@@ -120,7 +120,7 @@ fn a_flapping_address_causes_no_retry_storm() {
         .iter()
         .map(|r| m("staybound_upstream_connect_attempts_total", &[("service", "redis"), ("result", r)]))
         .sum();
-    let accepted: f64 = ["proxied", "refused_deadline", "refused_limit", "refused_shutdown"]
+    let accepted: f64 = ["proxied", "refused_deadline", "refused_limit", "refused_shutdown", "client_gone"]
         .iter()
         .map(|o| m("staybound_client_connections_total", &[("service", "redis"), ("outcome", o)]))
         .sum::<f64>()

@@ -182,4 +182,10 @@ fn every_series_is_there_from_the_start() {
             "{signal}"
         );
     }
+    for outcome in ["proxied", "refused_limit", "refused_deadline", "refused_shutdown", "client_gone"] {
+        assert!(
+            text.contains(&format!("staybound_client_connections_total{{service=\"fresh\",outcome=\"{outcome}\"}} 0")),
+            "{outcome}"
+        );
+    }
 }

@@ -152,3 +152,68 @@ async fn deadline_expiry_refuses_with_a_reset_and_counts() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_clients_that_close_leave_at_once_and_cost_no_connect() {
+    let up = closed_port();
+    let proxy = Proxy::start(&format!(
+        "[[service]]\nname = \"quit\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n[service.probe]\nmode = \"hold\"\n[service.hold]\ndeadline = \"30s\"\n"
+    ))
+    .await;
+    let addr = proxy.addr("quit");
+    let m = |name: &str, extra: &[(&str, &str)]| {
+        let mut labels = vec![("service", "quit")];
+        labels.extend_from_slice(extra);
+        proxy.metric(name, &labels)
+    };
+    eventually("the upstream is down", Duration::from_secs(5), || m("staybound_upstream_up", &[]) == 0.0).await;
+
+    // Two clients that sent a request stay held: one keeps its socket open, one half-closed it.
+    let mut patient = TcpStream::connect(addr).await.unwrap();
+    patient.write_all(b"patient request").await.unwrap();
+    let mut half = TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"half-closed request").await.unwrap();
+    half.shutdown().await.unwrap();
+    // Twenty give up: ten close (FIN), ten abort (RST).
+    let mut quitters = Vec::new();
+    for _ in 0..20 {
+        quitters.push(TcpStream::connect(addr).await.unwrap());
+    }
+    eventually("22 clients held", Duration::from_secs(5), || m("staybound_held_clients", &[]) == 22.0).await;
+    let start = Instant::now();
+    for (i, q) in quitters.into_iter().enumerate() {
+        if i % 2 == 1 {
+            socket2::SockRef::from(&q).set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(q);
+    }
+    eventually("the 20 that closed are gone", Duration::from_secs(5), || m("staybound_held_clients", &[]) == 2.0).await;
+    let left = start.elapsed();
+    eprintln!("FIGURES 20 held clients that closed left the held gauge after {:.1} ms", left.as_secs_f64() * 1000.0);
+    assert!(left <= Duration::from_secs(1), "left after {left:?}");
+    assert_eq!(m("staybound_client_connections_total", &[("outcome", "client_gone")]), 20.0);
+
+    // The upstream comes back: only the probe and the two who waited connect.
+    let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = TcpListener::bind(up).await.unwrap();
+    let counted = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let mut buf = [0u8; 15];
+    patient.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"patient request");
+    let (got, reset) = read_to_end(&mut half).await;
+    assert_eq!((got.as_slice(), reset), (&b"half-closed request"[..], false));
+    let accepted = accepts.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("FIGURES the upstream accepted {accepted} connections when it came back (probe and 2 waiting clients)");
+    assert!(accepted <= 4, "no connect for the clients that left: {accepted} accepted");
+    assert_eq!(m("staybound_client_connections_total", &[("outcome", "proxied")]), 2.0);
+}

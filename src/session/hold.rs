@@ -2,11 +2,20 @@
 //! already accepted; its upstream connect waits while the detector says the host (or a dependency) is
 //! away, retries failed attempts with a jittered backoff under the service's retry budget, and gives up
 //! at the hold deadline. Nothing is read from the client meanwhile, so nothing it sends is lost.
+//!
+//! A held client is watched: one that closes its connection with no byte of its own waiting to be relayed,
+//! or resets it, leaves at once with its permit and its place in the held gauge, and no upstream connect is
+//! made for it. One that sent a request (and perhaps half-closed after it) stays held: it waits for the reply.
 
 use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::Poll;
 
+use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
@@ -25,13 +34,19 @@ pub enum Refusal {
     Deadline,
     /// staybound is ending the session (shutdown).
     Shutdown,
+    /// The client closed or reset its connection while it was held.
+    ClientGone,
 }
 
-/// Connects the upstream for a new client; returns the stream and the view (epoch) it was made in.
+/// Connects the upstream for `client`; returns the stream and the view (epoch) it was made in.
 ///
 /// # Errors
-/// A `Refusal` when the deadline passes or `stop` fires first.
-pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStream, HostView), Refusal> {
+/// A `Refusal` when the deadline passes, `stop` fires or the client leaves first.
+pub async fn connect(
+    svc: &Service,
+    client: &TcpStream,
+    stop: &CancellationToken,
+) -> Result<(TcpStream, HostView), Refusal> {
     let hold = &svc.cfg.hold;
     let start = Instant::now();
     let deadline = start + hold.deadline;
@@ -39,6 +54,8 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
     let mut deps: Vec<watch::Receiver<HostView>> = svc.deps.iter().map(|(_, rx)| rx.clone()).collect();
     let mut backoff = Backoff::new(hold.backoff_initial, hold.backoff_max);
     let mut held: Option<CountGuard> = None;
+    // Watches the client from the moment it is held (a first attempt on an up host costs nothing more).
+    let mut gone: Option<Gone<'_>> = None;
     let mut first = true;
     // The detector's news at the last attempt: an attempt made on new news is a fresh attempt, not a
     // blind retry, so the budget does not hold clients back once the host is back.
@@ -46,7 +63,8 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
     loop {
         if !svc.connectable() {
             held.get_or_insert_with(|| svc.held_guard());
-            wait_change(&mut view_rx, &mut deps, None, deadline, stop).await?;
+            let gone = gone.get_or_insert_with(|| Box::pin(client_gone(client)));
+            wait_change(&mut view_rx, &mut deps, None, deadline, stop, gone).await?;
             continue;
         }
         let view = view_rx.borrow_and_update().clone();
@@ -60,7 +78,8 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
             debug!(service = %svc.cfg.name, "retry budget spent: waiting for the detector");
             // why: the budget refused; only the detector's news (or the backoff running out) earns another try.
             let pause = backoff.next_delay().max(svc.cfg.probe.interval.min(hold.backoff_max));
-            wait_change(&mut view_rx, &mut deps, Some(now + pause), deadline, stop).await?;
+            let gone = gone.get_or_insert_with(|| Box::pin(client_gone(client)));
+            wait_change(&mut view_rx, &mut deps, Some(now + pause), deadline, stop, gone).await?;
             continue;
         }
         first = false;
@@ -73,6 +92,7 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
         let attempt = tokio::select! {
             r = connector.connect(timeout) => r,
             _ = stop.cancelled() => return Err(Refusal::Shutdown),
+            _ = watching(&mut gone) => return Err(Refusal::ClientGone),
         };
         match attempt {
             Ok(stream) => {
@@ -100,7 +120,8 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
                     // why: the address is not up; the detector's news will come first, backoff bounds the wait.
                     _ => backoff.next_delay(),
                 };
-                wait_change(&mut view_rx, &mut deps, Some(Instant::now() + pause), deadline, stop).await?;
+                let gone = gone.get_or_insert_with(|| Box::pin(client_gone(client)));
+                wait_change(&mut view_rx, &mut deps, Some(Instant::now() + pause), deadline, stop, gone).await?;
             }
         }
     }
@@ -109,14 +130,62 @@ pub async fn connect(svc: &Service, stop: &CancellationToken) -> Result<(TcpStre
 /// A pending change of a dependency's view.
 type DepChange<'a> = Pin<Box<dyn Future<Output = Result<(), watch::error::RecvError>> + Send + 'a>>;
 
-/// Waits until the host's view or a dependency's changes, `until` passes, the deadline passes (an error)
-/// or `stop` fires (an error). Every held client of a service wakes on the same change.
+/// The watch on a held client: ready when it is gone.
+type Gone<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// Ready when the watched client is gone; never when it is not watched.
+async fn watching(gone: &mut Option<Gone<'_>>) {
+    match gone {
+        Some(g) => g.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns when `client` is gone: it closed its connection with nothing unread (peeked, never read), or it
+/// reset it. A client whose bytes wait unread stays: it sent a request, and a half-close after a request
+/// asks for the reply.
+async fn client_gone(client: &TcpStream) {
+    // why: the watch waits on its own registration of the socket (a duplicate descriptor); clearing its
+    // readiness, as waiting past unread bytes requires, must not clear the readiness the relay waits on.
+    let watch = match client.as_fd().try_clone_to_owned().map(std::net::TcpStream::from).and_then(TcpStream::from_std) {
+        Ok(w) => w,
+        Err(e) => {
+            debug!(error = %e, "cannot watch a held client; it stays held until its upstream or deadline");
+            return std::future::pending().await;
+        }
+    };
+    loop {
+        let Ok(ready) = watch.ready(Interest::READABLE).await else { return };
+        let mut byte = [MaybeUninit::<u8>::uninit()];
+        let peeked = watch.try_io(Interest::READABLE, || SockRef::from(&watch).peek(&mut byte));
+        match peeked {
+            Ok(0) => return,
+            Ok(_) if ready.is_read_closed() => {
+                // A request, then a FIN or an RST: a reset leaves its error on the socket.
+                if watch.take_error().is_ok_and(|e| e.is_none()) {
+                    return std::future::pending().await;
+                }
+                return;
+            }
+            Ok(_) => {
+                // Unread bytes: wait for what comes next (more bytes, a FIN, an RST), not for these again.
+                let _ = watch.try_io(Interest::READABLE, || Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Waits until the host's view or a dependency's changes, `until` passes, the deadline passes (an error),
+/// `stop` fires or the client is gone (errors). Every held client of a service wakes on the same change.
 async fn wait_change(
     view: &mut watch::Receiver<HostView>,
     deps: &mut [watch::Receiver<HostView>],
     until: Option<Instant>,
     deadline: Instant,
     stop: &CancellationToken,
+    gone: &mut Gone<'_>,
 ) -> Result<(), Refusal> {
     let until = until.map_or(deadline, |u| u.min(deadline));
     let mut dep_changes: Vec<Option<DepChange<'_>>> =
@@ -144,6 +213,7 @@ async fn wait_change(
         _ = any_dep => {}
         _ = sleep_until(until) => {}
         _ = stop.cancelled() => return Err(Refusal::Shutdown),
+        _ = gone.as_mut() => return Err(Refusal::ClientGone),
     }
     if Instant::now() >= deadline { Err(Refusal::Deadline) } else { Ok(()) }
 }

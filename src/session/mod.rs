@@ -27,14 +27,19 @@ use relay::{RelayError, Side};
 pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _permit: Permit, stop: CancellationToken) {
     socket::tune_client(&client, &svc.cfg.keepalive);
     let name = &svc.cfg.name;
-    let (upstream, view) = match hold::connect(&svc, &stop).await {
+    let (upstream, view) = match hold::connect(&svc, &client, &stop).await {
         Ok(ok) => ok,
         Err(refusal) => {
             let outcome = match refusal {
                 Refusal::Deadline => Outcome::RefusedDeadline,
                 Refusal::Shutdown => Outcome::RefusedShutdown,
+                Refusal::ClientGone => Outcome::ClientGone,
             };
             svc.metrics.outcome(outcome).increment(1);
+            if refusal == Refusal::ClientGone {
+                debug!(service = %name, client = %peer, "held client gone: it closed its connection; no upstream made for it");
+                return;
+            }
             info!(service = %name, client = %peer, outcome = outcome.as_str(), "client refused: no upstream");
             socket::reset_on_close(&client);
             return;
