@@ -3,6 +3,7 @@
 //! Nothing outside this module knows the file format.
 
 mod escape;
+mod parse;
 mod raw;
 mod validate;
 

@@ -7,11 +7,54 @@ use toml::Spanned;
 /// A value as written, with its byte range in the file.
 pub type S<T> = Spanned<T>;
 
+/// A duration as written: a string with its unit. Its own type so that a bare number gets a message
+/// that says how to write one, not only that a string was expected.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DurationText(pub String);
+
+impl std::fmt::Debug for DurationText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl DurationText {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = DurationText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration: a string with its unit, such as \"30s\" or \"250ms\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<DurationText, E> {
+                Err(E::custom(format!(
+                    "{n} has no unit: a duration is a string with its unit, such as \"{n}s\" or \"{n}ms\""
+                )))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<DurationText, E> {
+                Err(E::custom(format!(
+                    "{n} has no unit: a duration is a string with its unit, such as \"{n}s\" or \"{n}ms\""
+                )))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    pub shutdown_grace: Option<S<String>>,
+    pub shutdown_grace: Option<S<DurationText>>,
     pub workers: Option<S<i64>>,
     pub admin: Option<RawAdmin>,
     pub defaults: Option<RawDefaults>,
@@ -49,7 +92,7 @@ pub struct RawService {
     pub max_connections: Option<S<i64>>,
     pub backlog: Option<S<i64>>,
     pub on_failover: Option<S<String>>,
-    pub idle_timeout: Option<S<String>>,
+    pub idle_timeout: Option<S<DurationText>>,
     pub keepalive: Option<RawKeepalive>,
     pub probe: Option<RawProbe>,
     pub hold: Option<RawHold>,
@@ -59,19 +102,19 @@ pub struct RawService {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKeepalive {
-    pub idle: Option<S<String>>,
-    pub interval: Option<S<String>>,
+    pub idle: Option<S<DurationText>>,
+    pub interval: Option<S<DurationText>>,
     pub count: Option<S<i64>>,
-    pub user_timeout: Option<S<String>>,
-    pub client_idle: Option<S<String>>,
+    pub user_timeout: Option<S<DurationText>>,
+    pub client_idle: Option<S<DurationText>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProbe {
     pub mode: Option<S<String>>,
-    pub interval: Option<S<String>>,
-    pub timeout: Option<S<String>>,
+    pub interval: Option<S<DurationText>>,
+    pub timeout: Option<S<DurationText>>,
     pub send: Option<S<String>>,
     pub expect: Option<S<String>>,
     pub identity: Option<S<String>>,
@@ -83,20 +126,20 @@ pub struct RawProbe {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHold {
-    pub deadline: Option<S<String>>,
-    pub connect_timeout: Option<S<String>>,
-    pub backoff_initial: Option<S<String>>,
-    pub backoff_max: Option<S<String>>,
+    pub deadline: Option<S<DurationText>>,
+    pub connect_timeout: Option<S<DurationText>>,
+    pub backoff_initial: Option<S<DurationText>>,
+    pub backoff_max: Option<S<DurationText>>,
     pub budget_ratio: Option<S<f64>>,
     pub budget_min_per_sec: Option<S<i64>>,
-    pub budget_window: Option<S<String>>,
+    pub budget_window: Option<S<DurationText>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUdp {
     pub reply_from: Option<S<Vec<S<String>>>>,
-    pub flow_idle: Option<S<String>>,
+    pub flow_idle: Option<S<DurationText>>,
     pub max_flows: Option<S<i64>>,
 }
 

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{Inherit, RawConfig, RawHold, RawKeepalive, RawProbe, RawService, RawUdp, S};
+use super::raw::{DurationText, Inherit, RawHold, RawKeepalive, RawProbe, RawService, RawUdp, S};
 use super::*;
 
 /// One thing wrong in a config file, located.
@@ -62,23 +62,29 @@ impl fmt::Display for Problem {
 struct Ctx<'a> {
     text: &'a str,
     problems: Vec<Problem>,
+    /// Keys whose value was of the wrong type and was taken out: already reported, so a "missing" that
+    /// follows from taking it out is not.
+    taken: HashSet<String>,
 }
 
 impl Ctx<'_> {
     fn at(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        if self.taken.contains(key) {
+            return;
+        }
         let (line, column) = line_col(self.text, span.start);
         self.problems.push(Problem { line, column, key: key.to_string(), message: message.into() });
     }
 
     fn duration(
         &mut self,
-        v: &Option<S<String>>,
+        v: &Option<S<DurationText>>,
         key: &str,
         default: Duration,
         range: (Duration, Duration),
     ) -> Duration {
         let Some(v) = v else { return default };
-        match parse_duration(v.get_ref()) {
+        match parse_duration(v.get_ref().as_str()) {
             Ok(d) if d < range.0 || d > range.1 => {
                 self.at(
                     v.span(),
@@ -101,7 +107,7 @@ impl Ctx<'_> {
     }
 
     /// Keep-alive times go to the kernel in whole seconds.
-    fn seconds(&mut self, v: &Option<S<String>>, key: &str, default: Duration) -> Duration {
+    fn seconds(&mut self, v: &Option<S<DurationText>>, key: &str, default: Duration) -> Duration {
         let d = self.duration(v, key, default, (Duration::from_secs(1), Duration::from_secs(32767)));
         if d.subsec_nanos() != 0 {
             if let Some(v) = v {
@@ -140,6 +146,12 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+/// Problems as the operator reads the file: top to bottom.
+fn in_line_order(mut problems: Vec<Problem>) -> Vec<Problem> {
+    problems.sort_by_key(|p| (p.line, p.column));
+    problems
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -184,20 +196,17 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            let (line, column) = line_col(text, span.start);
-            let key = key_at(text, span.start).unwrap_or_else(|| "(syntax)".into());
-            let message = e.message().trim().to_string();
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems: vec![Problem { line, column, key, message }],
-            });
-        }
+    let mut cx = Ctx { text, problems: Vec::new(), taken: HashSet::new() };
+    let (raw, shape) = super::parse::parse(text);
+    for p in shape {
+        let (line, column) = line_col(text, p.span.start);
+        let key = p.key.clone().or_else(|| key_at(text, p.span.start)).unwrap_or_else(|| "(syntax)".into());
+        cx.problems.push(Problem { line, column, key: key.clone(), message: p.message });
+        cx.taken.insert(key);
+    }
+    let Some(raw) = raw else {
+        return Err(ConfigError::Invalid { path: path.to_path_buf(), problems: in_line_order(cx.problems) });
     };
-    let mut cx = Ctx { text, problems: Vec::new() };
 
     let shutdown_grace = cx.duration(
         &raw.shutdown_grace,
@@ -235,7 +244,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
     cross_checks(&mut cx, &services, &spans);
 
     if !cx.problems.is_empty() {
-        return Err(ConfigError::Invalid { path: path.to_path_buf(), problems: cx.problems });
+        return Err(ConfigError::Invalid { path: path.to_path_buf(), problems: in_line_order(cx.problems) });
     }
     Ok(Config {
         path: path.to_path_buf(),
@@ -322,7 +331,7 @@ fn service(
         &[("reset", OnFailover::Reset), ("close", OnFailover::Close)],
     );
     let idle_timeout = match &svc.idle_timeout {
-        Some(v) if v.get_ref() == "off" => None,
+        Some(v) if v.get_ref().as_str() == "off" => None,
         None => None,
         some => Some(cx.duration(
             some,
@@ -425,7 +434,7 @@ pub(crate) fn parse_upstream(text: &str) -> Result<UpstreamAddr, String> {
 fn keepalive(cx: &mut Ctx<'_>, k: RawKeepalive, key: &str) -> KeepaliveConfig {
     let key = |k: &str| format!("{key}.{k}");
     let client_idle = match &k.client_idle {
-        Some(v) if v.get_ref() == "off" => None,
+        Some(v) if v.get_ref().as_str() == "off" => None,
         other => Some(cx.seconds(other, &key("client_idle"), Duration::from_secs(30))),
     };
     KeepaliveConfig {
@@ -802,6 +811,53 @@ mod tests {
         assert!(keys.contains(&"service[A].keepalive.count"), "{keys:?}");
         let idle = p.iter().find(|p| p.key.ends_with("idle")).unwrap();
         assert_eq!((idle.line, idle.column), (5, 8));
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_all_reported_in_one_pass_in_line_order() {
+        let text = "workers = \"two\"\n\
+            [[service]]\n\
+            name = \"a\"\n\
+            listen = \"127.0.0.1:1\"\n\
+            idel = \"1s\"\n\
+            upstream = 7\n\
+            [service.hold]\n\
+            deadlin = \"30s\"\n\
+            deadline = 30\n\
+            [service.probe]\n\
+            mode = \"sometimes\"\n\
+            fall = \"2\"\n";
+        let err = load(text).unwrap_err();
+        let got: Vec<(usize, &str)> = err.problems().iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "workers"),
+                (5, "service[a].idel"),
+                (6, "service[a].upstream"),
+                (8, "service[a].hold.deadlin"),
+                (9, "service[a].hold.deadline"),
+                (11, "service[a].probe.mode"),
+                (12, "service[a].probe.fall"),
+            ],
+            "{err}"
+        );
+        let msg = |line| err.problems().iter().find(|p| p.line == line).unwrap().message.clone();
+        assert!(msg(5).contains("unknown field `idel`"), "{}", msg(5));
+        assert!(msg(9).contains("\"30s\""), "a bare number gets the unit hint: {}", msg(9));
+        assert!(msg(12).contains("whole number"), "{}", msg(12));
+    }
+
+    #[test]
+    fn a_key_of_the_wrong_type_is_not_also_reported_missing() {
+        let err = load("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = 7\n").unwrap_err();
+        assert_eq!(err.problems().len(), 1, "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let err = load("[[service]]\nname = \"a\"\nlisten = [\n").unwrap_err();
+        assert_eq!(err.problems()[0].line, 3, "{err}");
     }
 
     #[test]
