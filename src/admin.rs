@@ -52,13 +52,22 @@ impl Drop for AdminHandle {
     }
 }
 
-/// Binds `addr` now (so a bad address fails the start) and serves on a thread of its own.
+/// Binds the admin address: done before anything else starts, so a busy port fails the start before any
+/// service says it is listening.
 ///
 /// # Errors
 /// The bind error.
-pub fn start(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result<AdminHandle> {
-    let std_listener = std::net::TcpListener::bind(addr)?;
-    std_listener.set_nonblocking(true)?;
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves on a listener from [`bind`], on a thread of its own.
+///
+/// # Errors
+/// The thread or its runtime could not be made.
+pub fn start(std_listener: std::net::TcpListener, registry: Arc<Registry>) -> std::io::Result<AdminHandle> {
     let bound = std_listener.local_addr()?;
     let stop = CancellationToken::new();
     let stop_thread = stop.clone();
@@ -219,6 +228,7 @@ pub fn status_json(registry: &Registry) -> serde_json::Value {
                 "listen": entry.bound().iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "probe": svc.cfg.probe.mode.as_str(),
                 "neighbor_watch": &*view.neighbor,
+                "note": view.note.as_deref(),
             })
         })
         .collect();

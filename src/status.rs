@@ -67,10 +67,17 @@ pub fn table(json: &str) -> Result<String, String> {
     }
     let widths: Vec<usize> = (0..9).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
+    let notes: Vec<String> = list
+        .iter()
+        .filter_map(|s| Some(format!("{}: {}", s.get("name")?.as_str()?, s.get("note")?.as_str()?)))
+        .collect();
     for r in rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
+    }
+    for n in notes {
+        out.push_str(&format!("\nnote: {n}\n"));
     }
     Ok(out)
 }

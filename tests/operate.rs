@@ -142,6 +142,11 @@ fn the_failover_hook_ends_old_sessions_and_unknown_services_get_404() {
     let out = Command::new(BIN).args(["status", "--admin", &sb.admin.to_string()]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
+    // ...and finds the admin address in the config file when it is not given.
+    let named = sb.config.with_file_name("named-admin.toml");
+    std::fs::write(&named, format!("[admin]\nlisten = \"{}\"\n{}", sb.admin, svc("hooked", up, ""))).unwrap();
+    let by_file = Command::new(BIN).args(["status", "--config"]).arg(&named).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&by_file.stdout), table, "{}", String::from_utf8_lossy(&by_file.stderr));
     let row = table.lines().find(|l| l.starts_with("hooked")).unwrap_or_else(|| panic!("{table}"));
     for want in ["up", " 2 ", "admin", "1 "] {
         assert!(row.contains(want), "{want:?} in {row:?}");
@@ -188,4 +193,53 @@ fn every_series_is_there_from_the_start() {
             "{outcome}"
         );
     }
+}
+
+#[test]
+fn an_upstream_never_up_since_start_is_named_and_is_not_a_failover() {
+    let port = support::proxy::closed_port();
+    let sb = Running::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"wrong\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{port}\"\n"
+    ));
+    let said =
+        |needle: &str| sb.log.lock().unwrap().iter().any(|v| v["message"].as_str().is_some_and(|m| m.contains(needle)));
+    wait("the log names the refusal", Duration::from_secs(5), || said("refused every connect since start"));
+    let status: serde_json::Value = serde_json::from_str(&sb.get("/status")).unwrap();
+    let note = status[0]["note"].as_str().unwrap_or_default().to_string();
+    assert!(note.contains("refused every connect since start: is the port right"), "{status}");
+    assert_eq!(status[0]["state"], "failing-over");
+    let out = Command::new(BIN).args(["status", "--admin", &sb.admin.to_string()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("note: wrong: upstream"), "the table shows it too");
+    // A client is held meanwhile, and served once the upstream answers.
+    let listen = sb.listens()["wrong"][0];
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        round_trip(&mut s, b"held, then served");
+    });
+    wait("the client is held", Duration::from_secs(5), || {
+        sb.metric("staybound_held_clients", &[("service", "wrong")]) == 1.0
+    });
+    let l = std::net::TcpListener::bind(port).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    client.join().expect("the held client is served once the upstream answers");
+    wait("the note clears", Duration::from_secs(5), || {
+        let status: serde_json::Value = serde_json::from_str(&sb.get("/status")).unwrap();
+        status[0]["note"].is_null() && status[0]["state"] == "up"
+    });
+    assert!(said("the upstream answered for the first time since start"));
+    assert!(!said("failover: the logical host moved"), "never reached is no failover");
+    let failovers: f64 = ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin"]
+        .iter()
+        .map(|s| sb.metric("staybound_failovers_total", &[("service", "wrong"), ("signal", s)]))
+        .sum();
+    assert_eq!((failovers, sb.metric("staybound_epoch", &[("service", "wrong")])), (0.0, 1.0));
 }

@@ -66,6 +66,8 @@ pub struct HostView {
     pub last_failover: Option<FailoverRecord>,
     /// The neighbour-table watch: `watching`, or why it is not.
     pub neighbor: Arc<str>,
+    /// Why the host is not up when that is not a failover: it has not answered once since start.
+    pub note: Option<Arc<str>>,
 }
 
 /// A sign from outside the probe.
@@ -150,6 +152,7 @@ impl Detector {
             since: now,
             last_failover: None,
             neighbor: Arc::from("starting"),
+            note: None,
         };
         let (view_tx, view_rx) = watch::channel(view);
         let (sign_tx, sign_rx) = mpsc::channel(256);
@@ -269,13 +272,9 @@ impl Detector {
             (crate::config::UpstreamAddr::Ip(addr), _) => addr.ip(),
             (crate::config::UpstreamAddr::Name { .. }, _) => return "off: the upstream is a name".into(),
         };
-        match neighbor::is_directly_connected(ip).await {
-            Ok(true) => {}
-            Ok(false) => return "not available: the upstream is routed, not on a directly connected network".into(),
-            Err(e) => {
-                info!(service = %self.svc.name, reason = %e, "neighbour watch unavailable; the other signs still work");
-                return format!("unavailable: {e}");
-            }
+        if let Some(why) = neighbor::unavailable(ip).await {
+            info!(service = %self.svc.name, reason = %why, "neighbour watch not available; the other signs still work");
+            return format!("not available: {why}");
         }
         let watch = match neighbor::NeighborWatch::start(vec![ip]).await {
             Ok(w) => w,
@@ -584,6 +583,15 @@ impl Detector {
             self.sessions_since = now;
         }
         self.metrics.upstream_up.set(if after.connectable() { 1.0 } else { 0.0 });
+        let note = never_reached(self.machine.reached(), after, &self.svc.upstream);
+        let had_note = self.view.borrow().note.is_some();
+        match (&note, had_note) {
+            (Some(why), false) => warn!(service = %name, upstream = %self.svc.upstream, "{why}"),
+            (None, true) => {
+                info!(service = %name, upstream = %self.svc.upstream, "the upstream answered for the first time since start")
+            }
+            _ => {}
+        }
         let identity = self.machine.identity().map(Arc::<str>::from);
         let suspecting = self.machine.suspecting();
         let linked = &mut self.linked;
@@ -620,6 +628,10 @@ impl Detector {
                 view.identity = identity;
                 changed = true;
             }
+            if view.note != note {
+                view.note = note;
+                changed = true;
+            }
             match (suspecting, view.next_epoch_end.is_some()) {
                 // why: each cleared suspicion leaves a token until the epoch ends; past the cap new sessions
                 // simply join the current epoch, as they would without provisional tokens.
@@ -636,6 +648,22 @@ impl Detector {
             }
             changed
         });
+    }
+}
+
+/// What `/status` and the log say of a host that has not answered since start, by how it fails; `None`
+/// once it has answered, or while nothing says it fails.
+fn never_reached(reached: bool, state: HostState, upstream: &crate::config::UpstreamAddr) -> Option<Arc<str>> {
+    match (reached, state) {
+        (false, HostState::FailingOver) => Some(Arc::from(format!(
+            "upstream {upstream} refused every connect since start: is the port right, and is the service started? \
+             (not a failover: clients are held until it answers or their deadline)"
+        ))),
+        (false, HostState::Down) => Some(Arc::from(format!(
+            "upstream {upstream} has not answered since start: is the address right and reachable? (not a \
+             failover: clients are held until it answers or their deadline)"
+        ))),
+        _ => None,
     }
 }
 

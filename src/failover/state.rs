@@ -85,6 +85,9 @@ pub struct Machine {
     identity: Option<String>,
     /// The first sign of the current suspicion: it names the signal if the suspicion is confirmed.
     suspect: Option<(Instant, Signal)>,
+    /// Whether the host has answered once since start. Until it has, nothing of it can have moved: a
+    /// failure is a wrong address or port, or a service not started yet, and ends no epoch.
+    reached: bool,
 }
 
 impl Machine {
@@ -99,6 +102,7 @@ impl Machine {
             last_good: now,
             identity: None,
             suspect: None,
+            reached: false,
         }
     }
 
@@ -113,6 +117,10 @@ impl Machine {
     }
     pub fn last_good(&self) -> Instant {
         self.last_good
+    }
+    /// Whether the host has answered once since start.
+    pub fn reached(&self) -> bool {
+        self.reached
     }
     /// Whether a sign is being confirmed.
     pub fn suspecting(&self) -> bool {
@@ -156,7 +164,8 @@ impl Machine {
             Evidence::Refused => self.fail(now, Signal::Probe, HostState::FailingOver),
             Evidence::Moved { signal, confirm, identity } => {
                 let signal = self.suspect.map_or(signal, |(_, s)| s);
-                let ended = if self.state.connectable() { Some(self.end_epoch(now, signal)) } else { None };
+                let ended =
+                    if self.state.connectable() && self.reached { Some(self.end_epoch(now, signal)) } else { None };
                 self.after_confirm(now, confirm, identity);
                 ended
             }
@@ -201,6 +210,7 @@ impl Machine {
         }
         self.fails = 0;
         self.oks = self.oks.saturating_add(1);
+        self.reached = true;
         let mut ended = None;
         if let Some(new) = identity {
             if let Some(old) = &self.identity
@@ -230,6 +240,13 @@ impl Machine {
     fn fail(&mut self, now: Instant, signal: Signal, bad: HostState) -> Option<Failover> {
         self.oks = 0;
         self.fails = self.fails.saturating_add(1);
+        if !self.reached {
+            // why: a host never reached since start has no sessions to lose and did not move: saying
+            // "failover" would send the operator looking for a takeover instead of at the address.
+            self.state = bad;
+            self.suspect = None;
+            return None;
+        }
         match self.state {
             HostState::Up | HostState::Suspect if self.fails >= self.fall => {
                 let signal = self.suspect.map_or(signal, |(_, s)| s);
@@ -257,6 +274,7 @@ impl Machine {
         match confirm {
             ConnectClass::Ok => {
                 self.oks = 1;
+                self.reached = true;
                 if identity.is_some() {
                     self.identity = identity;
                 }
@@ -320,8 +338,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_host_never_reached_since_start_fails_no_epoch_until_it_answers() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        assert!(!m.reached());
+        assert_eq!(m.observe(Instant::now(), Evidence::Refused), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::FailingOver, 1));
+        assert_eq!(m.observe(Instant::now(), silent()), None);
+        assert_eq!(m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset }), None);
+        assert_eq!(
+            m.observe(
+                Instant::now(),
+                Evidence::Moved { signal: Signal::Neighbor, confirm: ConnectClass::Refused, identity: None }
+            ),
+            None
+        );
+        assert_eq!((m.state(), m.epoch()), (HostState::FailingOver, 1));
+        tokio::time::advance(S).await;
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None, "coming up at last is no failover");
+        assert_eq!((m.state(), m.epoch(), m.reached()), (HostState::Up, 1, true));
+        // Once reached, going away is a failover.
+        let f = m.observe(Instant::now(), Evidence::Refused).expect("a host that answered and went away");
+        assert_eq!((f.epoch, m.state()), (2, HostState::FailingOver));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_blip_shorter_than_fall_ends_nothing() {
         let mut m = Machine::new(2, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
         assert_eq!(m.observe(Instant::now(), silent()), None);
         tokio::time::advance(S).await;
         assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
@@ -332,6 +375,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reset_held_session_that_reconnects_is_a_move() {
         let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
         m.good_sign(Instant::now());
         tokio::time::advance(Duration::from_millis(900)).await;
         let f = m
@@ -371,6 +415,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_confirmed_sign_names_the_first_signal() {
         let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
         m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset });
         tokio::time::advance(Duration::from_millis(200)).await;
         let f = m
