@@ -17,10 +17,9 @@ pub async fn neighbor_notes(config: &Config) -> std::collections::HashMap<String
     for s in &config.services {
         let note = match &s.upstream {
             UpstreamAddr::Name { .. } => "not available: the upstream is a name".to_string(),
-            UpstreamAddr::Ip(addr) => match crate::failover::neighbor::is_directly_connected(addr.ip()).await {
-                Ok(true) => "available: the upstream is on a directly connected network".into(),
-                Ok(false) => "not available: the upstream is routed (no gratuitous ARP reaches this host)".into(),
-                Err(e) => format!("not available: {e}"),
+            UpstreamAddr::Ip(addr) => match crate::failover::neighbor::unavailable(addr.ip()).await {
+                None => "available: the upstream is on a directly connected network".into(),
+                Some(why) => format!("not available: {why}"),
             },
         };
         notes.insert(s.name.clone(), note);

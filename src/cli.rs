@@ -1,9 +1,14 @@
-//! The command line: `run` (the default), `check`, `status`, `demo`, and the global logging flags.
+//! The command line: `run` (the default), `check`, `status`, `demo`, `completions`, `man`, and the global
+//! logging flags.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Where `run`, `check` and `status` look for the config file when `--config` is not given: the path the
+/// package, the image and the systemd unit use.
+pub const DEFAULT_CONFIG: &str = "/etc/staybound/staybound.toml";
 
 /// staybound keeps legacy clients working while the highly-available service behind them fails over.
 #[derive(Debug, Parser)]
@@ -30,6 +35,13 @@ pub enum Command {
     Check(RunArgs),
     /// Print the state of a running staybound, read from its admin endpoint.
     Status(StatusArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: `staybound man > /usr/share/man/man1/staybound.1`.
+    Man,
     /// A self-contained demonstration on loopback: a logical host that fails over, a legacy client through
     /// staybound and one without, and what each saw.
     Demo(DemoArgs),
@@ -37,16 +49,27 @@ pub enum Command {
 
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
-    /// The config file.
+    /// The config file [default: /etc/staybound/staybound.toml].
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
 
+impl RunArgs {
+    /// The config file named, or the default one.
+    pub fn path(&self) -> &Path {
+        self.config.as_deref().unwrap_or(Path::new(DEFAULT_CONFIG))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The admin endpoint of the running staybound.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9901")]
-    pub admin: SocketAddr,
+    /// The running staybound's config file, to read `admin.listen` from [default: /etc/staybound/staybound.toml,
+    /// or 127.0.0.1:9901 when there is none].
+    #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "admin")]
+    pub config: Option<PathBuf>,
+    /// The admin endpoint of the running staybound, instead of reading it from the config file.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
     /// Print the raw JSON of /status instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -63,4 +86,9 @@ pub struct DemoArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// The command line's definition, for completions and the man page.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }

@@ -1,12 +1,12 @@
 //! The staybound binary: parses the command line, sets up logging, and hands over to the library.
 //! Exit codes: 0 ok, 64 bad usage, 78 bad config, 1 runtime failure.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use staybound::cli::{Cli, Command, LogFormat, RunArgs};
-use staybound::config::Config;
+use staybound::cli::{Cli, Command, DEFAULT_CONFIG, LogFormat, RunArgs, StatusArgs};
+use staybound::config::{Config, DEFAULT_ADMIN_LISTEN};
 use staybound::metrics::Telemetry;
 use staybound::server::Instance;
 use tokio::signal::unix::{SignalKind, signal};
@@ -32,29 +32,18 @@ fn main() -> ExitCode {
         None => run(cli.run),
         Some(Command::Run(args)) => run(args),
         Some(Command::Check(args)) => check(args),
-        Some(Command::Status(args)) => {
-            let path = "/status";
-            match staybound::status::fetch(args.admin, path) {
-                Ok(body) if args.json => {
-                    println!("{body}");
-                    ExitCode::SUCCESS
-                }
-                Ok(body) => match staybound::status::table(&body) {
-                    Ok(t) => {
-                        print!("{t}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("staybound status: {e}");
-                        ExitCode::FAILURE
-                    }
-                },
-                Err(e) => {
-                    eprintln!("staybound status: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Some(Command::Status(args)) => status(args),
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut staybound::cli::command(), "staybound", &mut std::io::stdout());
+            ExitCode::SUCCESS
         }
+        Some(Command::Man) => match clap_mangen::Man::new(staybound::cli::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("staybound man: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Demo(args)) => match runtime() {
             Ok(rt) => match rt.block_on(staybound::demo::run(args.warmup)) {
                 Ok(report) => {
@@ -92,19 +81,64 @@ fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
-fn config_path(args: &RunArgs) -> Result<PathBuf, ExitCode> {
-    args.config.clone().ok_or_else(|| {
-        eprintln!("staybound: --config FILE is required (see config/staybound.example.toml)");
-        ExitCode::from(EX_USAGE)
+fn load(args: &RunArgs) -> Result<Config, ExitCode> {
+    let path = args.path();
+    Config::load(path).map_err(|e| {
+        eprintln!("staybound: {e}");
+        if args.config.is_none() {
+            eprintln!(
+                "staybound: that is the default config file; name another with --config FILE (an example: \
+                 config/staybound.example.toml in the source)"
+            );
+        }
+        ExitCode::from(EX_CONFIG)
     })
 }
 
-fn load(args: &RunArgs) -> Result<Config, ExitCode> {
-    let path = config_path(args)?;
-    Config::load(&path).map_err(|e| {
-        eprintln!("staybound: {e}");
-        ExitCode::from(EX_CONFIG)
-    })
+/// `staybound status`: the admin address from `--admin`, else from the config file (named, or the default
+/// one when it exists), else the default admin address.
+fn status(args: StatusArgs) -> ExitCode {
+    let admin = match (args.admin, &args.config) {
+        (Some(addr), _) => addr,
+        (None, Some(path)) => match Config::load(path) {
+            Ok(c) => c.admin.listen,
+            Err(e) => {
+                eprintln!("staybound status: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+        (None, None) => match Config::load(Path::new(DEFAULT_CONFIG)) {
+            Ok(c) => c.admin.listen,
+            Err(_) => DEFAULT_ADMIN_LISTEN,
+        },
+    };
+    if admin.port() == 0 {
+        eprintln!(
+            "staybound status: the config file's admin.listen has port 0 (chosen at start); name it with --admin ADDR"
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    let body = match staybound::status::fetch(admin, "/status") {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("staybound status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        println!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    match staybound::status::table(&body) {
+        Ok(t) => {
+            print!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("staybound status: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check(args: RunArgs) -> ExitCode {
@@ -164,8 +198,8 @@ fn run(args: RunArgs) -> ExitCode {
         let mut instance = match Instance::start(config, telemetry.clone()).await {
             Ok(i) => i,
             Err(e) => {
+                // why: one line, in the log format the operator chose; stderr is where the log goes.
                 error!(error = %e, "cannot start");
-                eprintln!("staybound: {e}");
                 return ExitCode::FAILURE;
             }
         };

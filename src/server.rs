@@ -114,9 +114,12 @@ impl Instance {
             stop_sessions: CancellationToken::new(),
             admin: None,
         };
+        // why: bound first, so a busy admin port fails the start before any service says it listens;
+        // served after the services, so an admin endpoint that answers shows all of them.
+        let admin_listener = admin::bind(config.admin.listen)
+            .map_err(|source| StartError::Admin { addr: config.admin.listen, source })?;
         instance.apply(&config).await?;
-        // why: started after the services, so an admin endpoint that answers shows all of them.
-        let admin = match admin::start(config.admin.listen, registry) {
+        let admin = match admin::start(admin_listener, registry) {
             Ok(admin) => admin,
             Err(source) => {
                 instance.abort().await;

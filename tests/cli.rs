@@ -101,11 +101,59 @@ fn several_problems_are_reported_together() {
 fn usage_errors_exit_64() {
     let out = Command::new(BIN).args(["run", "--no-such-flag"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
-    let out = Command::new(BIN).arg("run").output().unwrap();
-    assert_eq!(out.status.code(), Some(64), "run without --config");
+    let out = Command::new(BIN).args(["run", "--config"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "--config without a file");
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn without_config_the_default_file_is_read_and_named() {
+    let default = Path::new(staybound::cli::DEFAULT_CONFIG);
+    if default.exists() {
+        eprintln!("{} exists on this machine: the missing-file message is not checked", default.display());
+        return;
+    }
+    for args in [&["run"][..], &["check"][..], &[][..]] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {err}");
+        assert!(err.contains("/etc/staybound/staybound.toml") && err.contains("--config"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_command_line() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN).args(["completions", shell]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("staybound") && text.contains("check"), "{shell}: {text}");
+    }
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && page.contains(".TH staybound 1"), "{page}");
+    assert!(page.contains("completions") && page.contains("status"), "every subcommand is named: {page}");
+}
+
+#[test]
+fn a_busy_admin_port_fails_the_start_once_and_before_any_service_listens() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{}\"\n[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n",
+            busy.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "said once: {err}");
+    assert!(!err.contains("listening"), "no service said it listens: {err}");
 }
 
 #[test]

@@ -15,6 +15,9 @@ use std::time::Duration;
 pub use escape::{escape_bytes, unescape};
 pub use validate::{ConfigError, IDENTITY_PROGRAM_LIMIT, Problem, compile_identity};
 
+/// Where the admin endpoint listens unless `[admin] listen` says otherwise: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
+
 /// Everything staybound runs, as validated from one file.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -216,10 +216,10 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
     );
     let workers = cx.int(&raw.workers, "workers", 1, (0, 256)) as usize;
     let admin_listen = match raw.admin.as_ref().and_then(|a| a.listen.as_ref()) {
-        None => SocketAddr::from(([127, 0, 0, 1], 9901)),
+        None => DEFAULT_ADMIN_LISTEN,
         Some(v) => v.get_ref().parse().unwrap_or_else(|_| {
             cx.at(v.span(), "admin.listen", format!("{:?} is not an IP:port address", v.get_ref()));
-            SocketAddr::from(([127, 0, 0, 1], 9901))
+            DEFAULT_ADMIN_LISTEN
         }),
     };
 

@@ -226,6 +226,23 @@ pub async fn watch(
     NeighborWatch::start(ips).await?.run(tx, cancel).await
 }
 
+/// Why the neighbour-table sign cannot exist for `ip`, in the words `check` and `/status` show; `None`
+/// when it can (a directly connected network).
+pub async fn unavailable(ip: IpAddr) -> Option<String> {
+    if ip.to_canonical().is_loopback() {
+        return Some("the upstream is on loopback: this host itself, where no ARP is sent".into());
+    }
+    match is_directly_connected(ip).await {
+        Ok(true) => None,
+        Ok(false) => Some(
+            "the upstream is not on a directly connected network: it is routed (no gratuitous ARP reaches this \
+             host) or an address of this host"
+                .into(),
+        ),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 /// Whether `ip` is on a directly connected network of this host, so that the neighbour-table
 /// sign can exist for it: the kernel's route for it (`RTM_GETROUTE`, like `ip route get`) is a
 /// unicast route with no gateway, through an interface that is neither loopback nor `NOARP`.
