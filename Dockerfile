@@ -20,8 +20,8 @@
 #     (`kubectl debug -it POD --target=staybound --image=busybox`) or build FROM the :debug-nonroot variant.
 # For production builds, pin both bases by digest (`--build-arg RUNTIME_BASE=gcr.io/...@sha256:...`).
 #
-# The image's default config listens on loopback only, service and admin alike: a sidecar's clients are
-# local. To use your own, mount a directory (a Kubernetes ConfigMap, a bind mount) over /etc/staybound;
+# The image's default config (config/image.toml) listens on loopback only, service and admin alike: a
+# sidecar's clients are local. To use your own, mount a directory (a Kubernetes ConfigMap, a bind mount) over /etc/staybound;
 # see deploy/kubernetes/staybound-sidecar.yaml. The admin port is EXPOSEd for documentation: it is only
 # reachable from outside the container when the config sets `[admin] listen = "0.0.0.0:9901"`.
 #
@@ -46,7 +46,8 @@ LABEL org.opencontainers.image.title="staybound" \
       org.opencontainers.image.licenses="Apache-2.0"
 # packaging/image-check.sh supplies /out/staybound through `--build-context builder=DIR`: keep the path.
 COPY --from=builder /out/staybound /usr/local/bin/staybound
-COPY config/staybound.example.toml /etc/staybound/staybound.toml
+# A loopback-only default (config/image.toml; tests/cli.rs checks that it stays so).
+COPY config/image.toml /etc/staybound/staybound.toml
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without looking the name up.
 USER 65532:65532
 EXPOSE 9901

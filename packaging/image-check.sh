@@ -48,7 +48,7 @@ WANT_PORT='9901/tcp'
 WANT_STOPSIGNAL='SIGTERM'
 IMG_BINARY=/usr/local/bin/staybound
 IMG_CONFIG=/etc/staybound/staybound.toml
-SRC_CONFIG=$REPO/config/staybound.example.toml
+SRC_CONFIG=$REPO/config/image.toml
 
 # The packages of gcr.io/distroless/cc-debian12 (base-debian12 plus the C/C++ runtime). Changing this list or
 # BASE_RECIPE changes the cache key, so the base is rebuilt.
@@ -288,7 +288,7 @@ fi
 check "user $USER_SPEC resolves to uid:gid ${RUN_UID:-?}:${RUN_GID:-?}" test -n "$RUN_UID" -a -n "$RUN_GID"
 check "$IMG_BINARY is an executable file" test -f "$MNT$IMG_BINARY" -a -x "$MNT$IMG_BINARY"
 check "$IMG_BINARY is the given binary" cmp -s "$BINARY" "$MNT$IMG_BINARY"
-check "$IMG_CONFIG is config/staybound.example.toml" cmp -s "$SRC_CONFIG" "$MNT$IMG_CONFIG"
+check "$IMG_CONFIG is config/image.toml" cmp -s "$SRC_CONFIG" "$MNT$IMG_CONFIG"
 locked_down() { # root-owned, nobody else may write, the config readable by the runtime user
     local bin=$MNT$IMG_BINARY cfg=$MNT$IMG_CONFIG
     [[ $(stat -c %u "$bin" "$cfg" "${cfg%/*}" | sort -u) == 0 ]] &&

@@ -157,6 +157,24 @@ fn a_busy_admin_port_fails_the_start_once_and_before_any_service_listens() {
 }
 
 #[test]
+fn the_image_ships_a_loopback_only_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let copy = dockerfile
+        .lines()
+        .find(|l| l.starts_with("COPY") && l.ends_with(" /etc/staybound/staybound.toml"))
+        .expect("the Dockerfile copies a default config");
+    let src = copy.split_whitespace().nth(1).unwrap();
+    let config = staybound::config::Config::load(&root.join(src)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.admin.listen.ip().is_loopback(), "{src}: admin on {}", config.admin.listen);
+    for s in &config.services {
+        for addr in &s.listen {
+            assert!(addr.ip().is_loopback(), "{src}: service {} listens on {addr}", s.name);
+        }
+    }
+}
+
+#[test]
 fn every_shipped_config_is_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let mut seen = 0;
