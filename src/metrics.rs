@@ -127,6 +127,7 @@ const HOLD_SECONDS: &str = "staybound_hold_seconds";
 const CONNECT_ATTEMPTS: &str = "staybound_upstream_connect_attempts_total";
 const BUDGET_EXHAUSTED: &str = "staybound_retry_budget_exhausted_total";
 const UPSTREAM_UP: &str = "staybound_upstream_up";
+const UPSTREAM_NOT_READY: &str = "staybound_upstream_not_ready";
 const EPOCH: &str = "staybound_epoch";
 const FAILOVERS: &str = "staybound_failovers_total";
 const DETECTION_SECONDS: &str = "staybound_failover_detection_seconds";
@@ -231,6 +232,7 @@ impl Telemetry {
             connect,
             budget_exhausted: counter(BUDGET_EXHAUSTED, None),
             upstream_up: gauge(UPSTREAM_UP),
+            upstream_not_ready: gauge(UPSTREAM_NOT_READY),
             epoch: gauge(EPOCH),
             failovers,
             detection_seconds: r.register_histogram(&key(DETECTION_SECONDS, None), &meta()),
@@ -290,6 +292,7 @@ fn describe(r: &PrometheusRecorder) {
         d(CLIENT_ACTIVE, None, "Client sessions now proxying."),
         d(HELD, None, "Clients waiting for the upstream."),
         d(UPSTREAM_UP, None, "1 when the logical host is up, else 0."),
+        d(UPSTREAM_NOT_READY, None, "1 while the node answers but its probe reply lacks `expect` (not ready), else 0."),
         d(EPOCH, None, "The current epoch: grows by one at each detected failover."),
         d(UDP_BOUND, None, "1 when every UDP listen address of the service is bound, else 0."),
     ] {
@@ -312,6 +315,8 @@ pub struct ServiceMetrics {
     connect: [Counter; 7],
     pub budget_exhausted: Counter,
     pub upstream_up: Gauge,
+    /// 1 while the node answers but its probe reply lacks `expect`.
+    pub upstream_not_ready: Gauge,
     pub epoch: Gauge,
     failovers: [Counter; 7],
     pub detection_seconds: Histogram,

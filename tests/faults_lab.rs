@@ -165,7 +165,7 @@ fn another_service_on_the_port_is_flagged_and_clients_are_not_sent_to_it() {
         Sidecar::start(&lab, "[service.probe]\nmode = \"send-expect\"\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"\n");
     sc.wait_state("up", Duration::from_secs(5));
     lab.move_logical(Host::Node1, Host::Node2, true);
-    wait_until("the wrong service is flagged: not up", Duration::from_secs(5), || sc.state() == "failing-over");
+    wait_until("the wrong service is flagged: not ready", Duration::from_secs(5), || sc.state() == "not-ready");
     let log = lab.read_log(sc.pid);
     assert!(log.contains("probe reply lacks"), "a warning names the mismatch");
     // A client arriving now is held, not proxied to the wrong service.

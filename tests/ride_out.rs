@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -216,4 +217,161 @@ async fn held_clients_that_close_leave_at_once_and_cost_no_connect() {
     eprintln!("FIGURES the upstream accepted {accepted} connections when it came back (probe and 2 waiting clients)");
     assert!(accepted <= 4, "no connect for the clients that left: {accepted} accepted");
     assert_eq!(m("staybound_client_connections_total", &[("outcome", "proxied")]), 2.0);
+}
+
+/// A redis-like node on one port: `+PONG` to each line, or `-LOADING ...` while it loads. `take_over`
+/// models a takeover onto a node that accepts before it is ready.
+struct LoadingNode {
+    addr: SocketAddr,
+    loading: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped to reset every open connection.
+    reset: tokio::sync::watch::Sender<u64>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LoadingNode {
+    async fn start() -> LoadingNode {
+        let mut node = LoadingNode {
+            addr: closed_port(),
+            loading: Default::default(),
+            reset: tokio::sync::watch::channel(0).0,
+            listener: None,
+        };
+        node.listen().await;
+        node
+    }
+
+    async fn listen(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        let (loading, reset) = (self.loading.clone(), self.reset.clone());
+        self.listener = Some(tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (loading, mut reset) = (loading.clone(), reset.subscribe());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    loop {
+                        tokio::select! {
+                            _ = reset.changed() => {
+                                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                                return;
+                            }
+                            r = s.read(&mut buf) => match r {
+                                Ok(n) if n > 0 => {
+                                    let reply: &[u8] = if loading.load(std::sync::atomic::Ordering::SeqCst) {
+                                        b"-LOADING Redis is loading the dataset in memory\r\n"
+                                    } else {
+                                        b"+PONG\r\n"
+                                    };
+                                    if s.write_all(reply).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                _ => return,
+                            },
+                        }
+                    }
+                });
+            }
+        }));
+    }
+
+    /// The old node goes (its port refuses, its sessions are reset); once `gone_seen` says staybound saw
+    /// it, the new node comes up on the same address, accepting but loading until `set_ready`.
+    async fn take_over(&mut self, gone_seen: impl Future<Output = ()>) {
+        if let Some(l) = self.listener.take() {
+            l.abort();
+            let _ = l.await;
+        }
+        self.reset.send_modify(|g| *g += 1);
+        gone_seen.await;
+        self.loading.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.listen().await;
+    }
+
+    fn set_ready(&self) {
+        self.loading.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_accepts_before_it_is_ready_holds_clients_and_is_one_failover() {
+    let mut node = LoadingNode::start().await;
+    let proxy = Proxy::start(&format!(
+        "[[service]]\nname = \"ready\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n[service.probe]\nmode = \"send-expect\"\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"\n",
+        node.addr
+    ))
+    .await;
+    let addr = proxy.addr("ready");
+    let up = |p: &Proxy| p.metric("staybound_upstream_up", &[("service", "ready")]) == 1.0;
+    eventually("the host is up", Duration::from_secs(5), || up(&proxy)).await;
+
+    // A closed-loop client: one PING per new connection, every 50 ms, until told to stop.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut replies: Vec<(Instant, String)> = Vec::new();
+            for _ in 0..2000 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let one = async {
+                    let mut s = TcpStream::connect(addr).await.ok()?;
+                    s.write_all(b"PING\r\n").await.ok()?;
+                    let mut buf = [0u8; 128];
+                    let n = s.read(&mut buf).await.ok()?;
+                    Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+                };
+                let reply = tokio::time::timeout(Duration::from_secs(30), one).await.ok().flatten();
+                replies.push((Instant::now(), reply.unwrap_or_else(|| "(none)".into())));
+                // why: the client's own pace, 20 requests a second.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            replies
+        })
+    };
+    eventually("the client is served", Duration::from_secs(5), || {
+        proxy.metric("staybound_client_connections_total", &[("service", "ready"), ("outcome", "proxied")]) >= 3.0
+    })
+    .await;
+
+    let moved = Instant::now();
+    node.take_over(eventually("staybound saw the node go", Duration::from_secs(5), || !up(&proxy))).await;
+    eventually("the new node is seen not ready", Duration::from_secs(10), || {
+        proxy.metric("staybound_upstream_not_ready", &[("service", "ready")]) == 1.0
+    })
+    .await;
+    let status = staybound::admin::status_json(proxy.instance.registry());
+    assert_eq!(status[0]["state"], "not-ready", "{status}");
+    let note = status[0]["note"].as_str().unwrap_or_default().to_string();
+    assert!(note.contains("not ready") && note.contains("-LOADING"), "/status says why: {note}");
+    // why: the scenario: the new node loads for 5 s after the takeover.
+    tokio::time::sleep_until((moved + Duration::from_secs(5)).into()).await;
+    node.set_ready();
+    let ready_at = Instant::now();
+    eventually("the host is up again", Duration::from_secs(10), || up(&proxy)).await;
+    eventually("the client is served again", Duration::from_secs(10), || {
+        proxy.metric("staybound_client_connections_total", &[("service", "ready"), ("outcome", "proxied")]) >= 10.0
+    })
+    .await;
+    stop.cancel();
+    let replies = client.await.unwrap();
+
+    let loading = replies.iter().filter(|(_, r)| r.starts_with("-LOADING")).count();
+    let pongs: Vec<Instant> = replies.iter().filter(|(_, r)| r == "+PONG").map(|(t, _)| *t).collect();
+    let stall = pongs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let first_after = pongs.iter().find(|t| **t > ready_at).map(|t| *t - ready_at);
+    let failovers: f64 = ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload"]
+        .iter()
+        .map(|s| proxy.metric("staybound_failovers_total", &[("service", "ready"), ("signal", s)]))
+        .sum();
+    eprintln!(
+        "FIGURES not-ready node: {failovers} failover(s), {loading} -LOADING replies through staybound, {} +PONG, longest stall {:.3}s (the node loaded for 5 s), first +PONG {:.3}s after the node was ready",
+        pongs.len(),
+        stall.as_secs_f64(),
+        first_after.unwrap_or_default().as_secs_f64()
+    );
+    assert_eq!(failovers, 1.0, "one takeover, one failover");
+    assert_eq!(loading, 0, "no client is released to a node that is not ready");
+    assert!(replies.iter().all(|(_, r)| r == "+PONG"), "every request answered by a ready node: {replies:?}");
 }

@@ -30,7 +30,7 @@ use crate::metrics::{ServiceMetrics, Signal};
 use crate::upstream::retry::Backoff;
 use crate::upstream::{ConnectClass, Connector, socket};
 use probe::{ExchangeError, HeldEvent};
-pub use state::{Evidence, Failover, HostState, Machine};
+pub use state::{Evidence, Failover, HostState, Machine, Reach};
 
 /// Most provisional tokens kept for one epoch (see `HostView::next_epoch_end`).
 const MAX_LINKED: usize = 256;
@@ -134,6 +134,8 @@ pub struct Detector {
     linked: Vec<CancellationToken>,
     /// When the current sessions began to be made: the last epoch start or return to a connectable state.
     sessions_since: Instant,
+    /// Why the node is not ready, when the machine says it is not.
+    not_ready: Option<String>,
     /// New settings from a reload.
     settings: watch::Receiver<Arc<ServiceConfig>>,
     /// Stops the neighbour watch of the current upstream (a child of the detector's own stop).
@@ -175,6 +177,7 @@ impl Detector {
             sessions_since: now,
             settings,
             neighbor_stop: CancellationToken::new(),
+            not_ready: None,
         };
         (detector, DetectorHandle { view: view_rx, signs: sign_tx }, Reconfigure(settings_tx))
     }
@@ -320,7 +323,7 @@ impl Detector {
             // why: held clients wait for this detector, so how soon it sees the host back bounds their
             // stall: look every RECOVERY_PACE during the first RECOVERY_FAST of an outage, then back off
             // to the probe interval so a long outage costs little.
-            HostState::Down | HostState::FailingOver => {
+            HostState::Down | HostState::FailingOver | HostState::NotReady => {
                 let away = Instant::now().saturating_duration_since(self.view.borrow().since);
                 if away < RECOVERY_FAST { RECOVERY_PACE.min(interval) } else { self.backoff.next_delay().max(interval) }
             }
@@ -345,16 +348,11 @@ impl Detector {
                     debug!(service = %self.svc.name, "neighbour change predates the current sessions: ignored");
                     return;
                 }
-                if self.svc.protocol == Protocol::Udp {
-                    // A UDP service holds no session: confirm with one probe exchange instead.
-                    let (confirm, identity) = self.udp_confirm().await;
-                    self.observe(Evidence::Moved { signal: Signal::Neighbor, confirm, identity });
-                    return;
-                }
                 // why: the address now answers from another link-layer address; confirm at once, without
-                // waiting for a probe interval, by reaching it anew.
+                // waiting for a probe interval, by reaching it anew (a UDP service holds no session: one
+                // probe exchange instead).
                 self.held = None;
-                let (confirm, identity) = self.open_held().await;
+                let (confirm, identity) = self.confirm().await;
                 self.observe(Evidence::Moved { signal: Signal::Neighbor, confirm, identity });
             }
             Sign::SessionReset | Sign::SessionTimeout | Sign::ConnectFailed(_) => {
@@ -386,15 +384,14 @@ impl Detector {
             HeldEvent::Eof => {
                 debug!(service = %self.svc.name, "probe session closed by the server; reconnecting");
                 self.held = None;
-                let (confirm, identity) = self.open_held().await;
+                let (confirm, identity) = self.confirm().await;
                 self.observe(Evidence::Closed { confirm, identity });
             }
             HeldEvent::Failed(ConnectClass::Reset, e) => {
                 self.date_last_ack();
                 debug!(service = %self.svc.name, error = %e, "probe session reset; confirming");
                 self.held = None;
-                let (confirm, identity) = self.open_held().await;
-                self.observe(Evidence::Moved { signal: Signal::Probe, confirm, identity });
+                self.reset_then_confirm().await;
             }
             HeldEvent::Failed(class, e) => {
                 self.date_last_ack();
@@ -434,10 +431,12 @@ impl Detector {
             },
             ProbeMode::SendExpect if self.svc.protocol == Protocol::Udp => self.check_udp().await,
             ProbeMode::SendExpect => {
-                if self.held.is_none() {
-                    self.reconnect_check().await;
-                }
-                let Some(held) = self.held.as_mut() else { return };
+                let Some(held) = self.held.as_mut() else {
+                    // why: a connect alone is not readiness: the exchange on the new session decides.
+                    let (reach, identity) = self.confirm().await;
+                    self.observe(evidence_of(reach, identity));
+                    return;
+                };
                 match probe::exchange(held, &self.svc.probe).await {
                     Ok(reply) => {
                         let identity = probe::identity_of(&self.svc.probe, &reply);
@@ -448,21 +447,20 @@ impl Detector {
                         self.observe(Evidence::Silent { signal: Signal::Probe });
                     }
                     Err(ExchangeError::Mismatch(reply)) => {
-                        warn!(service = %self.svc.name, reply = %String::from_utf8_lossy(&reply[..reply.len().min(200)]), "probe reply lacks `expect`");
                         self.held = None;
-                        self.observe(Evidence::Refused);
+                        self.not_ready_because(lacks_expect(&reply));
+                        self.observe(Evidence::NotReady);
                     }
                     Err(ExchangeError::Eof) => {
                         self.held = None;
-                        let (confirm, identity) = self.open_held().await;
+                        let (confirm, identity) = self.confirm().await;
                         self.observe(Evidence::Closed { confirm, identity });
                     }
                     Err(ExchangeError::Failed(class, e)) => {
                         debug!(service = %self.svc.name, error = %e, "probe exchange failed");
                         self.held = None;
                         if class == ConnectClass::Reset {
-                            let (confirm, identity) = self.open_held().await;
-                            self.observe(Evidence::Moved { signal: Signal::Probe, confirm, identity });
+                            self.reset_then_confirm().await;
                         } else {
                             self.observe(Evidence::Silent { signal: Signal::Probe });
                         }
@@ -484,8 +482,8 @@ impl Detector {
                 self.observe(Evidence::Ok { at: Instant::now(), identity });
             }
             Err(ExchangeError::Mismatch(reply)) => {
-                warn!(service = %self.svc.name, reply = %String::from_utf8_lossy(&reply[..reply.len().min(200)]), "probe reply lacks `expect`");
-                self.observe(Evidence::Refused);
+                self.not_ready_because(lacks_expect(&reply));
+                self.observe(Evidence::NotReady);
             }
             // ICMP port unreachable: the address is up on some node, the service is not.
             Err(ExchangeError::Failed(ConnectClass::Refused, _)) => self.observe(Evidence::Refused),
@@ -496,26 +494,70 @@ impl Detector {
         }
     }
 
-    /// A UDP service's confirmation of a sign: one probe exchange, read as a connect's class would be.
-    async fn udp_confirm(&mut self) -> (ConnectClass, Option<String>) {
+    /// A UDP service's confirmation of a sign: one probe exchange.
+    async fn udp_confirm(&mut self) -> (Reach, Option<String>) {
         match crate::udp::probe::exchange(&self.svc, &self.connector).await {
-            Ok(reply) => (ConnectClass::Ok, probe::identity_of(&self.svc.probe, &reply)),
-            Err(ExchangeError::Mismatch(_) | ExchangeError::Failed(ConnectClass::Refused, _)) => {
-                (ConnectClass::Refused, None)
+            Ok(reply) => (Reach::Ready, probe::identity_of(&self.svc.probe, &reply)),
+            Err(ExchangeError::Mismatch(reply)) => {
+                self.not_ready_because(lacks_expect(&reply));
+                (Reach::NotReady, None)
             }
-            Err(_) => (ConnectClass::Timeout, None),
+            Err(ExchangeError::Failed(ConnectClass::Refused, _)) => (Reach::Refused, None),
+            Err(_) => (Reach::Silent, None),
         }
+    }
+
+    /// Reaches the host anew to settle a sign: a new probe session and, with `send-expect`, one exchange
+    /// on it, since a connect alone says nothing of whether the node is ready.
+    async fn confirm(&mut self) -> (Reach, Option<String>) {
+        if self.svc.protocol == Protocol::Udp {
+            return self.udp_confirm().await;
+        }
+        let (class, identity) = self.open_held().await;
+        if class != ConnectClass::Ok || self.svc.probe.mode != ProbeMode::SendExpect {
+            return (Reach::from(class), identity);
+        }
+        let Some(held) = self.held.as_mut() else { return (Reach::Silent, None) };
+        let reach = match probe::exchange(held, &self.svc.probe).await {
+            Ok(reply) => return (Reach::Ready, probe::identity_of(&self.svc.probe, &reply)),
+            Err(ExchangeError::Mismatch(reply)) => {
+                self.not_ready_because(lacks_expect(&reply));
+                Reach::NotReady
+            }
+            Err(ExchangeError::Timeout) => {
+                self.not_ready_because(format!(
+                    "it accepts connections but sent no reply to the probe within {}",
+                    humantime::format_duration(self.svc.probe.timeout)
+                ));
+                Reach::NotReady
+            }
+            Err(ExchangeError::Eof) => {
+                self.not_ready_because("it accepts connections and closes them at the probe's request".into());
+                Reach::NotReady
+            }
+            Err(ExchangeError::Failed(class, _)) => Reach::from(class),
+        };
+        self.held = None;
+        (reach, None)
+    }
+
+    /// The held session was reset: the epoch ends and new clients are held at once, before the confirming
+    /// probe (which with `send-expect` waits for a reply) settles where the host stands.
+    async fn reset_then_confirm(&mut self) {
+        self.observe(Evidence::Reset { signal: Signal::Probe });
+        let (reach, identity) = self.confirm().await;
+        self.observe(evidence_of(reach, identity));
+    }
+
+    /// Why the node is not ready, for `/status` and the log.
+    fn not_ready_because(&mut self, why: String) {
+        self.not_ready = Some(why);
     }
 
     /// Connects a new probe session and reports the result as evidence.
     async fn reconnect_check(&mut self) {
         let (class, identity) = self.open_held().await;
-        let ev = match class {
-            ConnectClass::Ok => Evidence::Ok { at: Instant::now(), identity },
-            ConnectClass::Refused | ConnectClass::Reset => Evidence::Refused,
-            _ => Evidence::Silent { signal: Signal::Probe },
-        };
-        self.observe(ev);
+        self.observe(evidence_of(Reach::from(class), identity));
     }
 
     /// Opens the held probe session; returns how the attempt ended and the identity a banner gave.
@@ -583,7 +625,11 @@ impl Detector {
             self.sessions_since = now;
         }
         self.metrics.upstream_up.set(if after.connectable() { 1.0 } else { 0.0 });
-        let note = never_reached(self.machine.reached(), after, &self.svc.upstream);
+        if after != HostState::NotReady {
+            self.not_ready = None;
+        }
+        self.metrics.upstream_not_ready.set(if after == HostState::NotReady { 1.0 } else { 0.0 });
+        let note = note(self.machine.reached(), after, &self.svc.upstream, self.not_ready.as_deref());
         let had_note = self.view.borrow().note.is_some();
         match (&note, had_note) {
             (Some(why), false) => warn!(service = %name, upstream = %self.svc.upstream, "{why}"),
@@ -651,10 +697,19 @@ impl Detector {
     }
 }
 
-/// What `/status` and the log say of a host that has not answered since start, by how it fails; `None`
-/// once it has answered, or while nothing says it fails.
-fn never_reached(reached: bool, state: HostState, upstream: &crate::config::UpstreamAddr) -> Option<Arc<str>> {
+/// What `/status` and the log say when the host is not up and that is not a failover: a node that
+/// answers but is not ready (with why), or a host that has not answered once since start.
+fn note(
+    reached: bool,
+    state: HostState,
+    upstream: &crate::config::UpstreamAddr,
+    not_ready: Option<&str>,
+) -> Option<Arc<str>> {
     match (reached, state) {
+        (_, HostState::NotReady) => Some(Arc::from(format!(
+            "upstream {upstream} answers but is not ready: {}; clients are held until it is (or their deadline)",
+            not_ready.unwrap_or("the probe reply lacks `expect`")
+        ))),
         (false, HostState::FailingOver) => Some(Arc::from(format!(
             "upstream {upstream} refused every connect since start: is the port right, and is the service started? \
              (not a failover: clients are held until it answers or their deadline)"
@@ -665,6 +720,22 @@ fn never_reached(reached: bool, state: HostState, upstream: &crate::config::Upst
         ))),
         _ => None,
     }
+}
+
+/// A probe's reach as evidence: a reach alone (no sign before it) ends no epoch unless the machine says so.
+fn evidence_of(reach: Reach, identity: Option<String>) -> Evidence {
+    match reach {
+        Reach::Ready => Evidence::Ok { at: Instant::now(), identity },
+        Reach::NotReady => Evidence::NotReady,
+        Reach::Refused => Evidence::Refused,
+        Reach::Silent => Evidence::Silent { signal: Signal::Probe },
+    }
+}
+
+/// Why a reply is not a ready node's, with the reply shown (truncated, lossy UTF-8).
+fn lacks_expect(reply: &[u8]) -> String {
+    let shown: String = String::from_utf8_lossy(&reply[..reply.len().min(120)]).escape_debug().collect();
+    format!("the probe reply lacks `expect`: \"{shown}\"")
 }
 
 /// Connect attempts started every `RECOVERY_PACE` for up to `timeout`, each bounded by `timeout`; the first

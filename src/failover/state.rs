@@ -21,6 +21,9 @@ pub enum HostState {
     FailingOver,
     /// The address does not answer.
     Down,
+    /// The node accepts connections but its reply lacks `expect`: not ready yet (loading, recovering) or
+    /// another service on the port. Clients are held; this alone ends no epoch.
+    NotReady,
 }
 
 impl HostState {
@@ -30,12 +33,36 @@ impl HostState {
             HostState::Suspect => "suspect",
             HostState::FailingOver => "failing-over",
             HostState::Down => "down",
+            HostState::NotReady => "not-ready",
         }
     }
 
     /// Whether new upstream connects should be made now.
     pub fn connectable(self) -> bool {
         matches!(self, HostState::Up | HostState::Suspect)
+    }
+}
+
+/// How a confirming probe reached the host: a connect, and with `send-expect` one exchange on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Connected; with `send-expect`, the reply had `expect`.
+    Ready,
+    /// Connected, but the reply lacked `expect` (or none came, or the node closed): there, not ready.
+    NotReady,
+    /// The address answered with RST: up on some node, the service not.
+    Refused,
+    /// Nothing answered.
+    Silent,
+}
+
+impl From<ConnectClass> for Reach {
+    fn from(class: ConnectClass) -> Reach {
+        match class {
+            ConnectClass::Ok => Reach::Ready,
+            ConnectClass::Refused | ConnectClass::Reset => Reach::Refused,
+            _ => Reach::Silent,
+        }
     }
 }
 
@@ -48,11 +75,18 @@ pub enum Evidence {
     Silent { signal: Signal },
     /// The address answered with RST to a connect: up on some node, service not (yet).
     Refused,
-    /// The held session was reset (or a neighbour change was seen), then a confirming connect ended as
-    /// `confirm`. A session the serving node no longer knows means every session of the epoch is dead.
-    Moved { signal: Signal, confirm: ConnectClass, identity: Option<String> },
-    /// The held session was closed by the server (FIN), then a confirming connect ended as `confirm`.
-    Closed { confirm: ConnectClass, identity: Option<String> },
+    /// The held session was reset (or a neighbour change was seen), then a confirming probe reached the
+    /// host as `confirm`. A session the serving node no longer knows means every session of the epoch is dead.
+    Moved { signal: Signal, confirm: Reach, identity: Option<String> },
+    /// The held session was reset: the node serving it no longer knows it, so every session of the epoch
+    /// is dead and the epoch ends now. New clients are held while a confirming probe settles the state
+    /// (its reach follows as evidence of its own).
+    Reset { signal: Signal },
+    /// The held session was closed by the server (FIN), then a confirming probe reached the host as `confirm`.
+    Closed { confirm: Reach, identity: Option<String> },
+    /// A status exchange got a reply without `expect`: the node is there and not ready. Never a failover by
+    /// itself: the readiness of a node is not a move.
+    NotReady,
     /// A sign from outside the probe (a reset session, a failed client connect): suspect, do not decide.
     Sign { signal: Signal },
     /// The cluster manager declared a failover.
@@ -88,6 +122,9 @@ pub struct Machine {
     /// Whether the host has answered once since start. Until it has, nothing of it can have moved: a
     /// failure is a wrong address or port, or a service not started yet, and ends no epoch.
     reached: bool,
+    /// Whether the host has been up since the current epoch began: then sessions of this epoch may be
+    /// live, and a node that stops being ready and then goes away ends them.
+    serving: bool,
 }
 
 impl Machine {
@@ -103,6 +140,7 @@ impl Machine {
             identity: None,
             suspect: None,
             reached: false,
+            serving: false,
         }
     }
 
@@ -164,17 +202,28 @@ impl Machine {
             Evidence::Refused => self.fail(now, Signal::Probe, HostState::FailingOver),
             Evidence::Moved { signal, confirm, identity } => {
                 let signal = self.suspect.map_or(signal, |(_, s)| s);
-                let ended =
-                    if self.state.connectable() && self.reached { Some(self.end_epoch(now, signal)) } else { None };
+                let ended = if self.live() { Some(self.end_epoch(now, signal)) } else { None };
                 self.after_confirm(now, confirm, identity);
                 ended
             }
             Evidence::Closed { confirm, identity } => match confirm {
                 // why: a server that closes idle connections is not a failover; the identity still decides.
-                ConnectClass::Ok => self.ok(now, now, identity),
-                ConnectClass::Refused | ConnectClass::Reset => self.fail(now, Signal::Probe, HostState::FailingOver),
-                _ => self.fail(now, Signal::Probe, HostState::Down),
+                Reach::Ready => self.ok(now, now, identity),
+                Reach::NotReady => self.not_ready(),
+                Reach::Refused => self.fail(now, Signal::Probe, HostState::FailingOver),
+                Reach::Silent => self.fail(now, Signal::Probe, HostState::Down),
             },
+            Evidence::NotReady => self.not_ready(),
+            Evidence::Reset { signal } => {
+                let signal = self.suspect.map_or(signal, |(_, s)| s);
+                let ended = if self.live() { Some(self.end_epoch(now, signal)) } else { None };
+                self.fails = 0;
+                self.oks = 0;
+                // why: the address answered (with RST); until the confirming probe says more, nothing
+                // new is sent to whatever node now holds it.
+                self.state = HostState::FailingOver;
+                ended
+            }
             Evidence::Sign { signal } => {
                 if self.state == HostState::Up {
                     self.state = HostState::Suspect;
@@ -226,11 +275,13 @@ impl Machine {
                 self.state = HostState::Up;
                 self.suspect = None;
                 self.last_good = self.last_good.max(at);
+                self.serving = true;
             }
-            HostState::FailingOver | HostState::Down => {
+            HostState::FailingOver | HostState::Down | HostState::NotReady => {
                 if self.oks >= self.rise {
                     self.state = HostState::Up;
                     self.last_good = at;
+                    self.serving = true;
                 }
             }
         }
@@ -247,32 +298,55 @@ impl Machine {
             self.suspect = None;
             return None;
         }
+        let live = self.live();
         match self.state {
-            HostState::Up | HostState::Suspect if self.fails >= self.fall => {
+            _ if live && self.fails >= self.fall => {
                 let signal = self.suspect.map_or(signal, |(_, s)| s);
                 let f = self.end_epoch(now, signal);
                 self.state = bad;
                 Some(f)
             }
-            HostState::Up | HostState::Suspect => {
+            HostState::Up | HostState::Suspect if live => {
                 if self.suspect.is_none() {
                     self.suspect = Some((now, signal));
                 }
                 self.state = HostState::Suspect;
                 None
             }
-            HostState::FailingOver | HostState::Down => {
+            // why: a node of this epoch that stopped being ready and now fails too: count toward `fall`, but
+            // keep clients held (a suspicion would let them connect).
+            _ if live => {
+                if self.suspect.is_none() {
+                    self.suspect = Some((now, signal));
+                }
+                None
+            }
+            _ => {
                 self.state = bad;
                 None
             }
         }
     }
 
-    fn after_confirm(&mut self, now: Instant, confirm: ConnectClass, identity: Option<String>) {
+    /// The node answers, but not ready: clients are held until `rise` good exchanges; no epoch ends.
+    fn not_ready(&mut self) -> Option<Failover> {
+        self.oks = 0;
+        self.suspect = None;
+        self.state = HostState::NotReady;
+        None
+    }
+
+    /// Whether sessions of the current epoch may be live on the host: it is up, or it was up in this epoch
+    /// and has since stopped being ready.
+    fn live(&self) -> bool {
+        self.reached && (self.state.connectable() || (self.state == HostState::NotReady && self.serving))
+    }
+
+    fn after_confirm(&mut self, now: Instant, confirm: Reach, identity: Option<String>) {
         self.fails = 0;
         self.oks = 0;
         match confirm {
-            ConnectClass::Ok => {
+            Reach::Ready => {
                 self.oks = 1;
                 self.reached = true;
                 if identity.is_some() {
@@ -281,15 +355,18 @@ impl Machine {
                 self.state = if self.rise <= 1 { HostState::Up } else { HostState::FailingOver };
                 if self.state == HostState::Up {
                     self.last_good = now;
+                    self.serving = true;
                 }
             }
-            ConnectClass::Refused | ConnectClass::Reset => self.state = HostState::FailingOver,
-            _ => self.state = HostState::Down,
+            Reach::NotReady => self.state = HostState::NotReady,
+            Reach::Refused => self.state = HostState::FailingOver,
+            Reach::Silent => self.state = HostState::Down,
         }
     }
 
     fn end_epoch(&mut self, now: Instant, signal: Signal) -> Failover {
         self.epoch += 1;
+        self.serving = false;
         self.suspect = None;
         self.fails = 0;
         // why: the old node's name belongs to the old epoch; the next name seen is the new node's, not a
@@ -348,7 +425,7 @@ mod tests {
         assert_eq!(
             m.observe(
                 Instant::now(),
-                Evidence::Moved { signal: Signal::Neighbor, confirm: ConnectClass::Refused, identity: None }
+                Evidence::Moved { signal: Signal::Neighbor, confirm: Reach::Refused, identity: None }
             ),
             None
         );
@@ -359,6 +436,65 @@ mod tests {
         // Once reached, going away is a failover.
         let f = m.observe(Instant::now(), Evidence::Refused).expect("a host that answered and went away");
         assert_eq!((f.epoch, m.state()), (2, HostState::FailingOver));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_move_to_a_node_that_is_not_ready_is_one_failover_and_holds_until_rise() {
+        let mut m = Machine::new(1, 2, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        let moved = Evidence::Moved { signal: Signal::Probe, confirm: Reach::NotReady, identity: None };
+        assert_eq!(m.observe(Instant::now(), moved).map(|f| f.epoch), Some(2));
+        assert!(!m.state().connectable(), "clients are held");
+        for _ in 0..20 {
+            assert_eq!(m.observe(Instant::now(), Evidence::NotReady), None);
+            assert_eq!(m.state(), HostState::NotReady);
+        }
+        // rise = 2: two good exchanges make it up, in the same epoch.
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!(m.state(), HostState::NotReady);
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::Up, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_stops_being_ready_ends_nothing_until_it_goes_away() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        assert_eq!(m.observe(Instant::now(), Evidence::NotReady), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::NotReady, 1));
+        // Back to ready: same epoch.
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::Up, 1));
+        // Not ready, then gone: the sessions of this epoch were on it, so that ends the epoch.
+        m.observe(Instant::now(), Evidence::NotReady);
+        let f = m.observe(Instant::now(), silent()).expect("a serving node that went away");
+        assert_eq!((f.epoch, m.state()), (2, HostState::Down));
+        // After a move, a not-ready node that goes away again is no second failover.
+        m.observe(Instant::now(), Evidence::NotReady);
+        assert_eq!(m.observe(Instant::now(), Evidence::Refused), None);
+        assert_eq!(m.epoch(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_never_ready_since_start_is_no_failover() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        assert_eq!(m.observe(Instant::now(), Evidence::NotReady), None);
+        assert_eq!(m.observe(Instant::now(), Evidence::Refused), None);
+        assert_eq!(m.observe(Instant::now(), Evidence::NotReady), None);
+        assert_eq!((m.state(), m.epoch(), m.reached()), (HostState::NotReady, 1, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_ends_the_epoch_at_once_and_holds_clients_until_the_confirmation() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        let f = m.observe(Instant::now(), Evidence::Reset { signal: Signal::Probe }).unwrap();
+        assert_eq!((f.epoch, m.state()), (2, HostState::FailingOver));
+        assert!(!m.state().connectable());
+        // The confirmation: the new node is not ready, then ready; no second failover.
+        assert_eq!(m.observe(Instant::now(), Evidence::NotReady), None);
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::Up, 2));
     }
 
     #[tokio::test(start_paused = true)]
@@ -379,19 +515,13 @@ mod tests {
         m.good_sign(Instant::now());
         tokio::time::advance(Duration::from_millis(900)).await;
         let f = m
-            .observe(
-                Instant::now(),
-                Evidence::Moved { signal: Signal::Probe, confirm: ConnectClass::Ok, identity: None },
-            )
+            .observe(Instant::now(), Evidence::Moved { signal: Signal::Probe, confirm: Reach::Ready, identity: None })
             .unwrap();
         assert_eq!((f.epoch, f.signal, f.detection), (2, Signal::Probe, Duration::from_millis(900)));
         assert_eq!(m.state(), HostState::Up);
         // Refused on confirmation: the epoch ends all the same, the service is starting.
         let f = m
-            .observe(
-                Instant::now(),
-                Evidence::Moved { signal: Signal::Probe, confirm: ConnectClass::Refused, identity: None },
-            )
+            .observe(Instant::now(), Evidence::Moved { signal: Signal::Probe, confirm: Reach::Refused, identity: None })
             .unwrap();
         assert_eq!((f.epoch, m.state()), (3, HostState::FailingOver));
     }
@@ -419,10 +549,7 @@ mod tests {
         m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset });
         tokio::time::advance(Duration::from_millis(200)).await;
         let f = m
-            .observe(
-                Instant::now(),
-                Evidence::Moved { signal: Signal::Probe, confirm: ConnectClass::Ok, identity: None },
-            )
+            .observe(Instant::now(), Evidence::Moved { signal: Signal::Probe, confirm: Reach::Ready, identity: None })
             .unwrap();
         assert_eq!(f.signal, Signal::SessionReset);
     }
@@ -444,7 +571,7 @@ mod tests {
         let mut m = Machine::new(1, 1, Instant::now());
         let id = |s: &str| Evidence::Ok { at: Instant::now(), identity: Some(s.into()) };
         m.observe(Instant::now(), id("node1"));
-        let moved = Evidence::Moved { signal: Signal::Probe, confirm: ConnectClass::Ok, identity: None };
+        let moved = Evidence::Moved { signal: Signal::Probe, confirm: Reach::Ready, identity: None };
         assert_eq!(m.observe(Instant::now(), moved).map(|f| f.epoch), Some(2));
         assert_eq!(m.observe(Instant::now(), id("node2")), None, "the new node's name is adopted, not a second move");
         assert_eq!((m.epoch(), m.identity()), (2, Some("node2")));
@@ -453,9 +580,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn closed_by_the_server_then_back_is_not_a_failover() {
         let mut m = Machine::new(1, 1, Instant::now());
-        assert_eq!(m.observe(Instant::now(), Evidence::Closed { confirm: ConnectClass::Ok, identity: None }), None);
+        assert_eq!(m.observe(Instant::now(), Evidence::Closed { confirm: Reach::Ready, identity: None }), None);
         assert_eq!(m.epoch(), 1);
-        let f = m.observe(Instant::now(), Evidence::Closed { confirm: ConnectClass::Refused, identity: None });
+        let f = m.observe(Instant::now(), Evidence::Closed { confirm: Reach::Refused, identity: None });
         assert_eq!(f.map(|f| f.epoch), Some(2));
         assert_eq!(m.state(), HostState::FailingOver);
     }
