@@ -24,8 +24,8 @@ use tracing::debug;
 
 use crate::failover::{HostState, HostView, Sign};
 use crate::service::{CountGuard, Service};
-use crate::upstream::ConnectClass;
 use crate::upstream::retry::Backoff;
+use crate::upstream::{ConnectClass, ConnectError, Connector};
 
 /// Why a held client was let go without an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub async fn connect(
         }
         let connector = svc.connector.load_full();
         let attempt = tokio::select! {
-            r = connector.connect(timeout) => r,
+            r = attempt(&connector, timeout, &mut view_rx) => r,
             _ = stop.cancelled() => return Err(Refusal::Shutdown),
             _ = watching(&mut gone) => return Err(Refusal::ClientGone),
         };
@@ -100,6 +100,11 @@ pub async fn connect(
                 if held.is_some() {
                     svc.metrics.hold_seconds.record(start.elapsed().as_secs_f64());
                 }
+                // why: the session belongs to the epoch in force when its connection was made, not when the
+                // attempt began: an attempt that straddled a failover reached the node that serves now, and
+                // the old epoch's (already ended) token would reset it at once.
+                let made_in = view_rx.borrow_and_update().clone();
+                let view = if made_in.epoch != view.epoch { made_in } else { view };
                 return Ok((stream, view));
             }
             Err(e) => {
@@ -124,6 +129,48 @@ pub async fn connect(
                 wait_change(&mut view_rx, &mut deps, Some(Instant::now() + pause), deadline, stop, gone).await?;
             }
         }
+    }
+}
+
+/// One connect attempt. When the detector's news comes while it is in flight (a new epoch, or the host back),
+/// a fresh attempt joins it and the first to connect wins: an attempt begun while the host was away may be
+/// waiting out a lost SYN or an unresolved neighbour entry for a second or more, which the news makes needless.
+async fn attempt(
+    connector: &Connector,
+    timeout: std::time::Duration,
+    view: &mut watch::Receiver<HostView>,
+) -> Result<TcpStream, ConnectError> {
+    let seen = {
+        let v = view.borrow_and_update();
+        (v.epoch, v.state)
+    };
+    let first = connector.connect(timeout);
+    tokio::pin!(first);
+    loop {
+        tokio::select! {
+            r = &mut first => return r,
+            changed = view.changed() => {
+                if changed.is_err() {
+                    return first.await;
+                }
+                let v = view.borrow_and_update();
+                if (v.epoch, v.state) != seen && v.state.connectable() {
+                    break;
+                }
+            }
+        }
+    }
+    let second = connector.connect(timeout);
+    tokio::pin!(second);
+    tokio::select! {
+        r = &mut first => match r {
+            Ok(stream) => Ok(stream),
+            Err(_) => second.await,
+        },
+        r = &mut second => match r {
+            Ok(stream) => Ok(stream),
+            Err(_) => first.await,
+        },
     }
 }
 
