@@ -216,7 +216,9 @@ impl Telemetry {
         };
         let gauge = |m| {
             let g = r.register_gauge(&key(m, None), &meta());
-            g.set(0.0);
+            // why: present from the start, but not reset: a service removed and added back by reloads finds
+            // its series with the sessions still draining counted, and their ends take them back to zero.
+            g.increment(0.0);
             g
         };
         let outcome = Outcome::ALL.map(|o| counter(CLIENT_CONNECTIONS, Some(("outcome", o.as_str()))));

@@ -4,10 +4,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use socket2::SockRef;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -45,6 +47,16 @@ impl Entry {
             None => self.listen.clone(),
         }
     }
+}
+
+/// One listening socket of a running service.
+#[derive(Debug)]
+pub struct ListenSocket {
+    pub service: String,
+    pub protocol: Protocol,
+    /// The address as configured (port 0 stays 0; the socket knows the port it got).
+    pub addr: SocketAddr,
+    pub fd: OwnedFd,
 }
 
 /// The listen sockets of a service, bound before anything else changes.
@@ -85,6 +97,38 @@ struct Running {
     stop_accept: CancellationToken,
     /// The TCP listeners by configured address, reused by a reload that keeps the address.
     tcp: Vec<(SocketAddr, Arc<tokio::net::TcpListener>)>,
+    /// A UDP service's listen sockets by configured address, likewise.
+    udp: udp::Sockets,
+}
+
+/// Every listening socket bound before a reload, by configured address.
+struct Pool {
+    tcp: Vec<(SocketAddr, Arc<tokio::net::TcpListener>)>,
+    udp: Vec<(SocketAddr, Arc<udp::pktinfo::ClientSocket>)>,
+}
+
+impl Pool {
+    fn tcp(&self, addr: SocketAddr) -> Option<Arc<tokio::net::TcpListener>> {
+        self.tcp.iter().find(|(a, l)| same_address(addr, *a, l.local_addr().ok())).map(|(_, l)| l.clone())
+    }
+
+    fn udp(&self, addr: SocketAddr) -> Option<Arc<udp::pktinfo::ClientSocket>> {
+        self.udp.iter().find(|(a, s)| same_address(addr, *a, Some(s.local_addr()))).map(|(_, s)| s.clone())
+    }
+}
+
+/// Whether a listen address of the new config is a socket already bound at `configured` (as the old config
+/// said) or at `local` (as bound, port resolved). A port-0 address asks for a new port: never the same.
+fn same_address(addr: SocketAddr, configured: SocketAddr, local: Option<SocketAddr>) -> bool {
+    addr.port() != 0 && (addr == configured || local == Some(addr))
+}
+
+/// Applies `backlog` (TCP) and `freebind` to a kept listening socket; a failure is logged, the socket stays.
+fn retune(service: &str, sock: &SockRef<'_>, local: Option<SocketAddr>, backlog: Option<u32>, freebind: bool) {
+    let Some(local) = local else { return };
+    if let Err(e) = socket::retune_listener(sock, local.ip(), backlog, freebind) {
+        warn!(service, listen = %local, error = %e, "could not apply backlog or freebind to a kept listener: it keeps the ones it had");
+    }
 }
 
 /// A running staybound.
@@ -92,6 +136,8 @@ pub struct Instance {
     config: Config,
     registry: Arc<Registry>,
     running: HashMap<String, Running>,
+    /// What removed services' sessions still drain under, by name, until they end.
+    draining: HashMap<String, Lasting>,
     sessions: TaskTracker,
     background: TaskTracker,
     stop_sessions: CancellationToken,
@@ -109,6 +155,7 @@ impl Instance {
             config: config.clone(),
             registry: registry.clone(),
             running: HashMap::new(),
+            draining: HashMap::new(),
             sessions: TaskTracker::new(),
             background: TaskTracker::new(),
             stop_sessions: CancellationToken::new(),
@@ -142,6 +189,26 @@ impl Instance {
         self.running.get(service).map(|r| r.entry.bound()).unwrap_or_default()
     }
 
+    /// Every listening socket now bound, each a duplicate of the descriptor (the same kernel socket), with
+    /// its service, protocol and configured address.
+    ///
+    /// # Errors
+    /// A descriptor cannot be duplicated (out of descriptors).
+    pub fn listen_sockets(&self) -> std::io::Result<Vec<ListenSocket>> {
+        let mut out = Vec::new();
+        for (name, r) in &self.running {
+            for (addr, l) in &r.tcp {
+                let fd = l.as_fd().try_clone_to_owned()?;
+                out.push(ListenSocket { service: name.clone(), protocol: Protocol::Tcp, addr: *addr, fd });
+            }
+            for (addr, s) in r.udp.all() {
+                let fd = s.fd().try_clone_to_owned()?;
+                out.push(ListenSocket { service: name.clone(), protocol: Protocol::Udp, addr, fd });
+            }
+        }
+        Ok(out)
+    }
+
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
@@ -150,8 +217,9 @@ impl Instance {
         &self.config
     }
 
-    /// Applies a new config: new services start, removed ones stop accepting and drain, and a listener is
-    /// re-bound only if its address changed. A service that keeps its name is reconfigured, never reset: its
+    /// Applies a new config: new services start, removed ones stop accepting and drain, and only addresses not
+    /// bound yet are bound: a listen socket whose address stays goes to whichever service names it now, and
+    /// takes the new `backlog` and `freebind`. A service that keeps its name is reconfigured, never reset: its
     /// detector (epoch, tokens, host state) keeps watching the sessions made before, its `max_connections`
     /// is resized over them, its retry budget keeps its window; settings of the data path take effect for
     /// new sessions.
@@ -168,6 +236,12 @@ impl Instance {
     }
 
     async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
+        // Every socket bound now, whichever service holds it: an address that stays in the config is handed to
+        // the service that names it now (a rename, a swap), never bound twice (EADDRINUSE).
+        let pool = Pool {
+            tcp: self.running.values().flat_map(|r| r.tcp.iter().cloned()).collect(),
+            udp: self.running.values().flat_map(|r| r.udp.all()).collect(),
+        };
         // Bind every listener that is new or moved before changing anything, so a failure changes nothing.
         let mut bound: HashMap<String, Bound> = HashMap::new();
         for s in &config.services {
@@ -178,16 +252,10 @@ impl Instance {
             }
             let listeners = match s.protocol {
                 Protocol::Tcp => {
-                    let old = self.running.get(&s.name).map(|r| r.tcp.as_slice()).unwrap_or(&[]);
                     let mut listeners = Vec::new();
                     for addr in &s.listen {
-                        // why: an address the service keeps is already bound by it; binding it again
-                        // would fail with EADDRINUSE.
-                        let kept = old.iter().find(|(a, l)| {
-                            addr.port() != 0 && (a == addr || l.local_addr().is_ok_and(|bound| bound == *addr))
-                        });
-                        if let Some((_, l)) = kept {
-                            listeners.push((*addr, l.clone()));
+                        if let Some(l) = pool.tcp(*addr) {
+                            listeners.push((*addr, l));
                             continue;
                         }
                         let l = socket::tcp_listener(*addr, s.backlog, s.freebind)
@@ -197,13 +265,37 @@ impl Instance {
                     Bound::Tcp(listeners)
                 }
                 // An address not on this host yet is no error: the service binds it when it appears.
-                Protocol::Udp => Bound::Udp(udp::bind(s).map_err(|e| StartError::Listen {
+                Protocol::Udp => Bound::Udp(udp::bind(s, |addr| pool.udp(addr)).map_err(|e| StartError::Listen {
                     service: s.name.clone(),
                     addr: e.addr,
                     source: e.source,
                 })?),
             };
             bound.insert(s.name.clone(), listeners);
+        }
+
+        // Sockets kept (by the same service or handed to another) take the new `backlog` and `freebind`.
+        for s in &config.services {
+            let kept_tcp: Vec<Arc<tokio::net::TcpListener>> = match bound.get(&s.name) {
+                Some(Bound::Tcp(l)) => l.iter().map(|(_, l)| l.clone()).collect(),
+                Some(Bound::Udp(_)) => Vec::new(),
+                None => self
+                    .running
+                    .get(&s.name)
+                    .map(|r| r.tcp.iter().map(|(_, l)| l.clone()).collect())
+                    .unwrap_or_default(),
+            };
+            for l in kept_tcp {
+                retune(&s.name, &SockRef::from(&*l), l.local_addr().ok(), Some(s.backlog), s.freebind);
+            }
+            let kept_udp = match bound.get(&s.name) {
+                Some(Bound::Udp(l)) => l.sockets().all(),
+                Some(Bound::Tcp(_)) => Vec::new(),
+                None => self.running.get(&s.name).map(|r| r.udp.all()).unwrap_or_default(),
+            };
+            for (_, sock) in kept_udp {
+                retune(&s.name, &SockRef::from(&sock.fd()), Some(sock.local_addr()), None, s.freebind);
+            }
         }
 
         // Stop what was removed.
@@ -214,8 +306,12 @@ impl Instance {
                 info!(service = %name, "service removed: it stops accepting; its sessions drain");
                 r.stop_accept.cancel();
                 r.stop_detector.cancel();
+                // why: its sessions drain under its counts and limit; a service of the same name added back
+                // before they end takes them over, so its gauges and `max_connections` count them.
+                self.draining.insert(name, r.lasting);
             }
         }
+        self.draining.retain(|_, l| l.counts.active() + l.counts.held() > 0);
 
         // Detectors first (new ones started, kept ones reconfigured in place), so dependencies can be wired.
         for s in &config.services {
@@ -231,7 +327,13 @@ impl Instance {
             let (detector, handle, reconfigure) = Detector::new(cfg.clone(), metrics.clone());
             let stop_detector = CancellationToken::new();
             self.background.spawn(detector.run(stop_detector.clone()));
-            let lasting = Lasting::new(&cfg);
+            let lasting = match self.draining.remove(&s.name) {
+                Some(l) => {
+                    l.reconfigure(&cfg);
+                    l
+                }
+                None => Lasting::new(&cfg),
+            };
             let placeholder = Arc::new(Entry {
                 name: s.name.clone(),
                 service: Arc::new(ArcSwap::from_pointee(Service::new(
@@ -256,8 +358,18 @@ impl Instance {
                     stop_detector,
                     stop_accept: CancellationToken::new(),
                     tcp: Vec::new(),
+                    udp: udp::Sockets::default(),
                 },
             );
+        }
+
+        // why: every service whose listeners change stops accepting before any starts on the sockets it hands
+        // over, so a connect in between is taken by the service that names the address now, not the old one.
+        for name in bound.keys() {
+            if let Some(r) = self.running.get_mut(name) {
+                r.stop_accept.cancel();
+                r.stop_accept = CancellationToken::new();
+            }
         }
 
         // Services with their (transitive) dependencies, then listeners.
@@ -276,8 +388,6 @@ impl Instance {
             match bound.remove(&s.name) {
                 None => r.entry.service.store(Arc::new(service)),
                 Some(Bound::Tcp(listeners)) => {
-                    r.stop_accept.cancel();
-                    r.stop_accept = CancellationToken::new();
                     let shared = Arc::new(ArcSwap::from_pointee(service));
                     let mut addrs = Vec::new();
                     for (_, l) in &listeners {
@@ -293,14 +403,14 @@ impl Instance {
                         ));
                     }
                     r.tcp = listeners;
+                    r.udp = udp::Sockets::default();
                     r.entry = Arc::new(Entry { name: s.name.clone(), service: shared, listen: addrs, udp: None });
                 }
                 Some(Bound::Udp(listeners)) => {
                     r.tcp.clear();
-                    r.stop_accept.cancel();
-                    r.stop_accept = CancellationToken::new();
                     let shared = Arc::new(ArcSwap::from_pointee(service));
                     let (listen, bound) = (listeners.local_addrs(), listeners.addrs());
+                    r.udp = listeners.sockets();
                     // why: a datagram flow has nothing to drain; it stops with the listeners.
                     self.background.spawn(listeners.serve(shared.clone(), r.stop_accept.clone()));
                     r.entry = Arc::new(Entry { name: s.name.clone(), service: shared, listen, udp: Some(bound) });
@@ -361,4 +471,19 @@ fn transitive_deps(config: &Config, name: &str) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_address_is_found_by_its_configured_or_bound_address() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap_or_else(|e| panic!("{s}: {e}")) };
+        assert!(same_address(a("127.0.0.1:5000"), a("127.0.0.1:5000"), Some(a("127.0.0.1:5000"))));
+        assert!(same_address(a("127.0.0.1:41234"), a("127.0.0.1:0"), Some(a("127.0.0.1:41234"))), "a port 0 bound");
+        assert!(!same_address(a("127.0.0.1:0"), a("127.0.0.1:0"), Some(a("127.0.0.1:41234"))), "port 0 is a new port");
+        assert!(!same_address(a("127.0.0.2:5000"), a("127.0.0.1:5000"), Some(a("127.0.0.1:5000"))));
+        assert!(same_address(a("0.0.0.0:53"), a("0.0.0.0:53"), None), "a UDP address not bound yet");
+    }
 }

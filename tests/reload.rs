@@ -252,3 +252,162 @@ fn a_dependency_reload_does_not_strand_its_dependents_held_clients() {
     eprintln!("FIGURES the dependent's held client was released {:?} after db came back", start.elapsed());
     assert_eq!(sb.metric("staybound_held_clients", &[("service", "app")]), 0.0);
 }
+
+/// A UDP upstream that answers each datagram with `name`, a colon and the datagram.
+fn udp_greeter(name: &'static str) -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let mut out = format!("{name}:").into_bytes();
+            out.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&out, from);
+        }
+    });
+    addr
+}
+
+/// Sends `msg` from `c` and returns the answer, as text.
+fn ask_udp(c: &std::net::UdpSocket, msg: &str) -> String {
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.send(msg.as_bytes()).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = c.recv(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+fn udp_client(to: SocketAddr) -> std::net::UdpSocket {
+    let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.connect(to).unwrap();
+    c
+}
+
+fn udp_svc_at(name: &str, listen: &str, up: SocketAddr, extra: &str) -> String {
+    format!("[[service]]\nname = \"{name}\"\nprotocol = \"udp\"\nlisten = {listen}\nupstream = \"{up}\"\n{extra}")
+}
+
+#[test]
+fn a_renamed_service_keeps_its_listen_address_and_its_old_sessions() {
+    let (one, two) = (greeter("one"), greeter("two"));
+    let sb = Running::start(&format!("{HEAD}{}", svc("before", one, "")));
+    let listen = sb.listens()["before"][0];
+    let mut old = TcpStream::connect(listen).unwrap();
+    old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(greeting(&mut old), "one");
+
+    reload(&sb, &format!("{HEAD}{}", svc_at("after", listen, two, "")), 1.0);
+    assert_eq!(sb.listens()["after"], vec![listen], "the new name serves the same address");
+    let mut fresh = TcpStream::connect(listen).unwrap();
+    fresh.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(greeting(&mut fresh), "two", "a new client goes to the renamed service");
+    round_trip(&mut old, b"the old session drains");
+}
+
+#[test]
+fn two_services_swap_listen_addresses() {
+    let (one, two) = (greeter("one"), greeter("two"));
+    let sb = Running::start(&format!("{HEAD}{}{}", svc("a", one, ""), svc("b", two, "")));
+    let (x, y) = (sb.listens()["a"][0], sb.listens()["b"][0]);
+    reload(&sb, &format!("{HEAD}{}{}", svc_at("a", y, one, ""), svc_at("b", x, two, "")), 1.0);
+    assert_eq!((sb.listens()["a"][0], sb.listens()["b"][0]), (y, x));
+    for (addr, want) in [(x, "two"), (y, "one")] {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(greeting(&mut c), want, "{addr} now serves {want}");
+    }
+}
+
+#[test]
+fn a_udp_service_gains_a_second_listen_address() {
+    let up = udp_greeter("u");
+    let sb = Running::start(&format!("{HEAD}{}", udp_svc_at("dgram", "\"127.0.0.1:0\"", up, "")));
+    let first = sb.listens()["dgram"][0];
+    let c1 = udp_client(first);
+    assert_eq!(ask_udp(&c1, "before"), "u:before");
+
+    reload(&sb, &format!("{HEAD}{}", udp_svc_at("dgram", &format!("[\"{first}\", \"127.0.0.2:0\"]"), up, "")), 1.0);
+    let both = sb.listens()["dgram"].clone();
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert_eq!(both[0], first);
+    assert_eq!(ask_udp(&c1, "after"), "u:after", "the first address still relays");
+    let c2 = udp_client(both[1]);
+    assert_eq!(ask_udp(&c2, "second"), "u:second", "the added address relays");
+}
+
+/// The backlog of the listening socket at `addr`, as `ss` shows it (Send-Q of a listener).
+fn backlog_of(addr: SocketAddr) -> u32 {
+    let out = Command::new("ss").args(["-Hltn", &format!("sport = :{}", addr.port())]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = text.lines().find(|l| l.contains(&addr.to_string())).unwrap_or_else(|| panic!("{addr} in {text}"));
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_backlog_change_on_a_kept_listener_is_applied() {
+    let up = echo();
+    let sb = Running::start(&format!("{HEAD}{}", svc("q", up, "backlog = 64\n")));
+    let listen = sb.listens()["q"][0];
+    assert_eq!(backlog_of(listen), 64);
+    let mut session = TcpStream::connect(listen).unwrap();
+    session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    round_trip(&mut session, b"before");
+
+    reload(&sb, &format!("{HEAD}{}", svc_at("q", listen, up, "backlog = 200\n")), 1.0);
+    assert_eq!(backlog_of(listen), 200, "the kept listener takes the new backlog");
+    assert_eq!(sb.listens()["q"], vec![listen]);
+    round_trip(&mut session, b"the session is untouched");
+    let mut fresh = TcpStream::connect(listen).unwrap();
+    round_trip(&mut fresh, b"new clients still come in");
+}
+
+#[test]
+fn a_removed_and_re_added_service_keeps_its_gauges_true() {
+    let up = echo();
+    let other = svc("other", up, "");
+    let sb = Running::start(&format!("{HEAD}{}{other}", svc("back", up, "")));
+    let listen = sb.listens()["back"][0];
+    let active = || sb.metric("staybound_client_connections_active", &[("service", "back")]);
+    let mut session = TcpStream::connect(listen).unwrap();
+    session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    round_trip(&mut session, b"before");
+    wait("one session is active", Duration::from_secs(5), || active() == 1.0);
+
+    reload(&sb, &format!("{HEAD}{other}"), 1.0);
+    round_trip(&mut session, b"draining");
+    reload(&sb, &format!("{HEAD}{}{other}", svc("back", up, "")), 2.0);
+    assert_eq!(active(), 1.0, "the draining session still counts");
+    drop(session);
+    wait("the session's end is counted", Duration::from_secs(5), || active() != 1.0);
+    assert_eq!(active(), 0.0, "a gauge never goes negative");
+}
+
+/// Whether IP_FREEBIND is set on each listening socket of `service`.
+fn freebind_of(proxy: &support::proxy::Proxy, service: &str) -> Vec<bool> {
+    proxy
+        .instance
+        .listen_sockets()
+        .unwrap()
+        .iter()
+        .filter(|s| s.service == service)
+        .map(|s| socket2::SockRef::from(&s.fd).freebind_v4().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_freebind_change_on_a_kept_listener_is_applied() {
+    let up = support::proxy::echo_upstream().await;
+    let text = |freebind: bool| format!("{HEAD}{}", svc("fb", up, &format!("freebind = {freebind}\n")));
+    let mut proxy = support::proxy::Proxy::start(&text(false)).await;
+    let listen = proxy.addr("fb");
+    assert_eq!(freebind_of(&proxy, "fb"), vec![false]);
+    let kept = |freebind: bool| {
+        let t = text(freebind).replace("127.0.0.1:0", &listen.to_string());
+        staybound::config::Config::from_toml_str(&t, std::path::Path::new("t.toml")).unwrap()
+    };
+    proxy.instance.reload(kept(true)).await.unwrap();
+    assert_eq!(proxy.addr("fb"), listen, "the listener stays");
+    assert_eq!(freebind_of(&proxy, "fb"), vec![true], "freebind on");
+    proxy.instance.reload(kept(false)).await.unwrap();
+    assert_eq!(freebind_of(&proxy, "fb"), vec![false], "and off again");
+}

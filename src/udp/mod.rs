@@ -92,28 +92,61 @@ impl BoundAddrs {
     }
 }
 
+/// The listen sockets of one UDP service by configured address, as bound so far (late binds included): what a
+/// reload hands to whichever service names an address next.
+#[derive(Debug, Clone, Default)]
+pub struct Sockets(Arc<Mutex<Vec<Kept>>>);
+
+/// A listen socket with its configured address.
+pub type Kept = (SocketAddr, Arc<ClientSocket>);
+
+impl Sockets {
+    fn add(&self, addr: SocketAddr, sock: Arc<ClientSocket>) {
+        lock(&self.0).push((addr, sock));
+    }
+
+    /// Every socket with its configured address.
+    pub fn all(&self) -> Vec<Kept> {
+        lock(&self.0).clone()
+    }
+}
+
 /// The listen sockets of one UDP service, bound (or waiting for their address), not yet serving.
 #[derive(Debug)]
 pub struct Listeners {
-    bound: Vec<ClientSocket>,
+    bound: Vec<Arc<ClientSocket>>,
     pending: Vec<(usize, SocketAddr)>,
     freebind: bool,
     addrs: watch::Sender<Vec<Option<SocketAddr>>>,
+    sockets: Sockets,
 }
 
-/// Binds every listen address of `cfg` that can be bound now. An address that is not on this host yet is left
-/// for [`Listeners::serve`] to bind when it appears. Must run inside a tokio runtime.
+/// Binds every listen address of `cfg` that can be bound now, taking the socket `reuse` returns for an address
+/// already bound (by this service or another, before a reload). An address that is not on this host yet is
+/// left for [`Listeners::serve`] to bind when it appears. Must run inside a tokio runtime.
 ///
 /// # Errors
 /// The first listen address that cannot be bound for another reason (in use, permission, ...).
-pub fn bind(cfg: &ServiceConfig) -> Result<Listeners, ListenError> {
+pub fn bind(
+    cfg: &ServiceConfig,
+    reuse: impl Fn(SocketAddr) -> Option<Arc<ClientSocket>>,
+) -> Result<Listeners, ListenError> {
     let mut bound = Vec::new();
     let mut pending = Vec::new();
     let mut addrs = Vec::new();
+    let sockets = Sockets::default();
     for (i, addr) in cfg.listen.iter().enumerate() {
+        if let Some(s) = reuse(*addr) {
+            addrs.push(Some(s.local_addr()));
+            sockets.add(*addr, s.clone());
+            bound.push(s);
+            continue;
+        }
         match ClientSocket::bind(*addr, cfg.freebind) {
             Ok(s) => {
+                let s = Arc::new(s);
                 addrs.push(Some(s.local_addr()));
+                sockets.add(*addr, s.clone());
                 bound.push(s);
             }
             Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
@@ -125,18 +158,23 @@ pub fn bind(cfg: &ServiceConfig) -> Result<Listeners, ListenError> {
         }
     }
     let (addrs, _) = watch::channel(addrs);
-    Ok(Listeners { bound, pending, freebind: cfg.freebind, addrs })
+    Ok(Listeners { bound, pending, freebind: cfg.freebind, addrs, sockets })
 }
 
 impl Listeners {
     /// The addresses bound now (ports resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.bound.iter().map(ClientSocket::local_addr).collect()
+        self.bound.iter().map(|s| s.local_addr()).collect()
     }
 
     /// A view of the bound addresses that follows late binds.
     pub fn addrs(&self) -> BoundAddrs {
         BoundAddrs(self.addrs.subscribe())
+    }
+
+    /// The sockets by configured address, late binds included.
+    pub fn sockets(&self) -> Sockets {
+        self.sockets.clone()
     }
 
     /// Serves until `stop`: the bound sockets at once, the others once bound. Flows end with it. The serving
@@ -163,9 +201,11 @@ impl Listeners {
         let addrs = Arc::new(self.addrs);
         for (index, addr) in self.pending {
             let (shared2, stop2, addrs2) = (shared.clone(), stop.clone(), addrs.clone());
-            let freebind = self.freebind;
+            let (freebind, sockets) = (self.freebind, self.sockets.clone());
             shared.tasks.spawn(async move {
                 let Some(sock) = bind_when_present(addr, freebind, &shared2, &stop2).await else { return };
+                let sock = Arc::new(sock);
+                sockets.add(addr, sock.clone());
                 let local = sock.local_addr();
                 addrs2.send_modify(|v| {
                     if let Some(slot) = v.get_mut(index) {
@@ -198,7 +238,7 @@ impl Listeners {
 /// A listen address that cannot be bound for a reason other than "not on this host yet".
 pub async fn serve(svc: Arc<ArcSwap<Service>>, stop: CancellationToken) -> Result<(), ListenError> {
     let cfg = svc.load().cfg.clone();
-    bind(&cfg)?.serve(svc, stop).await;
+    bind(&cfg, |_| None)?.serve(svc, stop).await;
     Ok(())
 }
 

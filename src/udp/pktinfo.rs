@@ -74,6 +74,11 @@ impl ClientSocket {
         Ok(ClientSocket { sock, state, local, gro_segments })
     }
 
+    /// The socket itself, for socket options (a reload's `freebind`) and a handover to another process.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
     /// The bound address (port resolved).
     pub fn local_addr(&self) -> SocketAddr {
         self.local

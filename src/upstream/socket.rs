@@ -109,6 +109,24 @@ pub fn tcp_listener(addr: SocketAddr, backlog: u32, freebind: bool) -> io::Resul
     TcpListener::from_std(std::net::TcpListener::from(socket))
 }
 
+/// Applies a reload's `backlog` and `freebind` to a listening socket that stays bound: listen() again on a
+/// listening socket only changes its backlog (Linux applies it at once, queued connections stay), and
+/// IP_FREEBIND is set or cleared (it matters to a bind, so the socket reads back what the config says and a
+/// successor process binding anew gets the same).
+///
+/// # Errors
+/// The option or the listen() call fails.
+pub fn retune_listener(sock: &SockRef<'_>, ip: IpAddr, backlog: Option<u32>, freebind: bool) -> io::Result<()> {
+    match ip {
+        IpAddr::V4(_) => sock.set_freebind_v4(freebind)?,
+        IpAddr::V6(_) => sock.set_freebind_v6(freebind)?,
+    }
+    if let Some(backlog) = backlog {
+        sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    }
+    Ok(())
+}
+
 /// The kernel's count of keep-alive and data state for a live socket, read back for tests and status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadBack {
