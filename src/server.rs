@@ -101,6 +101,27 @@ struct Running {
     udp: udp::Sockets,
 }
 
+impl Running {
+    /// Whether `new` names the listen sockets this service has, in the same order: the same addresses, or the
+    /// ports they were bound to (a file rewritten with the ports a `:0` got). Then nothing is re-bound and a
+    /// UDP service keeps its flows.
+    fn same_listeners(&self, new: &ServiceConfig) -> bool {
+        let udp = self.udp.all();
+        let local = |i: usize, old: &SocketAddr| match new.protocol {
+            Protocol::Tcp => self.tcp.get(i).and_then(|(_, l)| l.local_addr().ok()),
+            Protocol::Udp => udp.iter().find(|(a, _)| a == old).map(|(_, s)| s.local_addr()),
+        };
+        self.cfg.protocol == new.protocol
+            && self.cfg.listen.len() == new.listen.len()
+            && new
+                .listen
+                .iter()
+                .zip(&self.cfg.listen)
+                .enumerate()
+                .all(|(i, (n, o))| n == o || same_address(*n, *o, local(i, o)))
+    }
+}
+
 /// Every listening socket bound before a reload, by configured address.
 struct Pool {
     tcp: Vec<(SocketAddr, Arc<tokio::net::TcpListener>)>,
@@ -245,9 +266,7 @@ impl Instance {
         // Bind every listener that is new or moved before changing anything, so a failure changes nothing.
         let mut bound: HashMap<String, Bound> = HashMap::new();
         for s in &config.services {
-            let same =
-                self.running.get(&s.name).is_some_and(|r| r.cfg.listen == s.listen && r.cfg.protocol == s.protocol);
-            if same {
+            if self.running.get(&s.name).is_some_and(|r| r.same_listeners(s)) {
                 continue;
             }
             let listeners = match s.protocol {

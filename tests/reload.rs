@@ -411,3 +411,25 @@ async fn a_freebind_change_on_a_kept_listener_is_applied() {
     proxy.instance.reload(kept(false)).await.unwrap();
     assert_eq!(freebind_of(&proxy, "fb"), vec![false], "and off again");
 }
+
+#[test]
+fn a_udp_flow_follows_a_new_upstream_on_its_next_datagram() {
+    let (one, two) = (udp_greeter("one"), udp_greeter("two"));
+    let sb = Running::start(&format!("{HEAD}{}", udp_svc_at("dgram", "\"127.0.0.1:0\"", one, "")));
+    let listen = sb.listens()["dgram"][0];
+    let c = udp_client(listen);
+    for i in 0..20 {
+        assert_eq!(ask_udp(&c, &format!("before {i}")), format!("one:before {i}"));
+    }
+    let flows = || sb.metric("staybound_client_connections_active", &[("service", "dgram")]);
+    assert_eq!(flows(), 1.0);
+
+    reload(&sb, &format!("{HEAD}{}", udp_svc_at("dgram", &format!("\"{listen}\""), two, "")), 1.0);
+    assert_eq!(ask_udp(&c, "after"), "two:after", "the first datagram after the reload goes to the new upstream");
+    for i in 0..20 {
+        assert_eq!(ask_udp(&c, &format!("after {i}")), format!("two:after {i}"));
+    }
+    assert_eq!(flows(), 1.0, "still one flow");
+    let proxied = sb.metric("staybound_client_connections_total", &[("service", "dgram"), ("outcome", "proxied")]);
+    assert_eq!(proxied, 1.0, "the flow was remade, not counted as a new client");
+}

@@ -1,7 +1,9 @@
 //! One client flow: the datagrams of one client address sent to one local address. A flow owns its upstream
 //! socket, bound to `source` when set and never connected, so replies from the nodes' stationary addresses
 //! reach it; its reply task accepts a datagram only from the upstream address or a `reply_from` address and
-//! relays it to the client from the address the client used. The listener owns the table of flows and their
+//! relays it to the client from the address the client used. A flow is made for one `Target` (upstream address
+//! and source); when the service's target changes (a reload, a new DNS answer), the listener makes the flow
+//! anew on its next datagram. The listener owns the table of flows and their
 //! expiry (`listener`); the client-facing socket is `pktinfo`'s.
 
 use std::cell::RefCell;
@@ -28,12 +30,22 @@ thread_local! {
     static REPLY_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
 }
 
+/// Where a flow sends, and from which address: what the service's config and resolver said when it was made.
+/// A flow whose target is no longer the service's is made anew on its next datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// The upstream as resolved.
+    pub peer: SocketAddr,
+    /// The address the upstream socket is bound to (`source`), with `freebind`.
+    pub source: Option<IpAddr>,
+    pub freebind: bool,
+}
+
 /// What a flow's two directions share.
 #[derive(Debug)]
 pub struct Flow {
     pub upstream: UdpSocket,
-    /// The upstream as resolved when the flow was made.
-    pub peer: SocketAddr,
+    pub target: Target,
     pub client: SocketAddr,
     /// The source address replies must carry (the address the client sent to), or `None` for the kernel's.
     pub local: Option<IpAddr>,
@@ -108,12 +120,12 @@ impl FlowEntry {
         shared: &Arc<Shared>,
         client_sock: &Arc<ClientSocket>,
         upstream: UdpSocket,
-        peer: SocketAddr,
+        target: Target,
         client: SocketAddr,
         local: Option<IpAddr>,
         slot: FlowSlot,
     ) -> FlowEntry {
-        let flow = Arc::new(Flow { upstream, peer, client, local, last: AtomicU64::new(shared.now_ms()) });
+        let flow = Arc::new(Flow { upstream, target, client, local, last: AtomicU64::new(shared.now_ms()) });
         let stop = CancellationToken::new();
         shared.tasks.spawn(replies(flow.clone(), client_sock.clone(), shared.clone(), stop.clone()));
         let active = shared.svc.load().active_guard();
@@ -182,10 +194,10 @@ fn receive_one(
         Err(e) => return Step::Failed(e),
     };
     let svc = shared.svc.load();
-    if !is_reply(from, flow.peer, &svc.cfg.udp.reply_from) {
+    if !is_reply(from, flow.target.peer, &svc.cfg.udp.reply_from) {
         shared.dropped(UdpDrop::UnknownSource, |n_dropped| {
             warn!(
-                service = %shared.name, from = %from, client = %flow.client, upstream = %flow.peer,
+                service = %shared.name, from = %from, client = %flow.client, upstream = %flow.target.peer,
                 dropped = n_dropped,
                 "datagram dropped: it comes neither from the upstream nor from a reply_from address"
             )

@@ -15,13 +15,32 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Shared;
-use super::flow::{FlowEntry, upstream_socket};
+use super::flow::{FlowEntry, Target, upstream_socket};
 use super::pktinfo::{ClientSocket, MAX_DATAGRAM};
+use crate::config::UpstreamAddr;
 use crate::metrics::UdpDrop;
-use crate::upstream::ConnectClass;
+use crate::upstream::{ConnectClass, Connector};
 
 /// Datagrams taken per receive call (recvmmsg) when GRO is off.
 const BATCH: usize = 8;
+
+/// How long a name's answer serves flows before it is looked up again (on the next datagram).
+const RESOLVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether the upstream must be resolved again: the service's connector is another one (a reload), or the
+/// upstream is a name whose last answer is `RESOLVE_EVERY` old.
+fn resolve_due(same_connector: bool, name: bool, age: Duration) -> bool {
+    !same_connector || (name && age >= RESOLVE_EVERY)
+}
+
+/// The last resolution of a listener's upstream.
+struct Resolved {
+    target: Option<Target>,
+    error: Option<String>,
+    /// The connector (one per config generation) it was made with.
+    connector: Arc<Connector>,
+    at: Instant,
+}
 
 /// A flow is its client's address and the local address the client sent to.
 type FlowKey = (SocketAddr, Option<IpAddr>);
@@ -36,6 +55,7 @@ struct Listener {
     sock: Arc<ClientSocket>,
     shared: Arc<Shared>,
     flows: HashMap<FlowKey, FlowEntry>,
+    resolved: Option<Resolved>,
 }
 
 /// Serves one bound listen socket until `stop`; its flows end with it.
@@ -45,7 +65,7 @@ pub async fn run(sock: Arc<ClientSocket>, shared: Arc<Shared>, stop: Cancellatio
     // Every receive buffer, allocated once for the life of the listener.
     let mut storage = vec![0u8; per_buf * batch];
     let mut meta = [RecvMeta::default(); BATCH];
-    let mut l = Listener { sock, shared, flows: HashMap::new() };
+    let mut l = Listener { sock, shared, flows: HashMap::new(), resolved: None };
     let mut next_sweep = Instant::now() + sweep_period(l.shared.svc.load().cfg.udp.flow_idle);
     loop {
         tokio::select! {
@@ -111,15 +131,36 @@ impl Listener {
     /// Sends one client datagram on through its flow, making the flow first if needed.
     async fn forward(&mut self, data: &[u8], client: SocketAddr, local: Option<IpAddr>, stop: &CancellationToken) {
         let key = (client, local);
-        if !self.flows.contains_key(&key) {
-            let Some(entry) = self.open(client, local).await else { return };
+        let target = self.target().await;
+        // why: a flow follows its service: a reload's new upstream or source, or a new DNS answer, applies to
+        // it from its next datagram on (a new upstream socket, so the source is the one configured now).
+        let (fresh, stale) = match (&target, self.flows.get(&key)) {
+            (_, None) => (true, false),
+            (Ok(t), Some(e)) => (false, e.flow.target != *t),
+            (Err(_), Some(_)) => (false, false),
+        };
+        if fresh || stale {
+            if let Some(old) = self.flows.remove(&key) {
+                debug!(service = %self.shared.name, client = %client, from = %old.flow.target.peer, "the flow follows its service: remade");
+            }
+            let t = match target {
+                Ok(t) => t,
+                Err(e) => {
+                    let shared = &self.shared;
+                    shared.dropped(UdpDrop::NoFlow, |n| {
+                        warn!(service = %shared.name, client = %client, error = %e, dropped = n, "datagram from a new client dropped: the upstream does not resolve")
+                    });
+                    return;
+                }
+            };
+            let Some(entry) = self.open(client, local, t, fresh).await else { return };
             self.flows.insert(key, entry);
         }
         let Some(entry) = self.flows.get(&key) else { return };
         let flow = &entry.flow;
         flow.touch(self.shared.now_ms());
         loop {
-            match flow.upstream.try_send_to(data, flow.peer) {
+            match flow.upstream.try_send_to(data, flow.target.peer) {
                 Ok(_) => {
                     self.shared.metrics.udp_upstream.increment(1);
                     return;
@@ -142,7 +183,7 @@ impl Listener {
                 Err(e) => {
                     let shared = &self.shared;
                     shared.dropped(UdpDrop::SendError, |n| {
-                        warn!(service = %shared.name, client = %client, upstream = %flow.peer, error = %e, dropped = n, "datagram to the upstream dropped: send failed")
+                        warn!(service = %shared.name, client = %client, upstream = %flow.target.peer, error = %e, dropped = n, "datagram to the upstream dropped: send failed")
                     });
                     return;
                 }
@@ -150,8 +191,43 @@ impl Listener {
         }
     }
 
-    /// Makes the flow of a new client, or counts and logs why it cannot be made.
-    async fn open(&mut self, client: SocketAddr, local: Option<IpAddr>) -> Option<FlowEntry> {
+    /// What flows must send to and from now. Resolved anew when a reload gave the service a new connector
+    /// and, for a name, at most every `RESOLVE_EVERY`; between those, the last answer. A failed lookup keeps
+    /// the last good answer of the same config.
+    async fn target(&mut self) -> Result<Target, String> {
+        let connector = self.shared.svc.load().connector.load_full();
+        let cfg = connector.config();
+        let name = matches!(cfg.upstream, UpstreamAddr::Name { .. });
+        if let Some(r) = &self.resolved
+            && !resolve_due(Arc::ptr_eq(&r.connector, &connector), name, r.at.elapsed())
+        {
+            return r.target.ok_or_else(|| r.error.clone().unwrap_or_default());
+        }
+        // why: the lookup holds this listener, so it is bounded by the connect timeout.
+        let timeout = cfg.hold.connect_timeout;
+        let resolved = match tokio::time::timeout(timeout, connector.resolve()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer from the resolver within {timeout:?}")),
+        };
+        let (source, freebind) = (cfg.source, cfg.freebind);
+        let kept = self.resolved.take().filter(|r| Arc::ptr_eq(&r.connector, &connector)).and_then(|r| r.target);
+        let (target, error) = match resolved {
+            Ok(peer) => (Some(Target { peer, source, freebind }), None),
+            Err(e) => (kept, Some(e)),
+        };
+        self.resolved = Some(Resolved { target, error: error.clone(), connector, at: Instant::now() });
+        target.ok_or_else(|| error.unwrap_or_default())
+    }
+
+    /// Makes the flow of a client to `target` (a new client, or one whose flow no longer matches the service),
+    /// or counts and logs why it cannot be made. Only a new client counts as `proxied`.
+    async fn open(
+        &mut self,
+        client: SocketAddr,
+        local: Option<IpAddr>,
+        target: Target,
+        new: bool,
+    ) -> Option<FlowEntry> {
         let shared = self.shared.clone();
         let svc = shared.svc.load_full();
         let cfg = &svc.cfg;
@@ -161,48 +237,35 @@ impl Listener {
             });
             return None;
         };
-        let no_source = |n: u64| warn!(service = %shared.name, client = %client, source = ?cfg.source, dropped = n, "datagram from a new client dropped: the source address is not on this host");
+        let no_source = |n: u64| warn!(service = %shared.name, client = %client, source = ?target.source, dropped = n, "datagram from a client dropped: the source address is not on this host");
         if !shared.source_gate_open() {
             shared.dropped(UdpDrop::NoFlow, no_source);
             return None;
         }
-        // why: a name is looked up again for every new flow, so DNS-based failover is followed; the lookup
-        // holds this listener, so it is bounded by the connect timeout.
-        let resolved = match tokio::time::timeout(cfg.hold.connect_timeout, svc.connector.load_full().resolve()).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer from the resolver within {:?}", cfg.hold.connect_timeout)),
-        };
-        let peer = match resolved {
-            Ok(peer) => peer,
-            Err(e) => {
-                shared.dropped(UdpDrop::NoFlow, |n| {
-                    warn!(service = %shared.name, client = %client, upstream = %cfg.upstream, error = %e, dropped = n, "datagram from a new client dropped: the upstream does not resolve")
-                });
-                return None;
-            }
-        };
-        let upstream = match upstream_socket(peer, cfg.source, cfg.freebind) {
+        let upstream = match upstream_socket(target.peer, target.source, target.freebind) {
             Ok(s) => {
                 shared.source_available();
                 s
             }
-            Err(e) if crate::upstream::classify(&e) == ConnectClass::AddrUnavailable && cfg.source.is_some() => {
-                shared.source_unavailable(cfg.source, &e);
+            Err(e) if crate::upstream::classify(&e) == ConnectClass::AddrUnavailable && target.source.is_some() => {
+                shared.source_unavailable(target.source, &e);
                 shared.dropped(UdpDrop::NoFlow, no_source);
                 return None;
             }
             Err(e) => {
                 shared.dropped(UdpDrop::NoFlow, |n| {
-                    warn!(service = %shared.name, client = %client, error = %e, dropped = n, "datagram from a new client dropped: no upstream socket")
+                    warn!(service = %shared.name, client = %client, error = %e, dropped = n, "datagram from a client dropped: no upstream socket")
                 });
                 return None;
             }
         };
-        let entry = FlowEntry::start(&shared, &self.sock, upstream, peer, client, local, slot);
+        let entry = FlowEntry::start(&shared, &self.sock, upstream, target, client, local, slot);
         if let Ok(from) = entry.flow.upstream.local_addr() {
-            debug!(service = %shared.name, client = %client, to = ?local, upstream = %peer, from = %from, "flow opened");
+            debug!(service = %shared.name, client = %client, to = ?local, upstream = %target.peer, from = %from, new, "flow opened");
         }
-        svc.metrics.outcome(crate::metrics::Outcome::Proxied).increment(1);
+        if new {
+            svc.metrics.outcome(crate::metrics::Outcome::Proxied).increment(1);
+        }
         Some(entry)
     }
 
@@ -238,6 +301,15 @@ mod tests {
         assert_eq!(zero_stride, vec![&data[..]]);
         let empty: Vec<&[u8]> = datagrams(&[], 0).collect();
         assert_eq!(empty, vec![&[] as &[u8]]);
+    }
+
+    #[test]
+    fn a_flow_target_is_resolved_again_after_a_reload_or_a_name_s_ttl() {
+        let fresh = Duration::from_millis(10);
+        assert!(!resolve_due(true, false, Duration::from_secs(3600)), "an address never needs a lookup");
+        assert!(resolve_due(false, false, fresh), "a reload: the new config's upstream");
+        assert!(!resolve_due(true, true, fresh), "a name answered a moment ago");
+        assert!(resolve_due(true, true, RESOLVE_EVERY), "a name answered a second ago");
     }
 
     #[test]
