@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::failover::Sign;
-use crate::server::Registry;
+use crate::registry::Registry;
 
 /// The running admin server.
 pub struct AdminHandle {

@@ -33,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::failover::HostView;
 use crate::metrics::Telemetry;
+use crate::registry::Registry;
+// The demo starts and stops a staybound; what it reads of it goes through the registry.
 use crate::server::Instance;
 use client::{Log, Seen};
 use forwarder::Forwarder;
@@ -160,7 +162,7 @@ async fn script(warmup: Duration, stop: CancellationToken) -> anyhow::Result<Str
     };
     let listen = instance.listen_addrs(SERVICE).first().copied();
     let outcome = match listen {
-        Some(listen) => drive(&instance, &mut cluster, listen, &timeline, warmup, &stop).await,
+        Some(listen) => drive(instance.registry(), &mut cluster, listen, &timeline, warmup, &stop).await,
         None => Err(anyhow!("staybound has no listen address")),
     };
     let status = crate::admin::status_json(instance.registry());
@@ -179,14 +181,14 @@ async fn script(warmup: Duration, stop: CancellationToken) -> anyhow::Result<Str
 
 /// Starts the watcher and the clients, plays the two moves, stops the clients.
 async fn drive(
-    instance: &Instance,
+    registry: &Registry,
     cluster: &mut Cluster,
     listen: SocketAddr,
     timeline: &Timeline,
     warmup: Duration,
     stop: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
-    let view = host_view(instance)?;
+    let view = host_view(registry)?;
     wait_for_identity(view.clone(), "node-1", Duration::from_secs(3)).await?;
     timeline.note(format!("staybound up on {listen}: epoch 1, its probe sees node-1"));
     tokio::spawn(watch_staybound(view, timeline.clone(), stop.child_token()));
@@ -256,9 +258,8 @@ backoff_max = "100ms"         # while the host is away, look again at least ever
 }
 
 /// The detector's view of the demo service.
-fn host_view(instance: &Instance) -> anyhow::Result<watch::Receiver<HostView>> {
-    let services = instance.registry().services.load();
-    let entry = services.iter().find(|e| e.name == SERVICE).context("staybound runs no demo service")?;
+fn host_view(registry: &Registry) -> anyhow::Result<watch::Receiver<HostView>> {
+    let entry = registry.entry(SERVICE).context("staybound runs no demo service")?;
     Ok(entry.service.load().detector.view.clone())
 }
 

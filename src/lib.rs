@@ -9,7 +9,7 @@
 //! * [`udp`]: `protocol = "udp"` services: flows, replies from the address the client used.
 //! * [`failover`]: the detector of each service: probe session, host state, epochs.
 //! * [`service`]: what a session needs of its service, in one place.
-//! * [`metrics`] and [`admin`]: what operators see.
+//! * [`metrics`] and [`admin`]: what operators see; [`registry`]: what the server shows them of itself.
 //! * [`server`]: starts, reloads and drains all of the above.
 #![deny(unsafe_code)]
 
@@ -21,6 +21,7 @@ pub mod demo;
 pub mod failover;
 pub mod listener;
 pub mod metrics;
+pub mod registry;
 pub mod server;
 pub mod service;
 pub mod session;

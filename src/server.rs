@@ -1,6 +1,6 @@
 //! A running staybound: every service's detector, listeners and sessions, and the admin server, started
-//! from a `Config`, reloaded in place on SIGHUP, and shut down with a drain. `Registry` is what the admin
-//! server sees of it.
+//! from a `Config`, reloaded in place on SIGHUP, and shut down with a drain. It writes what it runs into a
+//! [`Registry`] (`registry.rs`), which the admin server and the demo read.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -19,35 +19,10 @@ use crate::config::{Config, Protocol, ServiceConfig};
 use crate::failover::{Detector, DetectorHandle, Reconfigure};
 use crate::listener;
 use crate::metrics::{ServiceMetrics, Telemetry};
+pub use crate::registry::{Entry, Registry};
 use crate::service::{Lasting, Service};
 use crate::udp;
 use crate::upstream::socket;
-
-/// What the admin server reads: the services now running.
-pub struct Registry {
-    pub telemetry: Telemetry,
-    pub services: ArcSwap<Vec<Arc<Entry>>>,
-}
-
-/// One running service as the admin server sees it.
-pub struct Entry {
-    pub name: String,
-    pub service: Arc<ArcSwap<Service>>,
-    /// The bound listen addresses (ports resolved); for a UDP service, those bound at start (see `udp`).
-    pub listen: Vec<SocketAddr>,
-    /// A UDP service's listen addresses as bound so far: one not on this host at start is bound later.
-    pub udp: Option<udp::BoundAddrs>,
-}
-
-impl Entry {
-    /// The listen addresses bound now.
-    pub fn bound(&self) -> Vec<SocketAddr> {
-        match &self.udp {
-            Some(u) => u.bound(),
-            None => self.listen.clone(),
-        }
-    }
-}
 
 /// One listening socket of a running service.
 #[derive(Debug)]
@@ -171,7 +146,7 @@ impl Instance {
     /// # Errors
     /// A listener or the admin address that cannot be bound.
     pub async fn start(config: Config, telemetry: Telemetry) -> Result<Instance, StartError> {
-        let registry = Arc::new(Registry { telemetry, services: ArcSwap::from_pointee(Vec::new()) });
+        let registry = Arc::new(Registry::new(telemetry));
         let mut instance = Instance {
             config: config.clone(),
             registry: registry.clone(),

@@ -1,0 +1,50 @@
+//! What a running staybound shows of itself: the services now running, each with its current generation
+//! and listen addresses, and the metric registry. The server writes it (at start and at each reload); the
+//! admin server and the demo read it. It depends on none of them, so the admin server does not depend on the
+//! server (the demo starts and stops one, and reads it only here).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::metrics::Telemetry;
+use crate::service::Service;
+use crate::udp;
+
+/// The services now running, and the metric registry.
+pub struct Registry {
+    pub telemetry: Telemetry,
+    pub services: ArcSwap<Vec<Arc<Entry>>>,
+}
+
+/// One running service as its readers see it.
+pub struct Entry {
+    pub name: String,
+    pub service: Arc<ArcSwap<Service>>,
+    /// The bound listen addresses (ports resolved); for a UDP service, those bound at start (see `udp`).
+    pub listen: Vec<SocketAddr>,
+    /// A UDP service's listen addresses as bound so far: one not on this host at start is bound later.
+    pub udp: Option<udp::BoundAddrs>,
+}
+
+impl Entry {
+    /// The listen addresses bound now.
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        match &self.udp {
+            Some(u) => u.bound(),
+            None => self.listen.clone(),
+        }
+    }
+}
+
+impl Registry {
+    pub fn new(telemetry: Telemetry) -> Registry {
+        Registry { telemetry, services: ArcSwap::from_pointee(Vec::new()) }
+    }
+
+    /// The running service named `name`.
+    pub fn entry(&self, name: &str) -> Option<Arc<Entry>> {
+        self.services.load().iter().find(|e| e.name == name).cloned()
+    }
+}
