@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::registry::Registry;
 /// The running admin server.
 pub struct AdminHandle {
     addr: SocketAddr,
+    fd: OwnedFd,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -35,6 +37,11 @@ pub struct AdminHandle {
 impl AdminHandle {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The listening socket.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// Stops the server and waits for its thread.
@@ -58,16 +65,18 @@ impl Drop for AdminHandle {
 /// # Errors
 /// The bind error.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+    std::net::TcpListener::bind(addr)
 }
 
-/// Serves on a listener from [`bind`], on a thread of its own.
+/// Serves on a listening socket already bound (by [`bind`], or by the process this one upgrades), on a
+/// thread of its own.
 ///
 /// # Errors
-/// The thread or its runtime could not be made.
-pub fn start(std_listener: std::net::TcpListener, registry: Arc<Registry>) -> std::io::Result<AdminHandle> {
+/// The socket cannot be set up.
+pub fn start_on(std_listener: std::net::TcpListener, registry: Arc<Registry>) -> std::io::Result<AdminHandle> {
+    std_listener.set_nonblocking(true)?;
+    // why: kept to hand the socket to the process an upgrade starts.
+    let fd = std_listener.as_fd().try_clone_to_owned()?;
     let bound = std_listener.local_addr()?;
     let stop = CancellationToken::new();
     let stop_thread = stop.clone();
@@ -85,7 +94,7 @@ pub fn start(std_listener: std::net::TcpListener, registry: Arc<Registry>) -> st
         });
     })?;
     info!(listen = %bound, "admin endpoint listening");
-    Ok(AdminHandle { addr: bound, stop, thread: Some(thread) })
+    Ok(AdminHandle { addr: bound, fd, stop, thread: Some(thread) })
 }
 
 async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, stop: CancellationToken) {

@@ -29,7 +29,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the services in the config file (the default command); exits on SIGTERM after draining.
+    /// Run the services in the config file (the default command); exits on SIGTERM after draining. SIGHUP
+    /// reloads the config; SIGUSR2 upgrades: starts the binary again and hands it the listening sockets.
     Run(RunArgs),
     /// Validate the config file and print each service's effective settings and worst-case detection times.
     Check(RunArgs),
@@ -52,6 +53,10 @@ pub struct RunArgs {
     /// The config file [default: /etc/staybound/staybound.toml].
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The binary an upgrade (SIGUSR2) starts; default: the path this process was started with (argv[0],
+    /// looked up in PATH if it has no slash), read from disk again at each upgrade.
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<PathBuf>,
 }
 
 impl RunArgs {

@@ -10,7 +10,7 @@
 //! * [`failover`]: the detector of each service: probe session, host state, epochs.
 //! * [`service`]: what a session needs of its service, in one place.
 //! * [`metrics`] and [`admin`]: what operators see; [`registry`]: what the server shows them of itself.
-//! * [`server`]: starts, reloads and drains all of the above.
+//! * [`server`]: starts, reloads and drains all of the above; [`upgrade`] hands its sockets to a new binary.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -27,4 +27,5 @@ pub mod service;
 pub mod session;
 pub mod status;
 pub mod udp;
+pub mod upgrade;
 pub mod upstream;

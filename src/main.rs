@@ -1,14 +1,16 @@
 //! The staybound binary: parses the command line, sets up logging, and hands over to the library.
 //! Exit codes: 0 ok, 64 bad usage, 78 bad config, 1 runtime failure.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use staybound::cli::{Cli, Command, DEFAULT_CONFIG, LogFormat, RunArgs, StatusArgs};
 use staybound::config::{Config, DEFAULT_ADMIN_LISTEN};
 use staybound::metrics::Telemetry;
 use staybound::server::Instance;
+use staybound::upgrade;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -172,10 +174,43 @@ fn runtime_with(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().thread_name("staybound-worker").build()
 }
 
+/// The binary an upgrade starts: `--binary`, else the path this process was started with.
+fn upgrade_binary(args: &RunArgs) -> Option<PathBuf> {
+    if let Some(b) = &args.binary {
+        return Some(b.clone());
+    }
+    let argv0 = std::env::args_os().next()?;
+    let cwd = std::env::current_dir().ok()?;
+    let path = std::env::var_os("PATH");
+    staybound::upgrade::started_from(&argv0, &cwd, path.as_deref(), |p| p.is_file())
+}
+
+/// How long an upgrade waits for the new process to take the sockets and accept.
+const UPGRADE_WITHIN: Duration = Duration::from_secs(30);
+
 fn run(args: RunArgs) -> ExitCode {
     let config = match load(&args) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    // why: resolved now, against the working directory and PATH this process started with; the file it names
+    // is read again at each upgrade, so a package's new binary is the one started.
+    let binary = upgrade_binary(&args);
+    let command_line: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // An upgrade's new process: ask the old one for its sockets before binding anything.
+    let (handover, inherited) = match std::env::var_os(upgrade::ENV) {
+        Some(name) => match upgrade::take_over(&name, UPGRADE_WITHIN) {
+            Ok((h, sockets)) => {
+                info!(sockets = sockets.len(), "upgrade: the old process handed over its listening sockets");
+                (Some(h), sockets)
+            }
+            Err(e) => {
+                error!(error = %e, "upgrade: cannot take the old process's sockets");
+                eprintln!("staybound: upgrade: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => (None, Vec::new()),
     };
     let rt = match runtime_with(config.workers) {
         Ok(rt) => rt,
@@ -185,17 +220,21 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let (mut term, mut int, mut hup) =
-            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
-                (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-                _ => {
-                    error!("cannot install signal handlers");
-                    return ExitCode::FAILURE;
-                }
-            };
+        let (mut term, mut int, mut hup, mut usr2) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined2()),
+        ) {
+            (Ok(t), Ok(i), Ok(h), Ok(u)) => (t, i, h, u),
+            _ => {
+                error!("cannot install signal handlers");
+                return ExitCode::FAILURE;
+            }
+        };
         let telemetry = Telemetry::new();
         let path = config.path.clone();
-        let mut instance = match Instance::start(config, telemetry.clone()).await {
+        let mut instance = match Instance::start_with(config, telemetry.clone(), inherited).await {
             Ok(i) => i,
             Err(e) => {
                 // why: one line, in the log format the operator chose; stderr is where the log goes.
@@ -203,7 +242,19 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "staybound running");
+        match handover {
+            Some(h) => {
+                if let Err(e) = h.ready() {
+                    // The old process is gone: its sockets are ours alone, nothing is lost.
+                    warn!(error = %e, "upgrade: could not tell the old process that this one accepts");
+                }
+                telemetry.upgrade(true);
+                upgrade::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            }
+            None => upgrade::notify("READY=1"),
+        }
+        info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "staybound running");
+        let mut upgrading: Option<tokio::task::JoinHandle<Result<u32, upgrade::UpgradeError>>> = None;
         loop {
             tokio::select! {
                 _ = term.recv() => {
@@ -236,7 +287,53 @@ fn run(args: RunArgs) -> ExitCode {
                         }
                     }
                 }
+                _ = usr2.recv() => {
+                    match start_upgrade(&instance, binary.as_deref(), &command_line, upgrading.is_some()) {
+                        Ok(task) => upgrading = Some(task),
+                        Err(e) => {
+                            telemetry.upgrade(false);
+                            warn!(error = %e, "upgrade not started: this process keeps running");
+                        }
+                    }
+                }
+                done = async { upgrading.as_mut().expect("guarded by the branch condition").await }, if upgrading.is_some() => {
+                    upgrading = None;
+                    match done {
+                        Ok(Ok(pid)) => {
+                            let grace = instance.config().shutdown_grace;
+                            info!(new_pid = pid, grace_ms = grace.as_millis() as u64, "upgrade: the new process accepts; this one stops accepting and serves its sessions until they end");
+                            instance.handed_over(grace).await;
+                            info!("upgrade: the last session of the old process ended");
+                            return ExitCode::SUCCESS;
+                        }
+                        Ok(Err(e)) => {
+                            telemetry.upgrade(false);
+                            warn!(error = %e, "upgrade failed: this process keeps running");
+                        }
+                        Err(e) => {
+                            telemetry.upgrade(false);
+                            warn!(error = %e, "upgrade failed: this process keeps running");
+                        }
+                    }
+                }
             }
         }
     })
+}
+
+/// Starts the new binary and the handover of the sockets to it, on a blocking thread.
+fn start_upgrade(
+    instance: &Instance,
+    binary: Option<&std::path::Path>,
+    command_line: &[std::ffi::OsString],
+    in_progress: bool,
+) -> Result<tokio::task::JoinHandle<Result<u32, upgrade::UpgradeError>>, String> {
+    if in_progress {
+        return Err("an upgrade is already in progress".into());
+    }
+    let binary = binary.ok_or("the binary this process was started from is unknown: run with --binary FILE")?;
+    let sockets = instance.handover_sockets().map_err(|e| format!("cannot list the listening sockets: {e}"))?;
+    let successor = upgrade::spawn(binary, command_line).map_err(|e| e.to_string())?;
+    info!(binary = %binary.display(), new_pid = successor.pid(), sockets = sockets.len(), "SIGUSR2: upgrade: the new process is started");
+    Ok(tokio::task::spawn_blocking(move || upgrade::hand_over(successor, &sockets, UPGRADE_WITHIN)))
 }

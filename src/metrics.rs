@@ -137,6 +137,7 @@ const UDP_DATAGRAMS: &str = "staybound_udp_datagrams_total";
 const UDP_DROPPED: &str = "staybound_udp_dropped_total";
 const UDP_BOUND: &str = "staybound_udp_listener_bound";
 const CONFIG_RELOADS: &str = "staybound_config_reloads_total";
+const UPGRADES: &str = "staybound_upgrades_total";
 const LISTEN_OVERFLOWS: &str = "staybound_listen_overflows_total";
 
 /// The metric registry of one staybound process (or of one test instance).
@@ -146,6 +147,8 @@ pub struct Telemetry {
     handle: PrometheusHandle,
     reloads_ok: Counter,
     reloads_error: Counter,
+    upgrades_ok: Counter,
+    upgrades_error: Counter,
     listen_overflows: Counter,
 }
 
@@ -176,9 +179,15 @@ impl Telemetry {
             recorder.register_counter(&Key::from_parts(CONFIG_RELOADS, vec![Label::new("result", result)]), &meta())
         };
         let (reloads_ok, reloads_error) = (reload("ok"), reload("error"));
+        let upgrade = |result: &'static str| {
+            let c = recorder.register_counter(&Key::from_parts(UPGRADES, vec![Label::new("result", result)]), &meta());
+            c.increment(0);
+            c
+        };
+        let (upgrades_ok, upgrades_error) = (upgrade("ok"), upgrade("error"));
         let listen_overflows = recorder.register_counter(&Key::from_name(LISTEN_OVERFLOWS), &meta());
         listen_overflows.absolute(listen_overflows_now().unwrap_or(0));
-        Telemetry { recorder, handle, reloads_ok, reloads_error, listen_overflows }
+        Telemetry { recorder, handle, reloads_ok, reloads_error, upgrades_ok, upgrades_error, listen_overflows }
     }
 
     /// Prometheus text format of every series.
@@ -196,6 +205,12 @@ impl Telemetry {
 
     pub fn reload(&self, ok: bool) {
         if ok { self.reloads_ok.increment(1) } else { self.reloads_error.increment(1) }
+    }
+
+    /// An upgrade (SIGUSR2): `ok` is counted by the new process once it took over (the old one stops serving
+    /// metrics then), `error` by the old one, which keeps running.
+    pub fn upgrade(&self, ok: bool) {
+        if ok { self.upgrades_ok.increment(1) } else { self.upgrades_error.increment(1) }
     }
 
     /// Registers every series of one service at zero and returns the handles.
@@ -282,6 +297,7 @@ fn describe(r: &PrometheusRecorder) {
         d(UDP_DATAGRAMS, None, "Datagrams relayed, by direction."),
         d(UDP_DROPPED, None, "Datagrams not relayed, by reason."),
         d(CONFIG_RELOADS, None, "Config reloads on SIGHUP, by result."),
+        d(UPGRADES, None, "Upgrades on SIGUSR2 (sockets handed to a new binary), by result."),
         d(
             LISTEN_OVERFLOWS,
             None,

@@ -22,6 +22,7 @@ use crate::metrics::{ServiceMetrics, Telemetry};
 pub use crate::registry::{Entry, Registry};
 use crate::service::{Lasting, Service};
 use crate::udp;
+use crate::upgrade::{Handed, Kind};
 use crate::upstream::socket;
 
 /// One listening socket of a running service.
@@ -97,20 +98,59 @@ impl Running {
     }
 }
 
-/// Every listening socket bound before a reload, by configured address.
+/// Every listening socket bound before a reload (or handed over by the process this one upgrades), by
+/// configured address.
+#[derive(Default)]
 struct Pool {
-    tcp: Vec<(SocketAddr, Arc<tokio::net::TcpListener>)>,
-    udp: Vec<(SocketAddr, Arc<udp::pktinfo::ClientSocket>)>,
+    tcp: Vec<Pooled<Arc<tokio::net::TcpListener>>>,
+    udp: Vec<Pooled<Arc<udp::pktinfo::ClientSocket>>>,
+}
+
+struct Pooled<T> {
+    addr: SocketAddr,
+    local: Option<SocketAddr>,
+    sock: T,
+    inherited: bool,
+    taken: bool,
+}
+
+impl<T: Clone> Pooled<T> {
+    fn new(addr: SocketAddr, local: Option<SocketAddr>, sock: T, inherited: bool) -> Pooled<T> {
+        Pooled { addr, local, sock, inherited, taken: false }
+    }
+}
+
+fn take<T: Clone>(pool: &mut [Pooled<T>], addr: SocketAddr) -> Option<T> {
+    let p = pool.iter_mut().find(|p| takes(addr, p.addr, p.local, p.inherited))?;
+    p.taken = true;
+    Some(p.sock.clone())
 }
 
 impl Pool {
-    fn tcp(&self, addr: SocketAddr) -> Option<Arc<tokio::net::TcpListener>> {
-        self.tcp.iter().find(|(a, l)| same_address(addr, *a, l.local_addr().ok())).map(|(_, l)| l.clone())
+    fn tcp(&mut self, addr: SocketAddr) -> Option<Arc<tokio::net::TcpListener>> {
+        take(&mut self.tcp, addr)
     }
 
-    fn udp(&self, addr: SocketAddr) -> Option<Arc<udp::pktinfo::ClientSocket>> {
-        self.udp.iter().find(|(a, s)| same_address(addr, *a, Some(s.local_addr()))).map(|(_, s)| s.clone())
+    fn udp(&mut self, addr: SocketAddr) -> Option<Arc<udp::pktinfo::ClientSocket>> {
+        take(&mut self.udp, addr)
     }
+
+    /// Says which sockets handed over by the old process no config entry took: they close now.
+    fn report_unused(&self) {
+        let unused = self.tcp.iter().filter(|p| p.inherited && !p.taken).map(|p| (p.addr, "tcp"));
+        for (addr, protocol) in
+            unused.chain(self.udp.iter().filter(|p| p.inherited && !p.taken).map(|p| (p.addr, "udp")))
+        {
+            info!(listen = %addr, protocol, "a listen socket handed over by the old process is not in the config: closed");
+        }
+    }
+}
+
+/// Whether a listen address of the new config takes a pooled socket: one bound at the same address (see
+/// `same_address`), or one handed over by the old process at exactly the same configured address (port 0
+/// included: the same entry of the same file).
+fn takes(addr: SocketAddr, configured: SocketAddr, local: Option<SocketAddr>, inherited: bool) -> bool {
+    same_address(addr, configured, local) || (inherited && addr == configured)
 }
 
 /// Whether a listen address of the new config is a socket already bound at `configured` (as the old config
@@ -132,6 +172,8 @@ pub struct Instance {
     config: Config,
     registry: Arc<Registry>,
     running: HashMap<String, Running>,
+    /// Sockets handed over by the process this one upgrades, until the first `apply` takes them.
+    inherited: Vec<(Handed, OwnedFd)>,
     /// What removed services' sessions still drain under, by name, until they end.
     draining: HashMap<String, Lasting>,
     sessions: TaskTracker,
@@ -146,10 +188,25 @@ impl Instance {
     /// # Errors
     /// A listener or the admin address that cannot be bound.
     pub async fn start(config: Config, telemetry: Telemetry) -> Result<Instance, StartError> {
+        Instance::start_with(config, telemetry, Vec::new()).await
+    }
+
+    /// Starts as [`Instance::start`] does, taking the sockets an old process handed over (see `upgrade`) for
+    /// the addresses its config still names; the others close.
+    ///
+    /// # Errors
+    /// A listener or the admin address that cannot be bound.
+    pub async fn start_with(
+        config: Config,
+        telemetry: Telemetry,
+        mut inherited: Vec<(Handed, OwnedFd)>,
+    ) -> Result<Instance, StartError> {
         let registry = Arc::new(Registry::new(telemetry));
+        let admin_socket = inherited.iter().position(|(h, _)| h.kind == Kind::Admin).map(|i| inherited.remove(i));
         let mut instance = Instance {
             config: config.clone(),
             registry: registry.clone(),
+            inherited,
             running: HashMap::new(),
             draining: HashMap::new(),
             sessions: TaskTracker::new(),
@@ -157,12 +214,16 @@ impl Instance {
             stop_sessions: CancellationToken::new(),
             admin: None,
         };
-        // why: bound first, so a busy admin port fails the start before any service says it listens;
-        // served after the services, so an admin endpoint that answers shows all of them.
-        let admin_listener = admin::bind(config.admin.listen)
-            .map_err(|source| StartError::Admin { addr: config.admin.listen, source })?;
+        // why: bound first (or taken from the process this one upgrades), so a busy admin port fails the
+        // start before any service says it listens; served after the services, so an admin endpoint that
+        // answers shows all of them.
+        let admin_listener = match admin_socket {
+            Some((h, fd)) if takes(config.admin.listen, h.addr, Some(h.local), true) => std::net::TcpListener::from(fd),
+            _ => admin::bind(config.admin.listen)
+                .map_err(|source| StartError::Admin { addr: config.admin.listen, source })?,
+        };
         instance.apply(&config).await?;
-        let admin = match admin::start(admin_listener, registry) {
+        let admin = match admin::start_on(admin_listener, registry) {
             Ok(admin) => admin,
             Err(source) => {
                 instance.abort().await;
@@ -205,6 +266,39 @@ impl Instance {
         Ok(out)
     }
 
+    /// Every listening socket and the admin endpoint's, described for the process an upgrade starts.
+    ///
+    /// # Errors
+    /// A descriptor cannot be duplicated or its address read.
+    pub fn handover_sockets(&self) -> std::io::Result<Vec<(Handed, OwnedFd)>> {
+        let mut out = Vec::new();
+        for s in self.listen_sockets()? {
+            let local = local_addr(&s.fd)?;
+            let kind = if s.protocol == Protocol::Tcp { Kind::Tcp } else { Kind::Udp };
+            out.push((Handed { kind, service: s.service, addr: s.addr, local }, s.fd));
+        }
+        if let Some(admin) = &self.admin {
+            let fd = admin.fd().try_clone_to_owned()?;
+            let h = Handed {
+                kind: Kind::Admin,
+                service: String::new(),
+                addr: self.config.admin.listen,
+                local: admin.addr(),
+            };
+            out.push((h, fd));
+        }
+        Ok(out)
+    }
+
+    /// The process an upgrade started accepts now: this one stops its admin endpoint and accepting at once,
+    /// serves its open sessions (its detectors with them) until they end or `grace` runs out, and stops.
+    pub async fn handed_over(mut self, grace: Duration) {
+        if let Some(admin) = self.admin.take() {
+            admin.stop();
+        }
+        self.shutdown(grace).await;
+    }
+
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
@@ -234,10 +328,28 @@ impl Instance {
     async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
         // Every socket bound now, whichever service holds it: an address that stays in the config is handed to
         // the service that names it now (a rename, a swap), never bound twice (EADDRINUSE).
-        let pool = Pool {
-            tcp: self.running.values().flat_map(|r| r.tcp.iter().cloned()).collect(),
-            udp: self.running.values().flat_map(|r| r.udp.all()).collect(),
-        };
+        let mut pool = Pool::default();
+        for r in self.running.values() {
+            for (addr, l) in &r.tcp {
+                pool.tcp.push(Pooled::new(*addr, l.local_addr().ok(), l.clone(), false));
+            }
+            for (addr, sock) in r.udp.all() {
+                pool.udp.push(Pooled::new(addr, Some(sock.local_addr()), sock, false));
+            }
+        }
+        for (h, fd) in std::mem::take(&mut self.inherited) {
+            match h.kind {
+                Kind::Tcp => match inherited_tcp(fd) {
+                    Ok(l) => pool.tcp.push(Pooled::new(h.addr, Some(h.local), Arc::new(l), true)),
+                    Err(e) => warn!(listen = %h.addr, error = %e, "a TCP listen socket handed over cannot be used"),
+                },
+                Kind::Udp => match udp::pktinfo::ClientSocket::inherited(std::net::UdpSocket::from(fd)) {
+                    Ok(sock) => pool.udp.push(Pooled::new(h.addr, Some(h.local), Arc::new(sock), true)),
+                    Err(e) => warn!(listen = %h.addr, error = %e, "a UDP listen socket handed over cannot be used"),
+                },
+                Kind::Admin => {}
+            }
+        }
         // Bind every listener that is new or moved before changing anything, so a failure changes nothing.
         let mut bound: HashMap<String, Bound> = HashMap::new();
         for s in &config.services {
@@ -267,6 +379,8 @@ impl Instance {
             };
             bound.insert(s.name.clone(), listeners);
         }
+
+        pool.report_unused();
 
         // Sockets kept (by the same service or handed to another) take the new `backlog` and `freebind`.
         for s in &config.services {
@@ -450,6 +564,18 @@ impl Instance {
     }
 }
 
+/// A TCP listening socket handed over by the old process, ready for tokio.
+fn inherited_tcp(fd: OwnedFd) -> std::io::Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}
+
+/// The bound address of a socket.
+fn local_addr(fd: &OwnedFd) -> std::io::Result<SocketAddr> {
+    SockRef::from(fd).local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an IP socket"))
+}
+
 /// Every service `name` depends on, directly or through others.
 fn transitive_deps(config: &Config, name: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -479,5 +605,15 @@ mod tests {
         assert!(!same_address(a("127.0.0.1:0"), a("127.0.0.1:0"), Some(a("127.0.0.1:41234"))), "port 0 is a new port");
         assert!(!same_address(a("127.0.0.2:5000"), a("127.0.0.1:5000"), Some(a("127.0.0.1:5000"))));
         assert!(same_address(a("0.0.0.0:53"), a("0.0.0.0:53"), None), "a UDP address not bound yet");
+    }
+
+    #[test]
+    fn an_upgrade_takes_the_old_process_s_socket_of_the_same_entry() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap_or_else(|e| panic!("{s}: {e}")) };
+        let bound = Some(a("127.0.0.1:41234"));
+        assert!(takes(a("127.0.0.1:0"), a("127.0.0.1:0"), bound, true), "the same :0 entry keeps its port");
+        assert!(!takes(a("127.0.0.1:0"), a("127.0.0.1:0"), bound, false), "a reload's :0 is a new port");
+        assert!(takes(a("127.0.0.1:41234"), a("127.0.0.1:0"), bound, true));
+        assert!(!takes(a("127.0.0.2:0"), a("127.0.0.1:0"), bound, true));
     }
 }

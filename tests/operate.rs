@@ -176,6 +176,7 @@ fn every_series_is_there_from_the_start() {
         "staybound_udp_datagrams_total",
         "staybound_udp_dropped_total",
         "staybound_config_reloads_total",
+        "staybound_upgrades_total",
     ] {
         assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{text}");
         let base = name.trim_end_matches("_bucket");

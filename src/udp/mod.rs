@@ -129,7 +129,7 @@ pub struct Listeners {
 /// The first listen address that cannot be bound for another reason (in use, permission, ...).
 pub fn bind(
     cfg: &ServiceConfig,
-    reuse: impl Fn(SocketAddr) -> Option<Arc<ClientSocket>>,
+    mut reuse: impl FnMut(SocketAddr) -> Option<Arc<ClientSocket>>,
 ) -> Result<Listeners, ListenError> {
     let mut bound = Vec::new();
     let mut pending = Vec::new();

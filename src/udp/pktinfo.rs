@@ -59,7 +59,22 @@ impl ClientSocket {
             tracing::debug!(error = %e, "could not enlarge SO_RCVBUF of a UDP listen socket");
         }
         socket.bind(&addr.into())?;
-        let sock = UdpSocket::from_std(std::net::UdpSocket::from(socket))?;
+        ClientSocket::set_up(std::net::UdpSocket::from(socket))
+    }
+
+    /// Takes a listen socket bound by another process (an upgrade's predecessor) and sets it up as `bind`
+    /// does. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// Option errors.
+    pub fn inherited(sock: std::net::UdpSocket) -> io::Result<ClientSocket> {
+        sock.set_nonblocking(true)?;
+        ClientSocket::set_up(sock)
+    }
+
+    fn set_up(sock: std::net::UdpSocket) -> io::Result<ClientSocket> {
+        let addr = sock.local_addr()?;
+        let sock = UdpSocket::from_std(sock)?;
         // Sets IP_PKTINFO / IPV6_RECVPKTINFO (what we want), and QUIC's defaults undone below.
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         undo_quic_defaults(&sock, addr.is_ipv6())?;
