@@ -1,6 +1,6 @@
-//! A running staybound: every service's detector, listeners and sessions, and the admin server, started
-//! from a `Config` (or from the sockets an old process handed over, see `upgrade`), reloaded in place on
-//! SIGHUP, and shut down with a drain (also after an upgrade handed everything over). It writes what it runs into a
+//! A running staybound: every service's detector, listeners and sessions, and the admin server, started from
+//! a `Config` (or from the sockets an old process handed over, see `upgrade`), reloaded in place on SIGHUP,
+//! and shut down with a drain (also after an upgrade handed everything over). It writes what it runs into a
 //! [`Registry`] (`registry.rs`), which the admin server and the demo read.
 
 use std::collections::{BTreeSet, HashMap};
