@@ -33,6 +33,16 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
     let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let _ = writeln!(out, "{}: valid, {} service(s)", config.path.display(), config.services.len());
     let _ = writeln!(out, "admin listen   {}", config.admin.listen);
+    // why: only whether the token is set, and where it comes from; never the token.
+    let _ = writeln!(
+        out,
+        "admin hook     token {}, at most one failover per service per {}",
+        match &config.admin.token_file {
+            Some(f) => format!("set (from {})", f.display()),
+            None => "not set (loopback only)".to_string(),
+        },
+        d(config.admin.failover_rate)
+    );
     let _ = writeln!(out, "shutdown_grace {}", d(config.shutdown_grace));
     let _ = writeln!(
         out,
@@ -42,7 +52,8 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
     let mut warnings = Vec::new();
     if !config.admin.listen.ip().is_loopback() {
         warnings.push(format!(
-            "admin listens on {}, not loopback: anyone who reaches it can declare failovers",
+            "admin listens on {}, not loopback: anyone who reaches it can read /metrics and /status (the failover \
+             hook needs the token)",
             config.admin.listen
         ));
     }

@@ -120,6 +120,40 @@ impl UdpDrop {
     }
 }
 
+/// Why the admin server refused a request or a connection; the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// The failover hook without the right bearer token.
+    Unauthorized,
+    /// An `Origin` header that is not the admin endpoint itself (a browser's cross-site request).
+    ForbiddenOrigin,
+    /// A `Host` header that is not the admin endpoint's address (DNS rebinding).
+    ForbiddenHost,
+    /// A hook failover of a service within `failover_rate` of the last one.
+    RateLimited,
+    /// A connection closed because the admin connection budget was full.
+    ConnectionLimit,
+}
+
+impl AdminRefusal {
+    pub const ALL: [AdminRefusal; 5] = [
+        AdminRefusal::Unauthorized,
+        AdminRefusal::ForbiddenOrigin,
+        AdminRefusal::ForbiddenHost,
+        AdminRefusal::RateLimited,
+        AdminRefusal::ConnectionLimit,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRefusal::Unauthorized => "unauthorized",
+            AdminRefusal::ForbiddenOrigin => "forbidden_origin",
+            AdminRefusal::ForbiddenHost => "forbidden_host",
+            AdminRefusal::RateLimited => "rate_limited",
+            AdminRefusal::ConnectionLimit => "connection_limit",
+        }
+    }
+}
+
 const CLIENT_CONNECTIONS: &str = "staybound_client_connections_total";
 const CLIENT_ACTIVE: &str = "staybound_client_connections_active";
 const HELD: &str = "staybound_held_clients";
@@ -139,6 +173,7 @@ const UDP_BOUND: &str = "staybound_udp_listener_bound";
 const CONFIG_RELOADS: &str = "staybound_config_reloads_total";
 const UPGRADES: &str = "staybound_upgrades_total";
 const LISTEN_OVERFLOWS: &str = "staybound_listen_overflows_total";
+const ADMIN_REFUSED: &str = "staybound_admin_requests_refused_total";
 
 /// The metric registry of one staybound process (or of one test instance).
 #[derive(Clone)]
@@ -150,6 +185,7 @@ pub struct Telemetry {
     upgrades_ok: Counter,
     upgrades_error: Counter,
     listen_overflows: Counter,
+    admin_refused: [Counter; 5],
 }
 
 impl Default for Telemetry {
@@ -187,7 +223,27 @@ impl Telemetry {
         let (upgrades_ok, upgrades_error) = (upgrade("ok"), upgrade("error"));
         let listen_overflows = recorder.register_counter(&Key::from_name(LISTEN_OVERFLOWS), &meta());
         listen_overflows.absolute(listen_overflows_now().unwrap_or(0));
-        Telemetry { recorder, handle, reloads_ok, reloads_error, upgrades_ok, upgrades_error, listen_overflows }
+        let admin_refused = AdminRefusal::ALL.map(|r| {
+            let c = recorder
+                .register_counter(&Key::from_parts(ADMIN_REFUSED, vec![Label::new("reason", r.as_str())]), &meta());
+            c.increment(0);
+            c
+        });
+        Telemetry {
+            recorder,
+            handle,
+            reloads_ok,
+            reloads_error,
+            upgrades_ok,
+            upgrades_error,
+            listen_overflows,
+            admin_refused,
+        }
+    }
+
+    /// Counts a request or connection the admin server refused.
+    pub fn admin_refused(&self, r: AdminRefusal) {
+        self.admin_refused[AdminRefusal::ALL.iter().position(|x| *x == r).unwrap_or(0)].increment(1);
     }
 
     /// Prometheus text format of every series.
@@ -298,6 +354,7 @@ fn describe(r: &PrometheusRecorder) {
         d(UDP_DROPPED, None, "Datagrams not relayed, by reason."),
         d(CONFIG_RELOADS, None, "Config reloads on SIGHUP, by result."),
         d(UPGRADES, None, "Upgrades on SIGUSR2 (sockets handed to a new binary), by result."),
+        d(ADMIN_REFUSED, None, "Admin requests and connections refused, by reason."),
         d(
             LISTEN_OVERFLOWS,
             None,

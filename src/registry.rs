@@ -8,14 +8,18 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::config::AdminConfig;
 use crate::metrics::Telemetry;
 use crate::service::Service;
 use crate::udp;
 
-/// The services now running, and the metric registry.
+/// The services now running, the metric registry, and the admin settings in force.
 pub struct Registry {
     pub telemetry: Telemetry,
     pub services: ArcSwap<Vec<Arc<Entry>>>,
+    /// The admin settings now in force: the hook's token and rate change with a reload, the listen
+    /// address only at a restart.
+    pub admin: ArcSwap<AdminConfig>,
 }
 
 /// One running service as its readers see it.
@@ -39,8 +43,8 @@ impl Entry {
 }
 
 impl Registry {
-    pub fn new(telemetry: Telemetry) -> Registry {
-        Registry { telemetry, services: ArcSwap::from_pointee(Vec::new()) }
+    pub fn new(telemetry: Telemetry, admin: AdminConfig) -> Registry {
+        Registry { telemetry, services: ArcSwap::from_pointee(Vec::new()), admin: ArcSwap::from_pointee(admin) }
     }
 
     /// The running service named `name`.

@@ -202,7 +202,7 @@ impl Instance {
         telemetry: Telemetry,
         mut inherited: Vec<(Handed, OwnedFd)>,
     ) -> Result<Instance, StartError> {
-        let registry = Arc::new(Registry::new(telemetry));
+        let registry = Arc::new(Registry::new(telemetry, config.admin.clone()));
         let admin_socket = inherited.iter().position(|(h, _)| h.kind == Kind::Admin).map(|i| inherited.remove(i));
         let mut instance = Instance {
             config: config.clone(),
@@ -232,7 +232,7 @@ impl Instance {
             }
         };
         if !config.admin.listen.ip().is_loopback() {
-            warn!(listen = %admin.addr(), "the admin endpoint listens on a non-loopback address: anyone who reaches it can read metrics and declare failovers");
+            warn!(listen = %admin.addr(), "the admin endpoint listens on a non-loopback address: anyone who reaches it can read metrics and status (the failover hook needs the token)");
         }
         instance.admin = Some(admin);
         Ok(instance)
@@ -322,6 +322,15 @@ impl Instance {
             warn!(old = %self.config.admin.listen, new = %config.admin.listen, "admin.listen changes take effect at the next restart");
         }
         self.apply(&config).await?;
+        // why: the token file was read again with the file; a rotated token is in force from here on.
+        let mut admin = config.admin.clone();
+        admin.listen = self.config.admin.listen;
+        info!(
+            hook_token = if admin.token.is_some() { "set" } else { "none" },
+            failover_rate = %humantime::format_duration(admin.failover_rate),
+            "admin settings applied"
+        );
+        self.registry.admin.store(Arc::new(admin));
         self.config = config;
         Ok(())
     }

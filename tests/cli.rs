@@ -66,6 +66,12 @@ fn bad_configs_exit_78_with_line_and_key() {
         (format!("{OK}[service.hold]\nbudget_ratio = -1.0\n"), 6, "budget_ratio"),
         (format!("{OK}[service.udp]\nmax_flows = 10\n"), 1, "applies only to protocol"),
         ("[admin]\nlisten = \"nowhere\"\n".to_string() + OK, 2, "admin.listen"),
+        ("[admin]\nlisten = \"0.0.0.0:9901\"\n".to_string() + OK, 2, "admin.token_file: missing"),
+        ("[admin]\nlisten = \"[::]:9901\"\n".to_string() + OK, 2, "not loopback"),
+        ("[admin]\ntoken_file = \"/nonexistent/admin.token\"\n".to_string() + OK, 2, "cannot be read"),
+        ("[admin]\ntoken_file = \"/dev/null\"\n".to_string() + OK, 2, "admin.token_file"),
+        ("[admin]\nfailover_rate = \"fast\"\n".to_string() + OK, 2, "admin.failover_rate"),
+        ("[admin]\nfailover_rate = 1\n".to_string() + OK, 2, "admin.failover_rate"),
         ("shutdown_grace = 30\n".to_string() + OK, 1, "shutdown_grace"),
         ("[[service]\nname = \"a\"\n".into(), 1, ""),
         (String::new(), 1, "service"),
@@ -87,6 +93,29 @@ fn bad_configs_exit_78_with_line_and_key() {
         assert!(err.contains(&format!("bad.toml:{line}:")), "config:\n{text}\nwanted line {line} in:\n{err}");
         assert!(err.contains(what), "config:\n{text}\nwanted {what:?} in:\n{err}");
     }
+}
+
+#[test]
+fn check_says_the_token_is_set_and_never_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0";
+    std::fs::write(dir.path().join("admin.token"), format!("{token}\n")).unwrap();
+    let path = dir.path().join("s.toml");
+    // A relative token_file is taken from the config file's directory.
+    std::fs::write(&path, format!("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"admin.token\"\n{OK}")).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("token set (from ") && stdout.contains("per 1s"), "{stdout}");
+    assert!(!stdout.contains(token) && !stderr.contains(token), "{stdout}{stderr}");
+    std::fs::write(dir.path().join("admin.token"), "").unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "an empty token file is a config error: {stderr}");
+    assert!(
+        stderr.contains("s.toml:3:") && stderr.contains("admin.token_file") && stderr.contains("empty"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -16,10 +16,15 @@
 #   STAYBOUND_TIMEOUT      seconds allowed for one request (default 2)
 #   STAYBOUND_RETRIES      attempts per service and address (default 3)
 #   STAYBOUND_RETRY_DELAY  seconds between attempts (default 0.5)
+#   STAYBOUND_TOKEN_FILE   a file holding the bearer token of `[admin] token_file` (required when staybound's
+#                          admin listens beyond loopback). The token is read by the shell and handed to curl
+#                          on its standard input, never on a command line that `ps` would show.
 #
 # Uses curl when present, else bash's /dev/tcp. Logs to syslog (logger, facility daemon) and to stderr.
-# Exit status: 0 when every POST was answered 202; 1 when an admin endpoint does not know a service (404);
-# 2 when an endpoint could not be reached or answered something else after the retries; 64 on bad usage.
+# Exit status: 0 when every POST was answered 202 (or 429: a failover of that service was declared within
+# `[admin] failover_rate`, by another node's notify for the same move); 1 when an admin endpoint does not know
+# a service (404); 2 when an endpoint could not be reached or answered something else after the retries (401:
+# a missing or wrong token); 64 on bad usage.
 set -uo pipefail
 
 PROG=staybound-failover
@@ -27,6 +32,8 @@ ADMINS=${STAYBOUND_ADMIN:-127.0.0.1:9901}
 TIMEOUT=${STAYBOUND_TIMEOUT:-2}
 RETRIES=${STAYBOUND_RETRIES:-3}
 RETRY_DELAY=${STAYBOUND_RETRY_DELAY:-0.5}
+TOKEN_FILE=${STAYBOUND_TOKEN_FILE:-}
+TOKEN=
 
 log() { # log PRIORITY MESSAGE
     local pri=$1
@@ -37,27 +44,36 @@ log() { # log PRIORITY MESSAGE
 
 usage() { sed -n '/^# Usage:/,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 
-# post_curl URL: prints the HTTP status code, or 000 when there was no answer.
+# post_curl URL: prints the HTTP status code, or 000 when there was no answer. The token, if any, goes to curl
+# as a config line on its standard input (printf is a shell builtin: no process shows it).
 post_curl() {
-    curl --silent --output /dev/null --write-out '%{http_code}' --request POST --data '' \
-        --connect-timeout "$TIMEOUT" --max-time "$TIMEOUT" --user-agent "$PROG" "$1" 2>/dev/null || true
+    local header=
+    [[ -z $TOKEN ]] || header="header = \"Authorization: Bearer $TOKEN\""
+    printf '%s\n' "$header" |
+        curl --config - --silent --output /dev/null --write-out '%{http_code}' --request POST --data '' \
+            --connect-timeout "$TIMEOUT" --max-time "$TIMEOUT" --user-agent "$PROG" "$1" 2>/dev/null || true
 }
 
 # post_devtcp HOST PORT PATH: the same without curl, over bash's /dev/tcp.
 post_devtcp() {
+    # The token comes on standard input, not as an argument.
     # shellcheck disable=SC2016 # expanded by the inner bash, from its own arguments
     local script='
+        IFS= read -r token || true
+        auth=
+        [[ -z $token ]] || auth="Authorization: Bearer $token"
         exec 3<>"/dev/tcp/$1/$2" || exit 1
-        printf "POST %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" \
-            "$3" "$4" "$5" >&3 || exit 1
+        printf "POST %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n%s%bContent-Length: 0\r\nConnection: close\r\n\r\n" \
+            "$3" "$4" "$5" "$auth" "${auth:+\r\n}" >&3 || exit 1
         IFS=" " read -r -t "$6" _ code _ <&3 || exit 1
         printf "%s" "${code//[!0-9]/}"'
     local hostport=$1:$2 out
     [[ $1 != *:* ]] || hostport="[$1]:$2"
     if command -v timeout >/dev/null 2>&1; then
-        out=$(timeout "$TIMEOUT" bash -c "$script" _ "$1" "$2" "$3" "$hostport" "$PROG" "$TIMEOUT" 2>/dev/null)
+        out=$(timeout "$TIMEOUT" bash -c "$script" _ "$1" "$2" "$3" "$hostport" "$PROG" "$TIMEOUT" 2>/dev/null \
+            <<<"$TOKEN")
     else
-        out=$(bash -c "$script" _ "$1" "$2" "$3" "$hostport" "$PROG" "$TIMEOUT" 2>/dev/null)
+        out=$(bash -c "$script" _ "$1" "$2" "$3" "$hostport" "$PROG" "$TIMEOUT" 2>/dev/null <<<"$TOKEN")
     fi
     [[ $out =~ ^[0-9]{3}$ ]] && printf '%s' "$out" || printf '000'
 }
@@ -91,6 +107,12 @@ failover() {
             404)
                 log err "$admin does not know the service '$service' (404)"
                 return 1 ;;
+            429)
+                log notice "failover of '$service' already declared at $admin within its failover_rate (429)"
+                return 0 ;;
+            401)
+                log err "$admin refused the token for '$service' (401): set STAYBOUND_TOKEN_FILE to the file" \
+                    "named by [admin] token_file" ;;
             000) log warning "$admin: no answer (attempt $attempt of $RETRIES)" ;;
             *) log warning "$admin answered $code for '$service' (attempt $attempt of $RETRIES)" ;;
         esac
@@ -119,6 +141,19 @@ main() {
     if [[ ! $TIMEOUT =~ ^[0-9]+(\.[0-9]+)?$ || ! $RETRIES =~ ^[1-9][0-9]*$ ]]; then
         log err "STAYBOUND_TIMEOUT must be a number of seconds and STAYBOUND_RETRIES at least 1"
         return 64
+    fi
+    if [[ -n $TOKEN_FILE ]]; then
+        if [[ ! -r $TOKEN_FILE ]]; then
+            log err "STAYBOUND_TOKEN_FILE $TOKEN_FILE cannot be read"
+            return 64
+        fi
+        # The shell reads it (no cat process); surrounding whitespace is not part of the token, as for staybound.
+        TOKEN=$(<"$TOKEN_FILE")
+        TOKEN=${TOKEN//[[:space:]]/}
+        if [[ ! $TOKEN =~ ^[A-Za-z0-9._~+/-]+=*$ ]]; then
+            log err "STAYBOUND_TOKEN_FILE $TOKEN_FILE does not hold a bearer token"
+            return 64
+        fi
     fi
     local -a admins
     read -r -a admins <<<"${ADMINS//,/ }"

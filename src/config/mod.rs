@@ -15,6 +15,10 @@ use std::time::Duration;
 pub use escape::{escape_bytes, unescape};
 pub use validate::{ConfigError, IDENTITY_PROGRAM_LIMIT, Problem, compile_identity};
 
+/// At most one failover through the admin hook per service per this long, unless `[admin] failover_rate`
+/// says otherwise.
+pub const DEFAULT_FAILOVER_RATE: Duration = Duration::from_secs(1);
+
 /// Where the admin endpoint listens unless `[admin] listen` says otherwise: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
 
@@ -36,6 +40,34 @@ pub struct Config {
 pub struct AdminConfig {
     /// Metrics and status; loopback unless the operator says otherwise.
     pub listen: SocketAddr,
+    /// The bearer token `POST /failover/{service}` requires, read from `token_file`; `None` on a loopback
+    /// admin without `token_file` (beyond loopback validation requires one).
+    pub token: Option<AdminToken>,
+    /// Where `token` was read from (for `check`; the file is read again on every reload).
+    pub token_file: Option<PathBuf>,
+    /// At most one failover through the hook per service per this long; more are answered 429.
+    pub failover_rate: Duration,
+}
+
+/// A bearer token. Its `Debug` says only that it is set, so no config dump or log line carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    pub(crate) fn new(token: String) -> AdminToken {
+        AdminToken(token)
+    }
+
+    /// The secret itself, for the constant-time comparison only.
+    pub(crate) fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(set)")
+    }
 }
 
 /// One service: legacy clients connect to `listen`, staybound connects on their behalf to `upstream`.

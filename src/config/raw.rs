@@ -66,6 +66,8 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<S<String>>,
+    pub token_file: Option<S<String>>,
+    pub failover_rate: Option<S<DurationText>>,
 }
 
 /// `[defaults]`: tables every service inherits key by key unless it sets the key itself.

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{DurationText, Inherit, RawHold, RawKeepalive, RawProbe, RawService, RawUdp, S};
+use super::raw::{DurationText, Inherit, RawAdmin, RawHold, RawKeepalive, RawProbe, RawService, RawUdp, S};
 use super::*;
 
 /// One thing wrong in a config file, located.
@@ -215,13 +215,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
         (Duration::ZERO, Duration::from_secs(3600)),
     );
     let workers = cx.int(&raw.workers, "workers", 1, (0, 256)) as usize;
-    let admin_listen = match raw.admin.as_ref().and_then(|a| a.listen.as_ref()) {
-        None => DEFAULT_ADMIN_LISTEN,
-        Some(v) => v.get_ref().parse().unwrap_or_else(|_| {
-            cx.at(v.span(), "admin.listen", format!("{:?} is not an IP:port address", v.get_ref()));
-            DEFAULT_ADMIN_LISTEN
-        }),
-    };
+    let admin = admin(&mut cx, raw.admin.as_ref(), path);
 
     let defaults = raw.defaults.unwrap_or_default();
     if raw.service.is_empty() {
@@ -246,13 +240,109 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
     if !cx.problems.is_empty() {
         return Err(ConfigError::Invalid { path: path.to_path_buf(), problems: in_line_order(cx.problems) });
     }
-    Ok(Config {
-        path: path.to_path_buf(),
-        shutdown_grace,
-        workers,
-        admin: AdminConfig { listen: admin_listen },
-        services,
-    })
+    Ok(Config { path: path.to_path_buf(), shutdown_grace, workers, admin, services })
+}
+
+/// `[admin]`: where it listens, the hook's token (read from its file now, and again at every reload) and
+/// rate. Beyond loopback the hook must be authenticated, so a token file is required there.
+fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>, config_path: &Path) -> AdminConfig {
+    let default = RawAdmin::default();
+    let raw = raw.unwrap_or(&default);
+    let listen = match &raw.listen {
+        None => DEFAULT_ADMIN_LISTEN,
+        Some(v) => v.get_ref().parse().unwrap_or_else(|_| {
+            cx.at(v.span(), "admin.listen", format!("{:?} is not an IP:port address", v.get_ref()));
+            DEFAULT_ADMIN_LISTEN
+        }),
+    };
+    let failover_rate = cx.duration(
+        &raw.failover_rate,
+        "admin.failover_rate",
+        DEFAULT_FAILOVER_RATE,
+        (Duration::ZERO, Duration::from_secs(3600)),
+    );
+    let (token, token_file) = match &raw.token_file {
+        None => {
+            if let Some(v) = raw.listen.as_ref().filter(|_| !listen.ip().is_loopback()) {
+                cx.at(
+                    v.span(),
+                    "admin.token_file",
+                    format!(
+                        "missing: admin.listen {listen} is not loopback, so POST /failover must be authenticated; \
+                         set token_file to a file holding a bearer token (such as `openssl rand -hex 32`)"
+                    ),
+                );
+            }
+            (None, None)
+        }
+        Some(v) => {
+            let file = token_path(config_path, v.get_ref());
+            match read_token(&file) {
+                Ok(t) => (Some(AdminToken::new(t)), Some(file)),
+                Err(e) => {
+                    cx.at(v.span(), "admin.token_file", format!("{:?} {e}", v.get_ref()));
+                    (None, Some(file))
+                }
+            }
+        }
+    };
+    AdminConfig { listen, token, token_file, failover_rate }
+}
+
+/// A relative `token_file` is taken from the config file's directory, wherever staybound was started.
+fn token_path(config_path: &Path, written: &str) -> PathBuf {
+    let p = Path::new(written);
+    match config_path.parent() {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// The largest token file read: it holds one token, and a path such as /dev/zero must not hang a check.
+const TOKEN_FILE_LIMIT: u64 = 4096;
+
+/// Reads a token file: a regular file of at most [`TOKEN_FILE_LIMIT`] bytes holding one token.
+fn read_token(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(file).map_err(|e| format!("cannot be read: {e}"))?;
+    let meta = f.metadata().map_err(|e| format!("cannot be read: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mut text = String::new();
+    f.take(TOKEN_FILE_LIMIT + 1).read_to_string(&mut text).map_err(|e| format!("cannot be read: {e}"))?;
+    if text.len() as u64 > TOKEN_FILE_LIMIT {
+        return Err(format!("is larger than {TOKEN_FILE_LIMIT} bytes: a token file holds one token"));
+    }
+    token_from_text(&text)
+}
+
+/// The shortest token accepted: anything shorter could be guessed.
+const TOKEN_MIN_LEN: usize = 16;
+
+/// The token in a token file's text: surrounding whitespace (a trailing newline) is not part of it; it must
+/// be a bearer token (RFC 6750 `token68`: letters, digits and `-._~+/`, then `=` padding) of at least
+/// [`TOKEN_MIN_LEN`] characters. The messages never quote the text: it is a secret.
+pub(crate) fn token_from_text(text: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("is empty: it must hold the bearer token (such as the output of `openssl rand -hex 32`)".into());
+    }
+    let body = token.trim_end_matches('=');
+    let token68 = !body.is_empty()
+        && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'));
+    if !token68 {
+        return Err("holds characters a bearer token cannot have: use letters, digits and -._~+/ (such as the \
+                    output of `openssl rand -hex 32`) on one line"
+            .into());
+    }
+    if token.len() < TOKEN_MIN_LEN {
+        return Err(format!(
+            "holds a token of {} characters: use at least {TOKEN_MIN_LEN} (such as `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    Ok(token.to_string())
 }
 
 fn service(
@@ -894,6 +984,49 @@ mod tests {
         );
         let err = load(&chain).unwrap_err();
         assert!(err.problems().iter().any(|p| p.key == "service[v].depends_on"), "{err}");
+    }
+
+    #[test]
+    fn a_non_loopback_admin_needs_a_token_file_and_the_file_is_read() {
+        let svc = "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n";
+        let err = load(&format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{svc}")).unwrap_err();
+        let p = &err.problems()[0];
+        assert_eq!((p.line, p.key.as_str()), (2, "admin.token_file"), "{err}");
+        let c = load(&format!("[admin]\nlisten = \"127.0.0.1:9901\"\n{svc}")).unwrap();
+        assert_eq!((c.admin.token, c.admin.failover_rate), (None, Duration::from_secs(1)), "optional on loopback");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(dir.path().join("admin.token"), "0123456789abcdef0123\n").unwrap();
+        std::fs::write(dir.path().join("empty.token"), "\n").unwrap();
+        let with = |file: &str| {
+            validate(
+                &format!("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"{file}\"\nfailover_rate = \"5s\"\n{svc}"),
+                &path,
+            )
+        };
+        let c = with("admin.token").unwrap();
+        assert_eq!(c.admin.token.as_ref().map(AdminToken::expose), Some(&b"0123456789abcdef0123"[..]));
+        assert_eq!(c.admin.token_file, Some(dir.path().join("admin.token")), "relative to the config file");
+        assert_eq!(c.admin.failover_rate, Duration::from_secs(5));
+        assert!(!format!("{c:?}").contains("0123456789abcdef"), "Debug never shows the token");
+        for (file, what) in [("empty.token", "is empty"), ("missing.token", "cannot be read"), ("/", "regular file")] {
+            let err = with(file).unwrap_err();
+            let p = &err.problems()[0];
+            assert_eq!((p.line, p.key.as_str()), (3, "admin.token_file"), "{err}");
+            assert!(p.message.contains(what), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn token_text() {
+        assert_eq!(token_from_text("  abcdefghijklmnop+/==\r\n").unwrap(), "abcdefghijklmnop+/==");
+        assert!(token_from_text("").unwrap_err().contains("empty"));
+        assert!(token_from_text("abcdefgh ijklmnopqrs").unwrap_err().contains("characters"));
+        assert!(token_from_text("abcdefghijklmnop\nsecond").unwrap_err().contains("characters"));
+        assert!(token_from_text("short").unwrap_err().contains("at least 16"));
+        let secret = "abc\"defghijklmnopqrstuvwxyz";
+        assert!(!token_from_text(secret).unwrap_err().contains("defghijklmnop"), "the secret is never quoted");
     }
 
     #[test]
