@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod failover;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod registry;

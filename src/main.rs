@@ -188,6 +188,28 @@ fn upgrade_binary(args: &RunArgs) -> Option<PathBuf> {
 /// How long an upgrade waits for the new process to take the sockets and accept.
 const UPGRADE_WITHIN: Duration = Duration::from_secs(30);
 
+/// Raises the open-file limit to the hard limit and says what it allows, in the log and in
+/// `staybound_session_capacity`.
+fn raise_nofile(config: &Config, telemetry: &Telemetry) {
+    match staybound::limits::raise_nofile() {
+        Ok(n) => {
+            let capacity = n.session_capacity();
+            telemetry.set_session_capacity(capacity);
+            info!(before = n.before, after = n.after, session_capacity = capacity, "open-file limit");
+            let max: Vec<usize> = config
+                .services
+                .iter()
+                .filter(|s| s.protocol == staybound::config::Protocol::Tcp)
+                .map(|s| s.max_connections)
+                .collect();
+            if let Some(why) = staybound::limits::shortfall(capacity, &max) {
+                warn!("{why}");
+            }
+        }
+        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
     let config = match load(&args) {
         Ok(c) => c,
@@ -233,6 +255,7 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         let telemetry = Telemetry::new();
+        raise_nofile(&config, &telemetry);
         let path = config.path.clone();
         let mut instance = match Instance::start_with(config, telemetry.clone(), inherited).await {
             Ok(i) => i,

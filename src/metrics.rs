@@ -174,6 +174,7 @@ const CONFIG_RELOADS: &str = "staybound_config_reloads_total";
 const UPGRADES: &str = "staybound_upgrades_total";
 const LISTEN_OVERFLOWS: &str = "staybound_listen_overflows_total";
 const ADMIN_REFUSED: &str = "staybound_admin_requests_refused_total";
+const SESSION_CAPACITY: &str = "staybound_session_capacity";
 
 /// The metric registry of one staybound process (or of one test instance).
 #[derive(Clone)]
@@ -186,6 +187,7 @@ pub struct Telemetry {
     upgrades_error: Counter,
     listen_overflows: Counter,
     admin_refused: [Counter; 5],
+    session_capacity: Gauge,
 }
 
 impl Default for Telemetry {
@@ -229,6 +231,8 @@ impl Telemetry {
             c.increment(0);
             c
         });
+        let session_capacity = recorder.register_gauge(&Key::from_name(SESSION_CAPACITY), &meta());
+        session_capacity.set(0.0);
         Telemetry {
             recorder,
             handle,
@@ -238,12 +242,18 @@ impl Telemetry {
             upgrades_error,
             listen_overflows,
             admin_refused,
+            session_capacity,
         }
     }
 
     /// Counts a request or connection the admin server refused.
     pub fn admin_refused(&self, r: AdminRefusal) {
         self.admin_refused[AdminRefusal::ALL.iter().position(|x| *x == r).unwrap_or(0)].increment(1);
+    }
+
+    /// Sets the number of TCP sessions the open-file limit allows (see `limits`).
+    pub fn set_session_capacity(&self, sessions: u64) {
+        self.session_capacity.set(sessions as f64);
     }
 
     /// Prometheus text format of every series.
@@ -370,6 +380,11 @@ fn describe(r: &PrometheusRecorder) {
         d(UPSTREAM_NOT_READY, None, "1 while the node answers but its probe reply lacks `expect` (not ready), else 0."),
         d(EPOCH, None, "The current epoch: grows by one at each detected failover."),
         d(UDP_BOUND, None, "1 when every UDP listen address of the service is bound, else 0."),
+        d(
+            SESSION_CAPACITY,
+            None,
+            "TCP sessions the open-file limit allows (two descriptors each, after a reserve); 0 until set at start.",
+        ),
     ] {
         r.describe_gauge(name, unit, help);
     }

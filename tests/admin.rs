@@ -92,6 +92,7 @@ fn the_hook_needs_the_token_and_a_reload_reads_a_new_one() {
         assert_eq!(refused(&sb, reason), 0.0, "{reason} is there from the start, at 0");
     }
 
+    assert!(sb.metric("staybound_session_capacity", &[]) > 0.0, "the open-file limit's capacity is published");
     let logged = format!("{:?}", sb.log.lock().unwrap());
     assert!(!logged.contains(TOKEN), "the token is never logged");
     let listening = sb.wait_log("admin endpoint listening", Duration::from_secs(1));

@@ -177,6 +177,8 @@ fn every_series_is_there_from_the_start() {
         "staybound_udp_dropped_total",
         "staybound_config_reloads_total",
         "staybound_upgrades_total",
+        "staybound_admin_requests_refused_total",
+        "staybound_session_capacity",
     ] {
         assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{text}");
         let base = name.trim_end_matches("_bucket");
