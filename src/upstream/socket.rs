@@ -66,6 +66,13 @@ pub fn tune_client(stream: &TcpStream, keepalive: &KeepaliveConfig) {
             tracing::warn!(error = %e, "could not set keep-alive on a client socket");
         }
     }
+    if !keepalive.user_timeout.is_zero() {
+        // why: keep-alive probes wait while data is unacknowledged; a client that vanished with bytes in
+        // flight to it would pin its session for the kernel's ~15 minutes of retransmissions.
+        if let Err(e) = sock.set_tcp_user_timeout(Some(keepalive.user_timeout)) {
+            tracing::warn!(error = %e, "could not set TCP_USER_TIMEOUT on a client socket");
+        }
+    }
 }
 
 /// Ends a session's socket with RST instead of FIN when the stream is dropped.
@@ -173,4 +180,42 @@ pub fn last_ack_age(stream: &TcpStream) -> Option<Duration> {
         info
     };
     Some(Duration::from_millis(u64::from(info.tcpi_last_ack_recv)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_client_sockets_get_keepalive_and_the_user_timeout() {
+        let listener = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let ka = KeepaliveConfig {
+            idle: Duration::from_secs(1),
+            interval: Duration::from_secs(2),
+            count: 4,
+            user_timeout: Duration::from_millis(2500),
+            client_idle: Some(Duration::from_secs(7)),
+        };
+        tune_client(&accepted, &ka);
+        let got = read_back(&SockRef::from(&accepted)).unwrap();
+        assert_eq!(
+            got,
+            ReadBack {
+                keepalive: true,
+                idle: Duration::from_secs(7),
+                interval: Duration::from_secs(2),
+                count: 4,
+                user_timeout: Some(Duration::from_millis(2500)),
+                nodelay: true,
+            }
+        );
+        let _other = std::net::TcpStream::connect(addr).unwrap();
+        let (plain, _) = listener.accept().await.unwrap();
+        tune_client(&plain, &KeepaliveConfig { user_timeout: Duration::ZERO, client_idle: None, ..ka });
+        let got = read_back(&SockRef::from(&plain)).unwrap();
+        assert_eq!((got.keepalive, got.user_timeout), (false, None), "\"0s\" and \"off\" leave them unset");
+    }
 }
