@@ -712,6 +712,15 @@ fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
     if let Some(list) = &u.reply_from {
         for item in list.get_ref() {
             match parse_net(item.get_ref()) {
+                Ok(net) if net.prefix == 0 => cx.at(
+                    item.span(),
+                    &key("reply_from"),
+                    format!(
+                        "{:?} is every address: anyone could answer for the upstream; list the nodes' stationary \
+                         addresses (or their subnet)",
+                        item.get_ref()
+                    ),
+                ),
                 Ok(net) => reply_from.push(net),
                 Err(e) => cx.at(item.span(), &key("reply_from"), format!("{:?} {e}", item.get_ref())),
             }
@@ -1027,6 +1036,15 @@ mod tests {
         assert!(token_from_text("short").unwrap_err().contains("at least 16"));
         let secret = "abc\"defghijklmnopqrstuvwxyz";
         assert!(!token_from_text(secret).unwrap_err().contains("defghijklmnop"), "the secret is never quoted");
+    }
+
+    #[test]
+    fn a_reply_from_of_every_address_is_refused() {
+        let text = "[[service]]\nname = \"u\"\nprotocol = \"udp\"\nlisten = \"127.0.0.1:53\"\nupstream = \"127.0.0.1:53\"\n[service.udp]\nreply_from = [\"10.0.0.0/8\", \"0.0.0.0/0\", \"::/0\"]\n";
+        let err = load(text).unwrap_err();
+        let keys: Vec<(usize, &str)> = err.problems().iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(keys, vec![(7, "service[u].udp.reply_from"), (7, "service[u].udp.reply_from")], "{err}");
+        assert!(err.to_string().contains("every address"), "{err}");
     }
 
     #[test]
