@@ -65,6 +65,11 @@ fn bad_configs_exit_78_with_line_and_key() {
         (format!("{OK}[service.hold]\nbackoff_initial = \"2s\"\nbackoff_max = \"1s\"\n"), 7, "backoff_max"),
         (format!("{OK}[service.hold]\nbudget_ratio = -1.0\n"), 6, "budget_ratio"),
         (format!("{OK}[service.udp]\nmax_flows = 10\n"), 1, "applies only to protocol"),
+        (
+            "[[service]]\nname = \"u\"\nprotocol = \"udp\"\nlisten = \"127.0.0.1:53\"\nupstream = \"127.0.0.1:53\"\n[service.udp]\nreply_from = [\"0.0.0.0/0\"]\n".into(),
+            7,
+            "udp.reply_from: \"0.0.0.0/0\" is every address",
+        ),
         ("[admin]\nlisten = \"nowhere\"\n".to_string() + OK, 2, "admin.listen"),
         ("[admin]\nlisten = \"0.0.0.0:9901\"\n".to_string() + OK, 2, "admin.token_file: missing"),
         ("[admin]\nlisten = \"[::]:9901\"\n".to_string() + OK, 2, "not loopback"),
