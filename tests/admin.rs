@@ -148,6 +148,18 @@ fn the_hook_needs_the_token_and_a_reload_reads_a_new_one() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     wait("the /dev/tcp failover", Duration::from_secs(5), || failovers() == 3.0);
+    // keepalived's notify script, on a node gaining MASTER, hands the token file on.
+    let state_dir = tempfile::tempdir().unwrap();
+    let keepalived = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/notify/keepalived-notify.sh");
+    let out = Command::new(&keepalived)
+        .args(["--admin", &sb.admin.to_string(), "--token-file"])
+        .arg(&token_file)
+        .args(["guarded", "INSTANCE", "VI_DB", "MASTER", "100"])
+        .env("STAYBOUND_NOTIFY_STATE_DIR", state_dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    wait("keepalived's failover", Duration::from_secs(5), || failovers() == 4.0);
     let (code, err) = run(None);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("401") && err.contains("STAYBOUND_TOKEN_FILE"), "{err}");

@@ -8,7 +8,8 @@
 #       notify "/usr/local/lib/staybound/keepalived-notify.sh orders"
 #   }
 # keepalived appends TYPE NAME STATE [PRIORITY] to the configured command, so the script is called as
-#   keepalived-notify.sh [--admin ADDR]... [--on both|gain|loss] SERVICE... TYPE NAME STATE [PRIORITY]
+#   keepalived-notify.sh [--admin ADDR]... [--token-file FILE] [--on both|gain|loss] SERVICE... TYPE NAME STATE
+#                        [PRIORITY]
 # SERVICE... are the staybound services whose upstream is this instance's address (or STAYBOUND_SERVICES).
 # Use `notify`, not notify_master/notify_backup/notify_fault: those do not pass the state.
 #
@@ -20,7 +21,8 @@
 # Where it runs:
 #   - On the cluster nodes (the usual case: keepalived runs where the service runs). staybound runs on the
 #     client hosts, so name their admin addresses (--admin, or STAYBOUND_ADMIN) and let those staybound
-#     listen for admin on an address the nodes reach (`[admin] listen`, firewalled to the nodes). When every
+#     listen for admin on an address the nodes reach (`[admin] listen`, firewalled to the nodes, with
+#     `[admin] token_file`: give the same token to this script with --token-file). When every
 #     node runs the script, the node that takes over announces the move; `--on gain` avoids a second
 #     announcement by the node that lost the address, `both` (the default) also covers a new master that
 #     cannot reach the client hosts.
@@ -31,6 +33,8 @@
 #   STAYBOUND_ADMIN              admin address(es) (default 127.0.0.1:9901); --admin adds to a list that
 #                                replaces it
 #   STAYBOUND_SERVICES           services, when none are given as arguments
+#   STAYBOUND_TOKEN_FILE         the file holding the admin bearer token (see staybound-failover.sh);
+#                                --token-file overrides it. Only the path is ever on a command line.
 #   STAYBOUND_NOTIFY_ON          both | gain | loss (default both); --on overrides it
 #   STAYBOUND_NOTIFY_STATE_DIR   where the last state of each instance is kept (default /run/staybound-notify)
 #   STAYBOUND_FAILOVER           the failover command (default staybound-failover.sh beside this script)
@@ -52,7 +56,8 @@ log() { # log PRIORITY MESSAGE
 }
 
 usage() {
-    log err "usage: keepalived-notify.sh [--admin ADDR]... [--on both|gain|loss] SERVICE... TYPE NAME STATE [PRIORITY]" \
+    log err "usage: keepalived-notify.sh [--admin ADDR]... [--token-file FILE] [--on both|gain|loss] SERVICE..." \
+        "TYPE NAME STATE [PRIORITY]" \
         "(configure it as keepalived's \`notify\` script)"
 }
 
@@ -62,6 +67,7 @@ main() {
         case $1 in
             --admin) (($# >= 2)) || { usage; return 64; }; admins+=("$2"); shift 2 ;;
             --on) (($# >= 2)) || { usage; return 64; }; ON=$2; shift 2 ;;
+            --token-file) (($# >= 2)) || { usage; return 64; }; export STAYBOUND_TOKEN_FILE=$2; shift 2 ;;
             *) break ;;
         esac
     done
