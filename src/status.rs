@@ -1,14 +1,25 @@
 //! `staybound status`: reads `/status` from a running staybound's admin endpoint and prints a table.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::Duration;
+
+/// Where to reach an admin endpoint listening on `admin`: a wildcard address (`0.0.0.0`, `::`) is reached
+/// through loopback of its family, and named so in `Host`, which the endpoint checks.
+pub fn reach(admin: SocketAddr) -> SocketAddr {
+    match admin.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), admin.port()),
+        IpAddr::V6(v6) if v6.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), admin.port()),
+        _ => admin,
+    }
+}
 
 /// Fetches `path` from the admin endpoint with a plain HTTP/1.0 GET.
 ///
 /// # Errors
 /// Connection, timeout or a non-200 answer.
 pub fn fetch(admin: SocketAddr, path: &str) -> Result<String, String> {
+    let admin = reach(admin);
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(3))
         .map_err(|e| format!("cannot reach the admin endpoint at {admin}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
@@ -80,4 +91,17 @@ pub fn table(json: &str) -> Result<String, String> {
         out.push_str(&format!("\nnote: {n}\n"));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_admin_address_is_reached_through_loopback() {
+        let at = |s: &str| reach(s.parse().unwrap()).to_string();
+        assert_eq!(at("0.0.0.0:9901"), "127.0.0.1:9901");
+        assert_eq!(at("[::]:9901"), "[::1]:9901");
+        assert_eq!(at("10.1.2.3:9901"), "10.1.2.3:9901");
+    }
 }
