@@ -9,7 +9,9 @@
 //! * [`udp`]: `protocol = "udp"` services: flows, replies from the address the client used.
 //! * [`failover`]: the detector of each service: probe session, host state, epochs.
 //! * [`service`]: what a session needs of its service, in one place.
-//! * [`metrics`] and [`admin`]: what operators see; [`registry`]: what the server shows them of itself.
+//! * [`metrics`] and [`admin`]: what operators see; [`admin`]'s guard decides who may ask; [`registry`]:
+//!   what the server shows them of itself.
+//! * [`limits`]: the open-file limit, raised at start, and the sessions it allows.
 //! * [`server`]: starts, reloads and drains all of the above; [`upgrade`] hands its sockets to a new binary.
 #![deny(unsafe_code)]
 
