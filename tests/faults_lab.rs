@@ -224,3 +224,79 @@ fn a_client_that_vanishes_without_fin_is_reaped_by_client_keepalive() {
     assert!(t0.elapsed() <= Duration::from_secs(4) + margin() * 3);
     drop(c);
 }
+
+/// Random loss both ways on the client host's link, by nftables `numgen random` (tc netem does not work
+/// on these machines). The rules live in the lab's own namespace and go with it.
+fn drop_randomly(lab: &Lab, percent: u32) {
+    let rules = format!(
+        "table inet sbloss {{ chain lossin {{ type filter hook input priority 0; numgen random mod 100 < {percent} drop; }}; \
+         chain lossout {{ type filter hook output priority 0; numgen random mod 100 < {percent} drop; }}; }}"
+    );
+    let out = lab.exec(Host::Client, &["nft", &rules]);
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn failovers(sc: &Sidecar<'_>) -> f64 {
+    ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload"]
+        .iter()
+        .map(|s| sc.metric("staybound_failovers_total", &[("service", "redis"), ("signal", s)]))
+        .sum()
+}
+
+/// One lost keep-alive is not a black hole: under random loss on the client host's link, with one client
+/// blocked in BLPOP and one busy, nothing moved, so nothing fails over; then a silent move under the same
+/// loss is still caught within the black-hole bound. `STAYBOUND_LOSS_PERCENT` (default 2) and
+/// `STAYBOUND_LOSS_SECONDS` (default 30; the full run is 600) set the loss.
+#[test]
+fn random_loss_on_the_client_link_is_no_failover_and_a_move_under_it_is_still_caught() {
+    let percent: u32 = std::env::var("STAYBOUND_LOSS_PERCENT").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let seconds: u64 = std::env::var("STAYBOUND_LOSS_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let Some(lab) = two_nodes("loss") else { return };
+    let sc = Sidecar::start(&lab, "");
+    sc.wait_state("up", Duration::from_secs(5));
+    let blocked = support::sidecar::Blocked::start(&lab, Host::Client, sc.listen());
+    let run = Duration::from_secs(seconds);
+    let load = LoadClient::start_for(&lab, Host::Client, sc.listen(), Duration::from_secs(5), "loss", run + run);
+    drop_randomly(&lab, percent);
+    let t0 = Instant::now();
+    let mut ended = None;
+    // why: the loss runs for its time; the blocked client is watched meanwhile (its 30 s read timeout
+    // reports "still blocked", which is what it should be).
+    while t0.elapsed() < run && ended.is_none() {
+        match blocked.ended(Duration::from_millis(500)) {
+            Some((_, what)) if what.starts_with("still blocked") => {}
+            Some((at, what)) => ended = Some((at - t0, what)),
+            None => {}
+        }
+    }
+    let false_failovers = failovers(&sc);
+    let stats = load.finish();
+    eprintln!(
+        "FIGURES {percent}% random loss both ways for {:.0} s: {false_failovers} failover(s), blocked client {}, busy client ok {} lost {} longest stall {:.3}s",
+        t0.elapsed().as_secs_f64(),
+        ended.as_ref().map_or("still blocked".to_string(), |(t, w)| format!("{w} after {:.1}s", t.as_secs_f64())),
+        stats.ok,
+        stats.lost,
+        stats.longest_stall().as_secs_f64()
+    );
+    assert_eq!(false_failovers, 0.0, "nothing moved");
+    assert!(ended.is_none(), "the blocked client was ended although nothing moved: {ended:?}");
+
+    // A silent move under the same loss: a client blocked now learns of it within the black-hole bound.
+    let blocked = support::sidecar::Blocked::start(&lab, Host::Client, sc.listen());
+    support::sidecar::wait_blocked(&lab, Host::Node1, 1);
+    let moved = Instant::now();
+    lab.move_logical(Host::Node1, Host::Node2, false);
+    let (at, what) = blocked.ended(Duration::from_secs(10)).expect("the blocked client learns of the move");
+    let took = at - moved;
+    let bound = sc.bounds().black_hole.0;
+    eprintln!(
+        "FIGURES silent move under {percent}% loss: blocked client {what} after {:.3}s (silent-move bound {:.1}s, black-hole bound {:.1}s)",
+        took.as_secs_f64(),
+        sc.bounds().silent_move.0.as_secs_f64(),
+        bound.as_secs_f64()
+    );
+    assert!(what == "reset" || what == "eof", "{what}");
+    assert!(took <= bound + margin(), "{took:?} beyond the black-hole bound {bound:?}");
+    assert_eq!(failovers(&sc), 1.0, "one move, one failover");
+}

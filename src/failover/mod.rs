@@ -32,6 +32,13 @@ use crate::upstream::{ConnectClass, Connector, socket};
 use probe::{ExchangeError, HeldEvent};
 pub use state::{Evidence, Failover, HostState, Machine, Reach};
 
+/// How late a keep-alive's ACK may be and still count as on time.
+const ACK_SLACK: Duration = Duration::from_millis(250);
+
+/// How often the held probe session's keep-alive is read while the host is up: often enough that a
+/// keep-alive gone unanswered leaves time to ask the address anew before the black-hole bound.
+const HOLD_PACE: Duration = Duration::from_millis(250);
+
 /// Most provisional tokens kept for one epoch (see `HostView::next_epoch_end`).
 const MAX_LINKED: usize = 256;
 
@@ -136,6 +143,8 @@ pub struct Detector {
     sessions_since: Instant,
     /// Why the node is not ready, when the machine says it is not.
     not_ready: Option<String>,
+    /// When a fresh connect last reached the address while the held session was silent.
+    answered: Option<Instant>,
     /// New settings from a reload.
     settings: watch::Receiver<Arc<ServiceConfig>>,
     /// Stops the neighbour watch of the current upstream (a child of the detector's own stop).
@@ -178,6 +187,7 @@ impl Detector {
             settings,
             neighbor_stop: CancellationToken::new(),
             not_ready: None,
+            answered: None,
         };
         (detector, DetectorHandle { view: view_rx, signs: sign_tx }, Reconfigure(settings_tx))
     }
@@ -314,7 +324,7 @@ impl Detector {
         match self.machine.state() {
             HostState::Up => {
                 self.backoff.reset();
-                interval
+                if self.svc.probe.mode == ProbeMode::Hold { interval.min(HOLD_PACE) } else { interval }
             }
             // why: in hold mode a suspicion is settled by the held session's next ACK (or its end); read
             // TCP_INFO often so it is settled as soon as that happens.
@@ -420,11 +430,7 @@ impl Detector {
             ProbeMode::Hold => match &self.held {
                 Some(held) => {
                     if let Some(age) = socket::last_ack_age(held) {
-                        let at = now.checked_sub(age).unwrap_or(now);
-                        self.machine.good_sign(at);
-                        if age <= self.probe_keepalive.idle + Duration::from_millis(250) {
-                            self.observe(Evidence::Ok { at, identity: None });
-                        }
+                        self.check_held_silence(now, age).await;
                     }
                 }
                 None => self.reconnect_check().await,
@@ -471,6 +477,62 @@ impl Detector {
                 self.reconnect_check().await;
                 self.held = None;
             }
+        }
+    }
+
+    /// The held session's keep-alive, read from TCP_INFO: its last ACK `age` ago. An unanswered keep-alive
+    /// is a lost packet or a host gone, and silence alone does not say which, so it is asked anew: fresh
+    /// connects, staggered, until the session has been silent for a keep-alive idle time and interval
+    /// (the black-hole bound). None answered by then: the host is gone (`Silent`). The address refused:
+    /// another node holds it without the service. One connected: the address is there, so the held
+    /// session is given until its next keep-alive, whose RST (a node that does not know it: a move) or
+    /// ACK (a lost packet) decides; the kernel ends it after three unanswered ones.
+    async fn check_held_silence(&mut self, now: Instant, age: Duration) {
+        let last_ack = now.checked_sub(age).unwrap_or(now);
+        self.machine.good_sign(last_ack);
+        let ka = &self.probe_keepalive;
+        if age <= ka.idle + ACK_SLACK {
+            self.answered = None;
+            self.observe(Evidence::Ok { at: last_ack, identity: None });
+            return;
+        }
+        if self.answered.is_some_and(|t| t >= last_ack) {
+            return;
+        }
+        let silent_at = last_ack + ka.idle + ka.interval;
+        if now < silent_at {
+            let reach = match self.connector.resolve().await {
+                Ok(peer) => {
+                    let (ka, metrics) = (self.probe_keepalive.clone(), self.metrics.clone());
+                    // why: the race's last attempt would run its own timeout past the bound; the bound decides.
+                    let race = race_connect(&self.connector, peer, silent_at - now, &ka, &metrics);
+                    match tokio::time::timeout_at(silent_at, race).await {
+                        Ok(r) => r.map(|_| ()).map_err(|e| e.class),
+                        Err(_) => Err(ConnectClass::Timeout),
+                    }
+                }
+                Err(e) => Err(e.class),
+            };
+            match reach {
+                Ok(()) => {
+                    self.metrics.connect(ConnectClass::Ok).increment(1);
+                    debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "held probe session silent, the address answers: waiting for its next keep-alive");
+                    self.answered = Some(Instant::now());
+                    return;
+                }
+                Err(class) if class.address_answered() => {
+                    self.metrics.connect(class).increment(1);
+                    self.held = None;
+                    self.observe(Evidence::Refused);
+                    return;
+                }
+                Err(class) => self.metrics.connect(class).increment(1),
+            }
+        }
+        if Instant::now() + ACK_SLACK / 10 >= silent_at {
+            debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "held probe session and fresh connects silent");
+            self.held = None;
+            self.observe(Evidence::Silent { signal: Signal::Keepalive });
         }
     }
 

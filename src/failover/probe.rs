@@ -126,9 +126,10 @@ pub fn probe_keepalive(probe: &ProbeConfig, base: &KeepaliveConfig) -> Keepalive
         idle,
         interval,
         count: base.count,
-        // why: with TCP_USER_TIMEOUT set the kernel aborts a keep-alive that went unanswered for this long
-        // instead of waiting for `count` probes.
-        user_timeout: idle + interval,
+        // why: one lost keep-alive (or its ACK) must not end the session: the detector asks the address
+        // anew after one unanswered keep-alive and decides a black hole itself after `idle + interval`;
+        // the kernel ends the session only after three in a row went unanswered.
+        user_timeout: idle + interval * 3,
         client_idle: None,
     }
 }
@@ -166,7 +167,7 @@ mod tests {
         let ka = probe_keepalive(&probe, &base);
         assert_eq!(
             (ka.idle, ka.interval, ka.user_timeout),
-            (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(3))
+            (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(7))
         );
     }
 }

@@ -36,6 +36,18 @@ const PACE: Duration = Duration::from_millis(5);
 
 impl LoadClient {
     pub fn start(lab: &Lab, host: Host, to: SocketAddr, timeout: Duration, tag: &'static str) -> LoadClient {
+        LoadClient::start_for(lab, host, to, timeout, tag, Duration::from_secs(120))
+    }
+
+    /// As `start`, running at most `limit`.
+    pub fn start_for(
+        lab: &Lab,
+        host: Host,
+        to: SocketAddr,
+        timeout: Duration,
+        tag: &'static str,
+        limit: Duration,
+    ) -> LoadClient {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         // Connections are made inside the namespace (a socket keeps its namespace); the loop runs here.
@@ -47,7 +59,7 @@ impl LoadClient {
             let mut stats = Stats::default();
             let mut conn: Option<TcpStream> = None;
             let mut i: u64 = 0;
-            let deadline = Instant::now() + Duration::from_secs(120);
+            let deadline = Instant::now() + limit;
             while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
                 i += 1;
                 let mut done = request(&mut conn, &connect, tag, i, timeout);
