@@ -297,6 +297,10 @@ fn random_loss_on_the_client_link_is_no_failover_and_a_move_under_it_is_still_ca
         bound.as_secs_f64()
     );
     assert!(what == "reset" || what == "eof", "{what}");
-    assert!(took <= bound + margin(), "{took:?} beyond the black-hole bound {bound:?}");
+    // why: the bound holds under the loss the issue sets (2 %); at more loss the RST that decides may itself be
+    // lost, and the figure is reported, not held.
+    if percent <= 2 {
+        assert!(took <= bound + margin(), "{took:?} beyond the black-hole bound {bound:?}");
+    }
     assert_eq!(failovers(&sc), 1.0, "one move, one failover");
 }
