@@ -202,10 +202,12 @@ fn report_udp(out: &mut String, s: &crate::config::ServiceConfig, warnings: &mut
     let nets: Vec<String> = s.udp.reply_from.iter().map(ToString::to_string).collect();
     let _ = writeln!(
         out,
-        "  udp             reply_from [{}], flow_idle {}, max_flows {}; flows stay across failovers",
+        "  udp             reply_from [{}], flow_idle {}, max_flows {} ({} per source address); flows stay across \
+         failovers",
         nets.join(", "),
         d(s.udp.flow_idle),
-        s.udp.max_flows
+        s.udp.max_flows,
+        s.udp.max_flows_per_source
     );
     if p.mode == ProbeMode::SendExpect {
         let b = bounds::bounds(s);

@@ -105,16 +105,20 @@ pub enum UdpDrop {
     UnknownSource,
     NoFlow,
     FlowLimit,
+    /// A new client whose address has `max_flows_per_source` flows already.
+    SourceLimit,
     SendError,
 }
 
 impl UdpDrop {
-    pub const ALL: [UdpDrop; 4] = [UdpDrop::UnknownSource, UdpDrop::NoFlow, UdpDrop::FlowLimit, UdpDrop::SendError];
+    pub const ALL: [UdpDrop; 5] =
+        [UdpDrop::UnknownSource, UdpDrop::NoFlow, UdpDrop::FlowLimit, UdpDrop::SourceLimit, UdpDrop::SendError];
     pub fn as_str(self) -> &'static str {
         match self {
             UdpDrop::UnknownSource => "unknown_source",
             UdpDrop::NoFlow => "no_flow",
             UdpDrop::FlowLimit => "flow_limit",
+            UdpDrop::SourceLimit => "source_limit",
             UdpDrop::SendError => "send_error",
         }
     }
@@ -169,6 +173,7 @@ const SESSIONS_RESET: &str = "staybound_sessions_reset_total";
 const BYTES: &str = "staybound_bytes_total";
 const UDP_DATAGRAMS: &str = "staybound_udp_datagrams_total";
 const UDP_DROPPED: &str = "staybound_udp_dropped_total";
+const UDP_EVICTED: &str = "staybound_udp_flows_evicted_total";
 const UDP_BOUND: &str = "staybound_udp_listener_bound";
 const CONFIG_RELOADS: &str = "staybound_config_reloads_total";
 const UPGRADES: &str = "staybound_upgrades_total";
@@ -325,6 +330,7 @@ impl Telemetry {
             udp_upstream: counter(UDP_DATAGRAMS, Some(("direction", "upstream"))),
             udp_client: counter(UDP_DATAGRAMS, Some(("direction", "client"))),
             udp_dropped,
+            udp_evicted: counter(UDP_EVICTED, None),
             udp_bound: gauge(UDP_BOUND),
         })
     }
@@ -362,6 +368,7 @@ fn describe(r: &PrometheusRecorder) {
         d(BYTES, Some(Unit::Bytes), "Bytes relayed, by direction (upstream: client to upstream)."),
         d(UDP_DATAGRAMS, None, "Datagrams relayed, by direction."),
         d(UDP_DROPPED, None, "Datagrams not relayed, by reason."),
+        d(UDP_EVICTED, None, "UDP flows ended to make room for a new client at max_flows (the least recently used)."),
         d(CONFIG_RELOADS, None, "Config reloads on SIGHUP, by result."),
         d(UPGRADES, None, "Upgrades on SIGUSR2 (sockets handed to a new binary), by result."),
         d(ADMIN_REFUSED, None, "Admin requests and connections refused, by reason."),
@@ -415,7 +422,9 @@ pub struct ServiceMetrics {
     pub bytes_client: Counter,
     pub udp_upstream: Counter,
     pub udp_client: Counter,
-    udp_dropped: [Counter; 4],
+    udp_dropped: [Counter; 5],
+    /// Flows ended to make room for a new client at `max_flows`.
+    pub udp_evicted: Counter,
     pub udp_bound: Gauge,
 }
 

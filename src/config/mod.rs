@@ -240,7 +240,10 @@ impl fmt::Display for IpNet {
 pub struct UdpConfig {
     pub reply_from: Vec<IpNet>,
     pub flow_idle: Duration,
+    /// Flows of the service; at the limit a new client's flow takes the place of the least recently used one.
     pub max_flows: usize,
+    /// Flows of one client address; datagrams of new clients from an address at the limit are dropped.
+    pub max_flows_per_source: usize,
 }
 
 impl Config {

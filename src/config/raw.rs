@@ -143,6 +143,7 @@ pub struct RawUdp {
     pub reply_from: Option<S<Vec<S<String>>>>,
     pub flow_idle: Option<S<DurationText>>,
     pub max_flows: Option<S<i64>>,
+    pub max_flows_per_source: Option<S<i64>>,
 }
 
 /// Takes each key from `own` when set there, else from `inherited`.
@@ -174,4 +175,4 @@ inherit_keys!(RawHold {
     budget_min_per_sec,
     budget_window
 });
-inherit_keys!(RawUdp { reply_from, flow_idle, max_flows });
+inherit_keys!(RawUdp { reply_from, flow_idle, max_flows, max_flows_per_source });

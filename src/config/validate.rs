@@ -706,6 +706,12 @@ pub fn compile_identity(pattern: &str) -> Result<regex_lite::Regex, regex_lite::
     regex_lite::RegexBuilder::new(pattern).size_limit(IDENTITY_PROGRAM_LIMIT).build()
 }
 
+/// Flows of one client address unless `max_flows_per_source` says otherwise (at most `max_flows`).
+///
+/// why: enough for the clients of one NAT gateway or one application host with a pool of sockets, and small
+/// beside the default `max_flows` (10 000), so no single address takes more than a sliver of the table.
+const DEFAULT_FLOWS_PER_SOURCE: usize = 64;
+
 fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
     let key = |k: &str| format!("{key}.{k}");
     let mut reply_from = Vec::new();
@@ -726,6 +732,21 @@ fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
             }
         }
     }
+    let max_flows = cx.int(&u.max_flows, &key("max_flows"), 10_000, (1, 1_000_000)) as usize;
+    let max_flows_per_source = match &u.max_flows_per_source {
+        None => DEFAULT_FLOWS_PER_SOURCE.min(max_flows),
+        Some(v) => {
+            let n = cx.int(&u.max_flows_per_source, &key("max_flows_per_source"), 0, (1, 1_000_000)) as usize;
+            if n > max_flows {
+                cx.at(
+                    v.span(),
+                    &key("max_flows_per_source"),
+                    format!("{n} is more than max_flows ({max_flows}): one address could take every flow"),
+                );
+            }
+            if n == 0 || n > max_flows { DEFAULT_FLOWS_PER_SOURCE.min(max_flows) } else { n }
+        }
+    };
     UdpConfig {
         reply_from,
         flow_idle: cx.duration(
@@ -734,7 +755,8 @@ fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
             Duration::from_secs(60),
             (Duration::from_secs(1), Duration::from_secs(86_400)),
         ),
-        max_flows: cx.int(&u.max_flows, &key("max_flows"), 10_000, (1, 1_000_000)) as usize,
+        max_flows,
+        max_flows_per_source,
     }
 }
 
@@ -1036,6 +1058,27 @@ mod tests {
         assert!(token_from_text("short").unwrap_err().contains("at least 16"));
         let secret = "abc\"defghijklmnopqrstuvwxyz";
         assert!(!token_from_text(secret).unwrap_err().contains("defghijklmnop"), "the secret is never quoted");
+    }
+
+    #[test]
+    fn flows_per_source_default_to_64_within_max_flows_and_are_checked() {
+        let udp = |keys: &str| {
+            load(&format!(
+                "[[service]]\nname = \"u\"\nprotocol = \"udp\"\nlisten = \"127.0.0.1:53\"\nupstream = \"127.0.0.1:53\"\n[service.udp]\n{keys}"
+            ))
+        };
+        let per = |c: Config| c.services[0].udp.max_flows_per_source;
+        assert_eq!(per(udp("").unwrap()), 64);
+        assert_eq!(per(udp("max_flows = 10\n").unwrap()), 10, "never more than max_flows");
+        assert_eq!(per(udp("max_flows_per_source = 3\n").unwrap()), 3);
+        let err = udp("max_flows = 10\nmax_flows_per_source = 11\n").unwrap_err();
+        let p: Vec<(usize, usize, &str)> = err.problems().iter().map(|p| (p.line, p.column, p.key.as_str())).collect();
+        assert_eq!(p, vec![(8, 24, "service[u].udp.max_flows_per_source")], "{err}");
+        assert!(err.to_string().contains("more than max_flows (10)"), "{err}");
+        let err = udp("max_flows_per_source = 0\n").unwrap_err();
+        assert!(err.to_string().contains("0 is out of range: must be from 1 to 1000000"), "{err}");
+        let err = udp("max_flows_per_source = \"many\"\n").unwrap_err();
+        assert_eq!(err.problems()[0].key, "service[u].udp.max_flows_per_source", "{err}");
     }
 
     #[test]

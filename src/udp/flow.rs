@@ -64,7 +64,7 @@ impl Flow {
 }
 
 /// A flow in the listener's table: dropping it ends the reply task, closes the socket and frees its place
-/// under `max_flows`.
+/// under `max_flows` and `max_flows_per_source`.
 pub struct FlowEntry {
     pub flow: Arc<Flow>,
     _reply_task: DropGuard,
@@ -72,12 +72,16 @@ pub struct FlowEntry {
     _slot: FlowSlot,
 }
 
-/// One place under `max_flows`, taken with `Shared::take_slot`.
-pub struct FlowSlot(pub(super) Arc<Shared>);
+/// One place under `max_flows` and `max_flows_per_source`, taken with `Shared::take_slot`.
+pub struct FlowSlot {
+    pub(super) shared: Arc<Shared>,
+    /// The client's address.
+    pub(super) source: IpAddr,
+}
 
 impl Drop for FlowSlot {
     fn drop(&mut self) {
-        self.0.flows.fetch_sub(1, Ordering::Relaxed);
+        self.shared.free_slot(self.source);
     }
 }
 

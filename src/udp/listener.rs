@@ -1,9 +1,10 @@
 //! The receive loop of one UDP listen socket: datagrams from clients, in batches, each handed to the flow of
 //! its client address and the local address it was sent to (made on the first datagram, within
 //! `max_flows`), and sent on from that flow's upstream socket. It owns the flow table and expires flows idle
-//! for `flow_idle`. The reply direction is each flow's own task (`flow`).
+//! for `flow_idle`; at `max_flows` a new client's flow takes the place of the one whose client sent last
+//! longest ago, and an address with `max_flows_per_source` flows gets no more (`table` decides). The reply
+//! direction is each flow's own task (`flow`).
 
-use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tracing::{debug, warn};
 use super::Shared;
 use super::flow::{FlowEntry, Target, upstream_socket};
 use super::pktinfo::{ClientSocket, MAX_DATAGRAM};
+use super::table::{Admit, LruTable};
 use crate::config::UpstreamAddr;
 use crate::metrics::UdpDrop;
 use crate::upstream::{ConnectClass, Connector};
@@ -54,7 +56,8 @@ fn sweep_period(flow_idle: Duration) -> Duration {
 struct Listener {
     sock: Arc<ClientSocket>,
     shared: Arc<Shared>,
-    flows: HashMap<FlowKey, FlowEntry>,
+    /// In order of the clients' datagrams.
+    flows: LruTable<FlowKey, FlowEntry>,
     resolved: Option<Resolved>,
 }
 
@@ -65,7 +68,7 @@ pub async fn run(sock: Arc<ClientSocket>, shared: Arc<Shared>, stop: Cancellatio
     // Every receive buffer, allocated once for the life of the listener.
     let mut storage = vec![0u8; per_buf * batch];
     let mut meta = [RecvMeta::default(); BATCH];
-    let mut l = Listener { sock, shared, flows: HashMap::new(), resolved: None };
+    let mut l = Listener { sock, shared, flows: LruTable::default(), resolved: None };
     let mut next_sweep = Instant::now() + sweep_period(l.shared.svc.load().cfg.udp.flow_idle);
     loop {
         tokio::select! {
@@ -156,6 +159,7 @@ impl Listener {
             let Some(entry) = self.open(client, local, t, fresh).await else { return };
             self.flows.insert(key, entry);
         }
+        self.flows.touch(&key);
         let Some(entry) = self.flows.get(&key) else { return };
         let flow = &entry.flow;
         flow.touch(self.shared.now_ms());
@@ -231,11 +235,32 @@ impl Listener {
         let shared = self.shared.clone();
         let svc = shared.svc.load_full();
         let cfg = &svc.cfg;
-        let Some(slot) = shared.take_slot(cfg.udp.max_flows) else {
-            shared.dropped(UdpDrop::FlowLimit, |n| {
-                warn!(service = %shared.name, client = %client, max_flows = cfg.udp.max_flows, dropped = n, "datagram from a new client dropped: max_flows reached")
-            });
-            return None;
+        let (max_flows, per_source) = (cfg.udp.max_flows, cfg.udp.max_flows_per_source);
+        let slot = loop {
+            match shared.take_slot(client.ip(), max_flows, per_source, self.flows.len()) {
+                Ok(slot) => break slot,
+                Err(Admit::EvictThenOpen) => {
+                    // Each pass ends one of this listener's flows, so the loop ends.
+                    let Some(((gone, _), entry)) = self.flows.pop_lru() else { continue };
+                    let idle_ms = shared.now_ms().saturating_sub(entry.flow.last());
+                    drop(entry);
+                    shared.evicted(|n| {
+                        warn!(service = %shared.name, client = %client, evicted = %gone, evicted_idle_ms = idle_ms, max_flows, evictions = n, "max_flows reached: the least recently used flow ended to make room for a new client")
+                    });
+                }
+                Err(Admit::SourceLimit) => {
+                    shared.dropped(UdpDrop::SourceLimit, |n| {
+                        warn!(service = %shared.name, client = %client, max_flows_per_source = per_source, dropped = n, "datagram from a new client dropped: its address has max_flows_per_source flows")
+                    });
+                    return None;
+                }
+                Err(Admit::FlowLimit | Admit::Open) => {
+                    shared.dropped(UdpDrop::FlowLimit, |n| {
+                        warn!(service = %shared.name, client = %client, max_flows, dropped = n, "datagram from a new client dropped: max_flows reached, held by the service's other listen addresses")
+                    });
+                    return None;
+                }
+            }
         };
         let no_source = |n: u64| warn!(service = %shared.name, client = %client, source = ?target.source, dropped = n, "datagram from a client dropped: the source address is not on this host");
         if !shared.source_gate_open() {
@@ -279,10 +304,8 @@ impl Listener {
         if ended > 0 {
             debug!(service = %self.shared.name, listen = %self.sock.local_addr(), ended, left = self.flows.len(), "idle flows ended");
         }
-        if self.flows.capacity() > 64 && self.flows.len() < self.flows.capacity() / 4 {
-            // why: after a flood of clients, give the table's memory back.
-            self.flows.shrink_to_fit();
-        }
+        // why: after a flood of clients, give the table's memory back.
+        self.flows.shrink();
     }
 }
 

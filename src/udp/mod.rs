@@ -9,8 +9,10 @@
 //!   address is read (IP_PKTINFO / IPV6_PKTINFO) and the reply leaves from exactly that address;
 //! * flows (`listener`, `flow`): one per client address and local address, each with its own upstream
 //!   socket bound to `source` and not connected, so that replies from the nodes' stationary addresses (listed
-//!   in `reply_from`) arrive; flows end after `flow_idle`, at most `max_flows` exist, and every datagram not
-//!   relayed is counted in `staybound_udp_dropped_total` and logged at most once a second per reason;
+//!   in `reply_from`) arrive; flows end after `flow_idle`; at most `max_flows` exist, a new client's flow
+//!   taking the place of the least recently used one (`table`, counted in `staybound_udp_flows_evicted_total`),
+//!   and at most `max_flows_per_source` from one client address; every datagram not relayed is counted in
+//!   `staybound_udp_dropped_total` and logged at most once a second per reason, and so is every eviction;
 //! * the UDP send-expect probe ([`probe`]) that the detector runs for a UDP service.
 //!
 //! What it leaves to others: the failover state. A datagram has no session to reset, so nothing happens here
@@ -24,15 +26,16 @@ mod flow;
 mod listener;
 pub mod pktinfo;
 pub mod probe;
+mod table;
 
 /// The flow path's pure decisions, for tests and fuzzing: which datagrams are replies, and how a
 /// coalesced (GRO) receive buffer splits into datagrams.
 pub use flow::is_reply;
 pub use listener::datagrams;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -187,8 +190,9 @@ impl Listeners {
             metrics: current.metrics.clone(),
             svc,
             base: Instant::now(),
-            flows: AtomicUsize::new(0),
+            flows: Mutex::new(FlowCount::default()),
             logs: UdpDrop::ALL.map(|_| Mutex::new(RateLimitedLog::new(DROP_LOG_PERIOD))),
+            evict_log: Mutex::new(RateLimitedLog::new(DROP_LOG_PERIOD)),
             source: Mutex::new(SourceGate { closed_until: None, backoff: Backoff::new(BIND_RETRY.0, BIND_RETRY.1) }),
             tasks: TaskTracker::new(),
         });
@@ -309,11 +313,19 @@ pub(crate) struct Shared {
     /// Origin of the flows' activity clocks.
     base: Instant,
     /// Flows alive across the service's listeners.
-    flows: AtomicUsize,
-    logs: [Mutex<RateLimitedLog>; 4],
+    flows: Mutex<FlowCount>,
+    logs: [Mutex<RateLimitedLog>; 5],
+    evict_log: Mutex<RateLimitedLog>,
     source: Mutex<SourceGate>,
     /// Listener, late-bind and flow tasks.
     tasks: TaskTracker,
+}
+
+/// The flows alive in a service, in all and by client address (only addresses with a flow are present).
+#[derive(Default)]
+pub(crate) struct FlowCount {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
 }
 
 /// Whether new flows may try to bind `source`: closed for a backoff after it was not on this host.
@@ -338,10 +350,50 @@ impl Shared {
         }
     }
 
-    /// Takes a place under `max`, if one is free.
-    fn take_slot(self: &Arc<Self>, max: usize) -> Option<FlowSlot> {
-        self.flows.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(FlowSlot(self.clone()))
+    /// Takes a place for a new flow of a client at `source` when [`table::admit`] says `Open`; else returns
+    /// what it said. `own`: the flows of the asking listener.
+    fn take_slot(
+        self: &Arc<Self>,
+        source: IpAddr,
+        max_flows: usize,
+        per_source: usize,
+        own: usize,
+    ) -> Result<FlowSlot, table::Admit> {
+        let mut count = lock(&self.flows);
+        let from_source = count.by_source.get(&source).copied().unwrap_or(0);
+        match table::admit(count.total, max_flows, own, from_source, per_source) {
+            table::Admit::Open => {
+                count.total += 1;
+                *count.by_source.entry(source).or_insert(0) += 1;
+                Ok(FlowSlot { shared: self.clone(), source })
+            }
+            other => Err(other),
+        }
+    }
+
+    /// Gives back the place of a flow that ended.
+    fn free_slot(&self, source: IpAddr) {
+        let mut count = lock(&self.flows);
+        count.total = count.total.saturating_sub(1);
+        if let Some(n) = count.by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                count.by_source.remove(&source);
+            }
+        }
+        if count.by_source.capacity() > 64 && count.by_source.len() < count.by_source.capacity() / 4 {
+            // why: after a flood from many addresses, give the map's memory back.
+            count.by_source.shrink_to_fit();
+        }
+    }
+
+    /// Counts a flow ended to make room, and runs `log` (with the count since the last line) when a line is due.
+    pub fn evicted(&self, log: impl FnOnce(u64)) {
+        self.metrics.udp_evicted.increment(1);
+        let due = lock(&self.evict_log).hit();
+        if let Some(n) = due {
+            log(n);
+        }
     }
 
     /// Whether a new flow may try to bind `source` now.
