@@ -1,13 +1,19 @@
 //! Failover detection in the namespace lab: a client blocked in BLPOP through staybound learns of a
 //! switchover, a silent move, an absent address, a late service and a cut-off node within the bound that
-//! `staybound check` computes; a direct client without keep-alive is measured beside it.
+//! `staybound check` computes; a direct client without keep-alive is measured beside it. The same holds
+//! while staybound is reloaded every 200 ms.
 
 mod support;
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use staybound::config::Config;
+use staybound::failover::bounds::bounds;
 use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, wait_until};
+use support::loadclient::LoadClient;
 use support::sidecar::{Blocked, Sidecar, margin, runs, wait_blocked};
 
 fn logical() -> SocketAddr {
@@ -246,4 +252,245 @@ fn cut_off_node_is_noticed_within_the_black_hole_bound() {
             reaches(lab, sc, &node1);
         },
     );
+}
+
+const SIGHUP: i32 = 1;
+
+/// The two files the chaos test alternates: they differ in `max_connections`, `[service.hold] deadline`
+/// and `[service.probe] timeout`.
+const CHAOS_A: &str =
+    "max_connections = 8\n[service.hold]\ndeadline = \"5s\"\n[service.probe]\nneighbor = false\ntimeout = \"500ms\"\n";
+const LIMITS: (f64, f64) = (8.0, 12.0);
+
+fn chaos_b(a: &str) -> String {
+    let b = a
+        .replace("max_connections = 8\n", "max_connections = 12\n")
+        .replace("deadline = \"5s\"\n", "deadline = \"8s\"\n")
+        .replace("timeout = \"500ms\"\n", "timeout = \"800ms\"\n");
+    for changed in ["max_connections = 12\n", "deadline = \"8s\"\n", "timeout = \"800ms\"\n"] {
+        assert!(b.contains(changed), "{changed} in {b}");
+    }
+    b
+}
+
+/// Sessions staybound carries to `node`'s redis: connections from the client host that sent a command (the
+/// held probe session sends none, so it shows `cmd=NULL`). Asked inside the node, over its loopback.
+fn sessions_at(lab: &Lab, node: Host) -> usize {
+    let out = lab.try_exec_timeout(
+        node,
+        &["redis-cli", "-h", "127.0.0.1", "-p", &REDIS_PORT.to_string(), "CLIENT", "LIST"],
+        Duration::from_secs(2),
+    );
+    let from = format!(" addr={}:", Host::Client.addr());
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&from) && !l.contains(" cmd=NULL ")).count()
+}
+
+/// How many SETs `node`'s redis has served (0 when it is not running).
+fn sets_on(lab: &Lab, node: Host) -> u64 {
+    let out = lab.redis_cli_at(Host::Client, node.addr(), &["INFO", "commandstats"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_set:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `threads` clients through staybound for `span`, each one connecting, sending PING, holding the session a
+/// moment and closing, to press on `max_connections`. Returns (served, refused).
+fn press(lab: &Lab, to: SocketAddr, threads: usize, span: Duration) -> (u64, u64) {
+    let (served, refused) = (AtomicU64::new(0), AtomicU64::new(0));
+    let end = Instant::now() + span;
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for _ in 0..100_000 {
+                    if Instant::now() >= end {
+                        break;
+                    }
+                    let mut b = [0u8; 7];
+                    let ok = lab.connect_tcp(Host::Client, to, Duration::from_secs(1)).is_ok_and(|mut c| {
+                        c.set_read_timeout(Some(Duration::from_secs(2))).is_ok()
+                            && c.write_all(b"*1\r\n$4\r\nPING\r\n").and_then(|()| c.read_exact(&mut b)).is_ok()
+                            && &b == b"+PONG\r\n"
+                            // why: holding the session a moment is the load, not a synchronisation.
+                            && {
+                                std::thread::sleep(Duration::from_millis(20));
+                                true
+                            }
+                    });
+                    if ok {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        // why: pacing the retries of a refused client, so the load does not spin.
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            });
+        }
+    });
+    (served.into_inner(), refused.into_inner())
+}
+
+/// The port refuses for about 2 s: the address moves back to node 1, whose service starts 2 s later.
+/// Returns how long the service was away.
+fn back_to_node1_after_two_seconds(lab: &Lab) -> Duration {
+    if lab.redis_pid(Host::Node1).is_some() {
+        lab.stop_redis(Host::Node1);
+    }
+    let t0 = Instant::now();
+    lab.move_logical(Host::Node2, Host::Node1, true);
+    // why: the scenario: node 1's service starts 2 s after its address.
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
+    lab.start_redis(Host::Node1);
+    t0.elapsed()
+}
+
+/// One chaos run: staybound is sent SIGHUP every 200 ms, alternating two valid files, through (1) clients
+/// pressing on `max_connections`, (2) the fault `act` with a client blocked through staybound (measured
+/// against the silent-move bound) and (3) a 2 s takeover back to node 1 ridden by a closed-loop client.
+/// Meanwhile the sessions at each node are counted.
+fn chaos(tag: &str, name: &str, act: impl Fn(&Lab) -> Instant) {
+    let Some(lab) = Lab::new(tag) else { return };
+    lab.start_redis(Host::Node1);
+    lab.start_redis(Host::Node2);
+    lab.add_logical(Host::Node1, true);
+    let sc = Sidecar::start(&lab, CHAOS_A);
+    sc.wait_state("up", Duration::from_secs(5));
+    let path = lab.dir().join("staybound.toml");
+    let a = std::fs::read_to_string(&path).unwrap();
+    let b = chaos_b(&a);
+    let config_b = Config::from_toml_str(&b, std::path::Path::new("staybound.toml")).unwrap_or_else(|e| panic!("{e}"));
+    // The bound measure() holds the silent move to, for whichever file is in force.
+    let bound = sc.bounds().silent_move.0.max(bounds(&config_b.services[0]).silent_move.0);
+    let ok_reloads = || sc.metric("staybound_config_reloads_total", &[("result", "ok")]);
+    assert_eq!(ok_reloads(), 0.0);
+
+    let stop = AtomicBool::new(false);
+    let most = AtomicUsize::new(0);
+    let (sent, detected, how, pressed, ride, away, epoch_after_move) = std::thread::scope(|s| {
+        let reloader = s.spawn(|| {
+            let tmp = path.with_extension("next");
+            let mut sent = 0u64;
+            for _ in 0..1000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                // why: rename, so a reload never reads a file half written.
+                std::fs::write(&tmp, [&b, &a][(sent % 2) as usize]).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+                lab.signal(sc.pid, SIGHUP);
+                sent += 1;
+                // why: the 200 ms between reloads is the scenario's pace, not a synchronisation.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            sent
+        });
+        let sampler = s.spawn(|| {
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let n = sessions_at(&lab, Host::Node1).max(sessions_at(&lab, Host::Node2));
+                most.fetch_max(n, Ordering::Relaxed);
+            }
+        });
+        let run = || {
+            // (1) Clients press on the limit while it changes under them.
+            let pressed = press(&lab, sc.listen(), 16, Duration::from_millis(2400));
+            wait_until("the pressing clients' sessions ended", Duration::from_secs(5), || {
+                sc.metric("staybound_client_connections_active", &[("service", "redis")]) == 0.0
+            });
+            // (2) The fault, with one client blocked through staybound and nothing else on the way.
+            let via = Blocked::start(&lab, Host::Client, sc.listen());
+            wait_blocked(&lab, Host::Node1, 1);
+            let t0 = act(&lab);
+            let (t1, how) =
+                via.ended(Duration::from_secs(15)).expect("the client through staybound learned within 15 s");
+            sc.wait_state("up", Duration::from_secs(5));
+            // The detector may declare the move after the client learned of it: give it the time it would take.
+            support::lab::poll(Duration::from_secs(5), || sc.epoch() >= 2);
+            let epoch_after_move = sc.epoch();
+            // (3) A closed-loop client rides a 2 s takeover back to node 1.
+            let load = LoadClient::start(&lab, Host::Client, sc.listen(), Duration::from_secs(5), "chaos");
+            wait_until("node 2 serves the closed-loop client", Duration::from_secs(5), || {
+                sets_on(&lab, Host::Node2) >= 20
+            });
+            let away = back_to_node1_after_two_seconds(&lab);
+            wait_until("node 1 serves the closed-loop client", Duration::from_secs(10), || {
+                sets_on(&lab, Host::Node1) >= 100
+            });
+            (t1.duration_since(t0), how, pressed, load.finish(), away, epoch_after_move)
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+        stop.store(true, Ordering::Relaxed);
+        let sent = reloader.join().unwrap();
+        sampler.join().unwrap();
+        let (detected, how, pressed, ride, away, epoch_after_move) =
+            result.unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (sent, detected, how, pressed, ride, away, epoch_after_move)
+    });
+    wait_until("every reload is counted", Duration::from_secs(10), || ok_reloads() >= sent as f64);
+    let applied = ok_reloads();
+    let most = most.into_inner();
+    let epoch = sc.epoch();
+    let m = |name: &str, extra: &[(&str, &str)]| {
+        let mut labels = vec![("service", "redis")];
+        labels.extend_from_slice(extra);
+        sc.metric(name, &labels)
+    };
+    let refused_limit = m("staybound_client_connections_total", &[("outcome", "refused_limit")]);
+    let for_reload = m("staybound_failovers_total", &[("signal", "reload")]);
+    eprintln!(
+        "FIGURES {name} under a SIGHUP every 200 ms: staybound client {how} after {:.3}s (bound {:.1}s); closed-loop client through a {:.2}s takeover: ok {} lost {} longest stall {:.3}s; at most {most} sessions at a node at once (limits {} and {}; pressing clients served {} refused {}, staybound counted {refused_limit} refused_limit); reloads sent {sent} applied {applied} failed {}; epoch {epoch_after_move} after the first move and {epoch} after the second, {for_reload} failovers by reload",
+        detected.as_secs_f64(),
+        bound.as_secs_f64(),
+        away.as_secs_f64(),
+        ride.ok,
+        ride.lost,
+        ride.longest_stall().as_secs_f64(),
+        LIMITS.0,
+        LIMITS.1,
+        pressed.0,
+        pressed.1,
+        sc.metric("staybound_config_reloads_total", &[("result", "error")]),
+    );
+    assert!(detected <= bound + margin(), "{name}: noticed after {detected:?}, bound {bound:?}");
+    assert_eq!(ride.lost, 0, "no request lost through staybound");
+    assert!(ride.ok > 0);
+    assert!(most as f64 <= LIMITS.1, "at most max_connections sessions at once: {most}");
+    assert!(refused_limit > 0.0, "the limit was reached, so it was tested");
+    assert_eq!(applied, sent as f64, "every reload sent was applied");
+    assert!(sent >= 20, "{sent} reloads sent");
+    assert_eq!(sc.metric("staybound_config_reloads_total", &[("result", "error")]), 0.0);
+    assert_eq!(epoch_after_move, 2, "the move was taken for a failover: one epoch");
+    assert_eq!(epoch, 3, "one epoch per move, none for a reload");
+    assert_eq!(for_reload, 0.0, "no reload was taken for a failover");
+}
+
+#[test]
+#[ignore = "fails: a reload that changes a probe setting remakes the held probe session, so under reloads every 200 ms \
+            it never lives to its first keep-alive and a silent move is not taken for a failover (the epoch stays); \
+            the sessions learn by their own keep-alive only. Run with --ignored"]
+fn reloads_every_200ms_change_nothing_in_a_silent_move() {
+    for _ in 0..runs() {
+        chaos("chaos-silent", "silent move", |lab| {
+            let t0 = Instant::now();
+            lab.move_logical(Host::Node1, Host::Node2, true);
+            t0
+        });
+    }
+}
+
+#[test]
+fn reloads_every_200ms_change_nothing_in_a_graceful_switchover() {
+    for _ in 0..runs() {
+        chaos("chaos-switch", "graceful switchover", |lab| {
+            let t0 = Instant::now();
+            lab.stop_redis(Host::Node1);
+            lab.move_logical(Host::Node1, Host::Node2, true);
+            t0
+        });
+    }
 }
