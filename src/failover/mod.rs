@@ -253,6 +253,17 @@ impl Detector {
             self.next_check = Instant::now();
             self.restart_neighbor_watch(cancel).await;
         }
+        if change.retune
+            && let Some(held) = &self.held
+            && let Err(e) = socket::retune(held, &self.probe_keepalive)
+        {
+            warn!(service = %new.name, error = %e, "reload: could not retune the held probe session; making it anew");
+            self.held = None;
+            self.next_check = Instant::now();
+        }
+        if change.neighbor {
+            self.restart_neighbor_watch(cancel).await;
+        }
         if change.moved {
             warn!(service = %new.name, old = %old_upstream, new = %new.upstream, "reload: the upstream address changed; the sessions to the old one end");
             self.observe(Evidence::Reload);

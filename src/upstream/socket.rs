@@ -54,6 +54,15 @@ pub fn set_keepalive(sock: &SockRef<'_>, idle: Duration, keepalive: &KeepaliveCo
     sock.set_tcp_keepalive(&ka)
 }
 
+/// Gives a live upstream socket new keep-alive settings (idle, interval, count and TCP_USER_TIMEOUT), as
+/// `upstream_socket` sets them on a new one.
+pub fn retune(stream: &TcpStream, keepalive: &KeepaliveConfig) -> io::Result<()> {
+    let sock = SockRef::from(stream);
+    set_keepalive(&sock, keepalive.idle, keepalive)?;
+    let user_timeout = (!keepalive.user_timeout.is_zero()).then_some(keepalive.user_timeout);
+    sock.set_tcp_user_timeout(user_timeout)
+}
+
 /// Options for an accepted client socket; best effort, since the session works without them.
 pub fn tune_client(stream: &TcpStream, keepalive: &KeepaliveConfig) {
     let sock = SockRef::from(stream);
