@@ -4,26 +4,13 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
 use support::lab::wait_until as wait;
-use support::process::{BIN, Running, echo};
-
-fn svc(name: &str, up: SocketAddr, extra: &str) -> String {
-    format!(
-        "[[service]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{extra}[service.probe]\nmode = \"connect\"\n"
-    )
-}
-
-fn round_trip(s: &mut TcpStream, msg: &[u8]) {
-    s.write_all(msg).unwrap();
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf).unwrap();
-    assert_eq!(buf, msg);
-}
+use support::process::{BIN, Running, echo, round_trip, svc};
 
 #[test]
 fn reload_adds_changes_and_removes_while_a_session_keeps_flowing() {
@@ -223,16 +210,7 @@ fn an_upstream_never_up_since_start_is_named_and_is_not_a_failover() {
     wait("the client is held", Duration::from_secs(5), || {
         sb.metric("staybound_held_clients", &[("service", "wrong")]) == 1.0
     });
-    let l = std::net::TcpListener::bind(port).unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
+    support::process::echo_on(std::net::TcpListener::bind(port).unwrap());
     client.join().expect("the held client is served once the upstream answers");
     wait("the note clears", Duration::from_secs(5), || {
         let status: serde_json::Value = serde_json::from_str(&sb.get("/status")).unwrap();

@@ -13,23 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::lab::wait_until as wait;
-use support::process::{Running, echo};
+use support::process::{Running, echo, round_trip, svc};
 
 const HEAD: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
-
-/// One service on a port-0 listener; `extra` goes before its `[service.probe]` table (keys or tables).
-fn svc(name: &str, up: SocketAddr, extra: &str) -> String {
-    format!(
-        "[[service]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{extra}[service.probe]\nmode = \"connect\"\n"
-    )
-}
-
-fn round_trip(s: &mut TcpStream, msg: &[u8]) {
-    s.write_all(msg).unwrap();
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf).unwrap();
-    assert_eq!(buf, msg);
-}
 
 /// One service bound to `listen` (an address a previous start resolved), as in a rewritten config.
 fn svc_at(name: &str, listen: SocketAddr, up: SocketAddr, extra: &str) -> String {

@@ -107,6 +107,12 @@ impl Running {
 pub fn echo() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
+    echo_on(l);
+    addr
+}
+
+/// Echoes every connection `l` accepts, on threads.
+pub fn echo_on(l: std::net::TcpListener) {
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { break };
@@ -116,5 +122,21 @@ pub fn echo() -> SocketAddr {
             });
         }
     });
-    addr
+}
+
+/// One `[[service]]` on a port-0 listener with a `connect` probe; `extra` goes before its
+/// `[service.probe]` table (keys or tables).
+pub fn svc(name: &str, up: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{extra}[service.probe]\nmode = \"connect\"\n"
+    )
+}
+
+/// Writes `msg` and reads the same bytes back.
+pub fn round_trip(s: &mut std::net::TcpStream, msg: &[u8]) {
+    use std::io::{Read, Write};
+    s.write_all(msg).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, msg);
 }
