@@ -14,6 +14,8 @@ pub mod bounds;
 pub mod neighbor;
 pub mod probe;
 pub mod reconfig;
+#[cfg(test)]
+mod sim;
 pub mod state;
 
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use crate::metrics::{ServiceMetrics, Signal};
 use crate::upstream::retry::Backoff;
 use crate::upstream::{ConnectClass, Connector, socket};
 use probe::{ExchangeError, HeldEvent};
-pub use state::{Evidence, Failover, HostState, Machine, Reach};
+pub use state::{Evidence, Failover, HostState, Join, Machine, Reach};
 
 /// How late a keep-alive's ACK may be and still count as on time.
 const ACK_SLACK: Duration = Duration::from_millis(250);
@@ -75,6 +77,61 @@ pub struct HostView {
     pub neighbor: Arc<str>,
     /// Why the host is not up when that is not a failover: it has not answered once since start.
     pub note: Option<Arc<str>>,
+}
+
+impl HostView {
+    /// The token a session connected now ends with: the provisional one of the next epoch while a move is
+    /// being confirmed (`Join::Next`), else the current epoch's.
+    pub fn epoch_for_new_session(&self) -> CancellationToken {
+        match (&self.next_epoch_end, self.state) {
+            (Some(next), HostState::Suspect) => next.clone(),
+            _ => self.epoch_end.clone(),
+        }
+    }
+}
+
+/// Moves a view's epoch tokens on after one step of the machine: `failover` ends the current epoch's
+/// sessions (and those of suspicions that cleared, kept in `linked`), and hands the provisional token to the
+/// new epoch when it confirms the move its sessions were made under, or ends them with the old one; `join`
+/// says whether sessions made from now on take a provisional token. Returns whether the view changed.
+pub(crate) fn settle_tokens(
+    view: &mut HostView,
+    linked: &mut Vec<CancellationToken>,
+    failover: Option<&Failover>,
+    join: Join,
+) -> bool {
+    let mut changed = false;
+    if let Some(f) = failover {
+        view.epoch_end.cancel();
+        for t in linked.drain(..) {
+            t.cancel();
+        }
+        if !f.takes_provisional
+            && let Some(next) = view.next_epoch_end.take()
+        {
+            // why: sessions made while the sign was being confirmed reached the old node (or the old address):
+            // they end with the old epoch.
+            next.cancel();
+        }
+        view.epoch_end = view.next_epoch_end.take().unwrap_or_default();
+        view.epoch = f.epoch;
+        changed = true;
+    }
+    match (join, view.next_epoch_end.is_some()) {
+        // why: each cleared suspicion leaves a token until the epoch ends; past the cap new sessions
+        // simply join the current epoch, as they would without provisional tokens.
+        (Join::Next, false) if linked.len() < MAX_LINKED => {
+            view.next_epoch_end = Some(CancellationToken::new());
+            changed = true;
+        }
+        (Join::Current, true) => {
+            // The suspicion cleared without a move: its sessions belong to this epoch.
+            linked.extend(view.next_epoch_end.take());
+            changed = true;
+        }
+        _ => {}
+    }
+    changed
 }
 
 /// A sign from outside the probe.
@@ -712,24 +769,11 @@ impl Detector {
             _ => {}
         }
         let identity = self.machine.identity().map(Arc::<str>::from);
-        let suspecting = self.machine.suspecting();
+        let join = self.machine.join();
         let linked = &mut self.linked;
         self.view.send_if_modified(|view| {
-            let mut changed = false;
+            let mut changed = settle_tokens(view, linked, failover.as_ref(), join);
             if let Some(f) = &failover {
-                view.epoch_end.cancel();
-                for t in linked.drain(..) {
-                    t.cancel();
-                }
-                if f.signal == Signal::Reload
-                    && let Some(next) = view.next_epoch_end.take()
-                {
-                    // why: sessions made while a sign was being confirmed reached the old address, not the
-                    // new one: they end with the old epoch.
-                    next.cancel();
-                }
-                view.epoch_end = view.next_epoch_end.take().unwrap_or_default();
-                view.epoch = f.epoch;
                 view.last_failover = Some(FailoverRecord {
                     at: SystemTime::now(),
                     signal: f.signal,
@@ -750,20 +794,6 @@ impl Detector {
             if view.note != note {
                 view.note = note;
                 changed = true;
-            }
-            match (suspecting, view.next_epoch_end.is_some()) {
-                // why: each cleared suspicion leaves a token until the epoch ends; past the cap new sessions
-                // simply join the current epoch, as they would without provisional tokens.
-                (true, false) if linked.len() < MAX_LINKED => {
-                    view.next_epoch_end = Some(CancellationToken::new());
-                    changed = true;
-                }
-                (false, true) => {
-                    // The suspicion cleared without a move: its sessions belong to this epoch.
-                    linked.extend(view.next_epoch_end.take());
-                    changed = true;
-                }
-                _ => {}
             }
             changed
         });
@@ -864,4 +894,57 @@ async fn race_connect(
         target: peer.to_string(),
         source: std::io::Error::other("no connect attempt finished"),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sim::Shell;
+    use super::*;
+
+    fn ok(at: Instant) -> Evidence {
+        Evidence::Ok { at, identity: None }
+    }
+
+    #[test]
+    fn a_session_made_while_a_move_is_confirmed_survives_the_move() {
+        let now = Instant::now();
+        let mut s = Shell::new(1, 1, now);
+        s.observe(now, ok(now));
+        let before = s.session();
+        s.observe(now, Evidence::Sign { signal: Signal::SessionReset });
+        let during = s.session();
+        assert!(s.observe(now, Evidence::Reset { signal: Signal::Probe }).is_some());
+        assert!(before.is_cancelled(), "the old epoch's session ends");
+        assert!(!during.is_cancelled(), "the session made during the suspicion reached the new node");
+        s.observe(now, ok(now));
+        let after = s.session();
+        assert!(s.observe(now, Evidence::Admin).is_some());
+        assert!(during.is_cancelled() && after.is_cancelled(), "it ends with the epoch it joined");
+    }
+
+    #[test]
+    fn a_session_made_during_a_suspicion_that_cleared_ends_with_the_current_epoch() {
+        let now = Instant::now();
+        let mut s = Shell::new(1, 1, now);
+        s.observe(now, ok(now));
+        s.observe(now, Evidence::Sign { signal: Signal::SessionReset });
+        let during = s.session();
+        s.observe(now, ok(now));
+        assert!(s.view.next_epoch_end.is_none());
+        assert!(!during.is_cancelled());
+        assert!(s.observe(now, Evidence::Admin).is_some());
+        assert!(during.is_cancelled());
+    }
+
+    #[test]
+    fn a_reload_ends_the_sessions_made_during_a_suspicion() {
+        let now = Instant::now();
+        let mut s = Shell::new(1, 1, now);
+        s.observe(now, ok(now));
+        s.observe(now, Evidence::Sign { signal: Signal::SessionReset });
+        let during = s.session();
+        assert!(s.observe(now, Evidence::Reload).is_some_and(|f| !f.takes_provisional));
+        assert!(during.is_cancelled(), "it reached the old address");
+        assert!(!s.session().is_cancelled());
+    }
 }

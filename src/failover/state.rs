@@ -104,6 +104,20 @@ pub struct Failover {
     /// From the last good sign of the old epoch to the decision.
     pub detection: Duration,
     pub at: Instant,
+    /// Whether the sessions that joined the next epoch during the suspicion (`Join::Next`) are of the epoch
+    /// that begins: this failover confirms the move they were made under. Otherwise they reached the old
+    /// node and end with the old epoch.
+    pub takes_provisional: bool,
+}
+
+/// Which epoch a session made now belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// The current one: the session ends with it.
+    Current,
+    /// The one that begins if the sign being confirmed is a move: the session most likely reached the new
+    /// node, so the move must not end it; if the suspicion clears, it ends with the current epoch.
+    Next,
 }
 
 /// The state of one logical host.
@@ -163,6 +177,11 @@ impl Machine {
     /// Whether a sign is being confirmed.
     pub fn suspecting(&self) -> bool {
         self.suspect.is_some()
+    }
+
+    /// Which epoch a session made now joins.
+    pub fn join(&self) -> Join {
+        if self.state == HostState::Suspect && self.suspect.is_some() { Join::Next } else { Join::Current }
     }
 
     /// New fall and rise counts (a reload); the state, epoch and counts so far stay.
@@ -372,8 +391,14 @@ impl Machine {
         // why: the old node's name belongs to the old epoch; the next name seen is the new node's, not a
         // second failover.
         self.identity = None;
-        let f =
-            Failover { epoch: self.epoch, signal, detection: now.saturating_duration_since(self.last_good), at: now };
+        let f = Failover {
+            epoch: self.epoch,
+            signal,
+            detection: now.saturating_duration_since(self.last_good),
+            at: now,
+            // why: after a reload, sessions made while a sign was being confirmed reached the old address.
+            takes_provisional: signal != Signal::Reload,
+        };
         self.last_good = now;
         f
     }

@@ -48,10 +48,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _perm
     svc.metrics.outcome(Outcome::Proxied).increment(1);
     let _active = svc.active_guard();
     // A session connected while a move is being confirmed belongs to the epoch the move would begin.
-    let epoch_end = match (&view.next_epoch_end, view.state) {
-        (Some(next), crate::failover::HostState::Suspect) => next.clone(),
-        _ => view.epoch_end.clone(),
-    };
+    let epoch_end = view.epoch_for_new_session();
     let stop_session = stop.clone();
 
     enum End {
