@@ -65,9 +65,10 @@ pub struct HostView {
     pub epoch: u64,
     /// Cancelled when this epoch ends.
     pub epoch_end: CancellationToken,
-    /// While a sign is being confirmed (`suspect`): the token of the epoch that begins if it is a move.
-    /// Sessions connected meanwhile take it: they most likely reached the new node, so a confirmed move
-    /// must not end them; if the suspicion clears, they join the current epoch.
+    /// While a sign of a move is being confirmed (`Join::Next`): the token of the epoch that begins if it is
+    /// a move. Sessions connected meanwhile take it: they most likely reached the new node, so a confirmed
+    /// move must not end them; if the suspicion clears, they join the current epoch, and a failover that is
+    /// no move (the host went away, a reload) ends them with it.
     pub next_epoch_end: Option<CancellationToken>,
     pub identity: Option<Arc<str>>,
     /// When `state` last changed.
@@ -934,6 +935,21 @@ mod tests {
         assert!(!during.is_cancelled());
         assert!(s.observe(now, Evidence::Admin).is_some());
         assert!(during.is_cancelled());
+    }
+
+    #[test]
+    fn a_session_made_while_the_host_fails_ends_when_it_is_gone() {
+        // Regression: with fall = 2, a session made after one silence took the next epoch's token, and
+        // the failover of the second silence made it the new epoch's: the session to the degraded node
+        // was left live.
+        let now = Instant::now();
+        let mut s = Shell::new(2, 1, now);
+        s.observe(now, ok(now));
+        s.observe(now, Evidence::Silent { signal: Signal::Probe });
+        assert_eq!(s.view.state, HostState::Suspect);
+        let during = s.session();
+        assert!(s.observe(now, Evidence::Silent { signal: Signal::Probe }).is_some());
+        assert!(during.is_cancelled(), "the failover ends the session made to the degraded node");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The host state machine of one service: evidence in, decisions out. It owns the state (up, suspect,
 //! failing-over, down), the epoch, the node identity and the fall/rise counts, and decides when an epoch
-//! ends. It does no I/O and reads no clock: the driver passes `now`, so tests run it on a paused clock.
+//! ends and which epoch a session made now joins (`Join`). It does no I/O and reads no clock: the driver
+//! passes `now`, so tests run it on a paused clock.
 
 use std::time::Duration;
 
@@ -120,6 +121,27 @@ pub enum Join {
     Next,
 }
 
+/// What a suspicion would turn out to be if it is confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Suspicion {
+    /// A sign that could be a move (a reset session, a failed client connect): sessions made meanwhile
+    /// most likely reached the new node.
+    Move,
+    /// Failed probes short of `fall` (silence, refusals): a host going away, not a move; sessions made
+    /// meanwhile reach the failing node.
+    GoingAway,
+}
+
+/// A sign being confirmed.
+#[derive(Debug, Clone, Copy)]
+struct Suspect {
+    /// When it came: an ACK from before it says nothing of it.
+    since: Instant,
+    /// The first sign's signal: it names the failover if the suspicion is confirmed.
+    signal: Signal,
+    kind: Suspicion,
+}
+
 /// The state of one logical host.
 #[derive(Debug)]
 pub struct Machine {
@@ -131,8 +153,8 @@ pub struct Machine {
     oks: u32,
     last_good: Instant,
     identity: Option<String>,
-    /// The first sign of the current suspicion: it names the signal if the suspicion is confirmed.
-    suspect: Option<(Instant, Signal)>,
+    /// The current suspicion: its first sign, and what it would be if confirmed.
+    suspect: Option<Suspect>,
     /// Whether the host has answered once since start. Until it has, nothing of it can have moved: a
     /// failure is a wrong address or port, or a service not started yet, and ends no epoch.
     reached: bool,
@@ -179,9 +201,16 @@ impl Machine {
         self.suspect.is_some()
     }
 
-    /// Which epoch a session made now joins.
+    /// Whether a sign that could be a move is being confirmed, and nothing since said the host is going
+    /// away instead.
+    pub fn suspecting_a_move(&self) -> bool {
+        self.state == HostState::Suspect && self.suspect.is_some_and(|s| s.kind == Suspicion::Move)
+    }
+
+    /// Which epoch a session made now joins: the next only while a move is suspected. A host failing
+    /// probes short of `fall` is not moving; a failover it comes to ends the sessions made meanwhile.
     pub fn join(&self) -> Join {
-        if self.state == HostState::Suspect && self.suspect.is_some() { Join::Next } else { Join::Current }
+        if self.suspecting_a_move() { Join::Next } else { Join::Current }
     }
 
     /// New fall and rise counts (a reload); the state, epoch and counts so far stay.
@@ -220,7 +249,7 @@ impl Machine {
             Evidence::Silent { signal } => self.fail(now, signal, HostState::Down),
             Evidence::Refused => self.fail(now, Signal::Probe, HostState::FailingOver),
             Evidence::Moved { signal, confirm, identity } => {
-                let signal = self.suspect.map_or(signal, |(_, s)| s);
+                let signal = self.suspect.map_or(signal, |s| s.signal);
                 let ended = if self.live() { Some(self.end_epoch(now, signal)) } else { None };
                 self.after_confirm(now, confirm, identity);
                 ended
@@ -234,7 +263,7 @@ impl Machine {
             },
             Evidence::NotReady => self.not_ready(),
             Evidence::Reset { signal } => {
-                let signal = self.suspect.map_or(signal, |(_, s)| s);
+                let signal = self.suspect.map_or(signal, |s| s.signal);
                 let ended = if self.live() { Some(self.end_epoch(now, signal)) } else { None };
                 self.fails = 0;
                 self.oks = 0;
@@ -246,7 +275,7 @@ impl Machine {
             Evidence::Sign { signal } => {
                 if self.state == HostState::Up {
                     self.state = HostState::Suspect;
-                    self.suspect = Some((now, signal));
+                    self.suspect = Some(Suspect { since: now, signal, kind: Suspicion::Move });
                 }
                 None
             }
@@ -270,7 +299,7 @@ impl Machine {
     }
 
     fn ok(&mut self, now: Instant, at: Instant, identity: Option<String>) -> Option<Failover> {
-        if let Some((since, _)) = self.suspect
+        if let Some(Suspect { since, .. }) = self.suspect
             && at < since
         {
             // why: an ACK older than the sign says nothing about whether the sign was a move.
@@ -310,6 +339,11 @@ impl Machine {
     fn fail(&mut self, now: Instant, signal: Signal, bad: HostState) -> Option<Failover> {
         self.oks = 0;
         self.fails = self.fails.saturating_add(1);
+        // why: a move shows as a reset, not as silence or refusals: whatever was suspected, what is
+        // confirmed now is the host going away, and sessions made from now on reach the failing node.
+        if let Some(s) = &mut self.suspect {
+            s.kind = Suspicion::GoingAway;
+        }
         if !self.reached {
             // why: a host never reached since start has no sessions to lose and did not move: saying
             // "failover" would send the operator looking for a takeover instead of at the address.
@@ -320,14 +354,14 @@ impl Machine {
         let live = self.live();
         match self.state {
             _ if live && self.fails >= self.fall => {
-                let signal = self.suspect.map_or(signal, |(_, s)| s);
+                let signal = self.suspect.map_or(signal, |s| s.signal);
                 let f = self.end_epoch(now, signal);
                 self.state = bad;
                 Some(f)
             }
             HostState::Up | HostState::Suspect if live => {
                 if self.suspect.is_none() {
-                    self.suspect = Some((now, signal));
+                    self.suspect = Some(Suspect { since: now, signal, kind: Suspicion::GoingAway });
                 }
                 self.state = HostState::Suspect;
                 None
@@ -336,7 +370,7 @@ impl Machine {
             // keep clients held (a suspicion would let them connect).
             _ if live => {
                 if self.suspect.is_none() {
-                    self.suspect = Some((now, signal));
+                    self.suspect = Some(Suspect { since: now, signal, kind: Suspicion::GoingAway });
                 }
                 None
             }
@@ -384,6 +418,8 @@ impl Machine {
     }
 
     fn end_epoch(&mut self, now: Instant, signal: Signal) -> Failover {
+        // why: after a reload, sessions made while a sign was being confirmed reached the old address.
+        let takes_provisional = self.suspecting_a_move() && signal != Signal::Reload;
         self.epoch += 1;
         self.serving = false;
         self.suspect = None;
@@ -396,8 +432,7 @@ impl Machine {
             signal,
             detection: now.saturating_duration_since(self.last_good),
             at: now,
-            // why: after a reload, sessions made while a sign was being confirmed reached the old address.
-            takes_provisional: signal != Signal::Reload,
+            takes_provisional,
         };
         self.last_good = now;
         f
@@ -520,6 +555,47 @@ mod tests {
         assert_eq!(m.observe(Instant::now(), Evidence::NotReady), None);
         assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
         assert_eq!((m.state(), m.epoch()), (HostState::Up, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspicion_of_a_host_going_away_hands_out_no_next_epoch() {
+        // Regression: with fall = 2, one silence made sessions join the next epoch, and the failover that
+        // the second silence decided (the old node gone, not a move) handed it to them: sessions opened to
+        // the degraded node outlived it.
+        let mut m = Machine::new(2, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        assert_eq!(m.observe(Instant::now(), silent()), None);
+        assert_eq!(m.state(), HostState::Suspect);
+        assert!(!m.suspecting_a_move());
+        assert_eq!(m.join(), Join::Current, "a session made now reaches the degraded node");
+        let f = m.observe(Instant::now(), silent()).expect("the second silence ends the epoch");
+        assert!(!f.takes_provisional, "the host went away: nothing made during the suspicion reached a new node");
+        // The same with refusals.
+        let mut m = Machine::new(2, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        m.observe(Instant::now(), Evidence::Refused);
+        assert_eq!((m.state(), m.join()), (HostState::Suspect, Join::Current));
+        assert!(!m.observe(Instant::now(), Evidence::Refused).expect("fall reached").takes_provisional);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspected_move_that_the_host_then_fails_is_a_host_going_away() {
+        let mut m = Machine::new(2, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset });
+        assert!(m.suspecting_a_move());
+        assert_eq!(m.join(), Join::Next);
+        // A silence is no sign of a move: what is confirmed now is the host going away.
+        assert_eq!(m.observe(Instant::now(), silent()), None);
+        assert_eq!((m.state(), m.join()), (HostState::Suspect, Join::Current));
+        let f = m.observe(Instant::now(), silent()).expect("fall reached");
+        assert!(!f.takes_provisional);
+        assert_eq!(f.signal, Signal::SessionReset, "the first sign still names the failover");
+        // A confirmed move takes the sessions made while it was suspected.
+        let mut m = Machine::new(2, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset });
+        assert!(m.observe(Instant::now(), Evidence::Reset { signal: Signal::Probe }).unwrap().takes_provisional);
     }
 
     #[tokio::test(start_paused = true)]
