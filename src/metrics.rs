@@ -170,6 +170,7 @@ const EPOCH: &str = "staybound_epoch";
 const FAILOVERS: &str = "staybound_failovers_total";
 const DETECTION_SECONDS: &str = "staybound_failover_detection_seconds";
 const SESSIONS_RESET: &str = "staybound_sessions_reset_total";
+const NEIGHBOR_RESOLVES: &str = "staybound_neighbor_resolves_total";
 const BYTES: &str = "staybound_bytes_total";
 const UDP_DATAGRAMS: &str = "staybound_udp_datagrams_total";
 const UDP_DROPPED: &str = "staybound_udp_dropped_total";
@@ -325,6 +326,7 @@ impl Telemetry {
             failovers,
             detection_seconds: r.register_histogram(&key(DETECTION_SECONDS, None), &meta()),
             resets,
+            neighbor_resolves: counter(NEIGHBOR_RESOLVES, None),
             bytes_upstream: counter(BYTES, Some(("direction", "upstream"))),
             bytes_client: counter(BYTES, Some(("direction", "client"))),
             udp_upstream: counter(UDP_DATAGRAMS, Some(("direction", "upstream"))),
@@ -365,6 +367,11 @@ fn describe(r: &PrometheusRecorder) {
         d(BUDGET_EXHAUSTED, None, "Connect retries not made because the retry budget was spent."),
         d(FAILOVERS, None, "Detected failovers of the logical host, by the signal that detected them."),
         d(SESSIONS_RESET, None, "Sessions ended by staybound, by reason."),
+        d(
+            NEIGHBOR_RESOLVES,
+            None,
+            "Neighbour entries of the upstream forced to be resolved anew while it was silent (deleted).",
+        ),
         d(BYTES, Some(Unit::Bytes), "Bytes relayed, by direction (upstream: client to upstream)."),
         d(UDP_DATAGRAMS, None, "Datagrams relayed, by direction."),
         d(UDP_DROPPED, None, "Datagrams not relayed, by reason."),
@@ -418,6 +425,8 @@ pub struct ServiceMetrics {
     failovers: [Counter; 7],
     pub detection_seconds: Histogram,
     resets: [Counter; 4],
+    /// Neighbour entries of the upstream the detector forced to be resolved anew.
+    pub neighbor_resolves: Counter,
     pub bytes_upstream: Counter,
     pub bytes_client: Counter,
     pub udp_upstream: Counter,

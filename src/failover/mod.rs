@@ -2,6 +2,10 @@
 //! probe session (`probe`), takes signs from the data path and the admin hook, and publishes a `HostView`
 //! on a watch channel. The data path only reads the view: nothing on it decides a failover.
 //!
+//! When the upstream goes silent and the neighbour watch is on, the detector also forces the upstream's
+//! neighbour entry to be resolved anew (`neighbor::resolve_again`), at most once per probe interval: a
+//! takeover whose gratuitous ARP was lost is then found at once instead of after the kernel's own timers.
+//!
 //! Each epoch carries a cancellation token; ending an epoch cancels it, and every session of that epoch
 //! ends at once.
 //!
@@ -40,6 +44,11 @@ const ACK_SLACK: Duration = Duration::from_millis(250);
 /// How often the held probe session's keep-alive is read while the host is up: often enough that a
 /// keep-alive gone unanswered leaves time to ask the address anew before the black-hole bound.
 const HOLD_PACE: Duration = Duration::from_millis(250);
+
+/// How long fresh connects may stay unanswered while the held session is silent before the upstream's
+/// neighbour entry is forced to be resolved anew: on a LAN a connect answers in well under a millisecond, so
+/// silence this long means the address does not answer where the entry points.
+const FRESH_SILENCE: Duration = Duration::from_millis(200);
 
 /// Most provisional tokens kept for one epoch (see `HostView::next_epoch_end`).
 const MAX_LINKED: usize = 256;
@@ -207,6 +216,12 @@ pub struct Detector {
     settings: watch::Receiver<Arc<ServiceConfig>>,
     /// Stops the neighbour watch of the current upstream (a child of the detector's own stop).
     neighbor_stop: CancellationToken,
+    /// The neighbour watch runs for the upstream address (`watching`), so its entry may be resolved anew.
+    neighbor_on: bool,
+    /// When the upstream's neighbour entry was last forced to be resolved anew.
+    resolved_at: Option<Instant>,
+    /// Forcing a re-resolution was refused (no `CAP_NET_ADMIN`): said once, not tried again.
+    resolve_refused: bool,
 }
 
 impl Detector {
@@ -246,6 +261,9 @@ impl Detector {
             neighbor_stop: CancellationToken::new(),
             not_ready: None,
             answered: None,
+            neighbor_on: false,
+            resolved_at: None,
+            resolve_refused: false,
         };
         (detector, DetectorHandle { view: view_rx, signs: sign_tx }, Reconfigure(settings_tx))
     }
@@ -271,6 +289,7 @@ impl Detector {
                 ev = probe::watch_held(self.held.as_ref()) => Event::Held(ev),
                 _ = async { match check_at { Some(t) => sleep_until(t).await, None => std::future::pending().await } } => Event::Check,
             };
+            let silent_before = self.machine.state() == HostState::Down;
             match event {
                 Event::Stop => break,
                 Event::Settings => {
@@ -283,6 +302,13 @@ impl Detector {
                     self.check().await;
                     self.next_check = Instant::now() + self.pace();
                 }
+            }
+            // why: Down is a black hole (fresh connects silent too); if the address moved and its
+            // announcement was lost, the entry still points at the old node and nothing reaches the new
+            // one until the kernel's timers give up on the entry. Resolving it anew costs one ARP request.
+            if self.machine.state() == HostState::Down {
+                let why = if silent_before { "the upstream stays silent" } else { "the upstream went silent" };
+                self.resolve_neighbor(why).await;
             }
         }
         self.neighbor_stop.cancel();
@@ -340,6 +366,9 @@ impl Detector {
         self.neighbor_stop.cancel();
         self.neighbor_stop = cancel.child_token();
         let watch = self.start_neighbor_watch(self.neighbor_stop.clone()).await;
+        self.neighbor_on = watch == "watching";
+        self.resolved_at = None;
+        self.resolve_refused = false;
         self.view.send_modify(|v| v.neighbor = Arc::from(watch.as_str()));
     }
 
@@ -385,6 +414,40 @@ impl Detector {
         });
         info!(service = %self.svc.name, upstream = %ip, "watching the neighbour table for a takeover's gratuitous ARP");
         "watching".into()
+    }
+
+    /// Forces the upstream's neighbour entry to be resolved anew, when the watch is on and it was not done
+    /// within the last probe interval; counted and logged. A refusal (no `CAP_NET_ADMIN`) is logged once,
+    /// shown in `/status`, and not tried again until the watch restarts.
+    async fn resolve_neighbor(&mut self, why: &str) {
+        let crate::config::UpstreamAddr::Ip(addr) = &self.svc.upstream else { return };
+        let ip = addr.ip();
+        let now = Instant::now();
+        if !self.neighbor_on
+            || self.resolve_refused
+            || self.resolved_at.is_some_and(|t| now < t + self.svc.probe.interval)
+        {
+            return;
+        }
+        self.resolved_at = Some(now);
+        match neighbor::resolve_again(ip).await {
+            Ok(neighbor::Resolve::Deleted { ifindex, .. }) => {
+                self.metrics.neighbor_resolves.increment(1);
+                info!(service = %self.svc.name, upstream = %ip, ifindex, reason = why, "neighbour entry of the upstream forced to be resolved anew");
+            }
+            Ok(other) => {
+                debug!(service = %self.svc.name, upstream = %ip, ?other, "neighbour entry of the upstream left as it is")
+            }
+            Err(e @ neighbor::WatchError::Unavailable(_)) => {
+                self.resolve_refused = true;
+                warn!(service = %self.svc.name, upstream = %ip, error = %e, "cannot force the upstream's neighbour entry to be resolved anew (needs CAP_NET_ADMIN); the watch and the other signs still work");
+                let shown = format!("watching; cannot force re-resolution: {e}");
+                self.view.send_modify(|v| v.neighbor = Arc::from(shown.as_str()));
+            }
+            Err(e) => {
+                debug!(service = %self.svc.name, upstream = %ip, error = %e, "forcing the neighbour entry to be resolved anew failed")
+            }
+        }
     }
 
     /// Time to the next check in the current state.
@@ -572,10 +635,22 @@ impl Detector {
         if now < silent_at {
             let reach = match self.connector.resolve().await {
                 Ok(peer) => {
-                    let (ka, metrics) = (self.probe_keepalive.clone(), self.metrics.clone());
+                    let (ka, metrics, connector) =
+                        (self.probe_keepalive.clone(), self.metrics.clone(), self.connector.clone());
                     // why: the race's last attempt would run its own timeout past the bound; the bound decides.
-                    let race = race_connect(&self.connector, peer, silent_at - now, &ka, &metrics);
-                    match tokio::time::timeout_at(silent_at, race).await {
+                    let race = race_connect(&connector, peer, silent_at - now, &ka, &metrics);
+                    tokio::pin!(race);
+                    let first = (now + FRESH_SILENCE).min(silent_at);
+                    let mut result = tokio::time::timeout_at(first, race.as_mut()).await;
+                    if result.is_err() && Instant::now() < silent_at {
+                        // why: a lost packet leaves fresh connects answered at once, so the entry is only
+                        // touched when they are silent too; a move whose gratuitous ARP was lost then shows
+                        // within a round trip (the watch sees the new address) instead of after the kernel's
+                        // neighbour timers. The race goes on meanwhile.
+                        self.resolve_neighbor("the held session and fresh connects are silent").await;
+                        result = tokio::time::timeout_at(silent_at, race.as_mut()).await;
+                    }
+                    match result {
                         Ok(r) => r.map(|_| ()).map_err(|e| e.class),
                         Err(_) => Err(ConnectClass::Timeout),
                     }

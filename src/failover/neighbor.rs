@@ -16,12 +16,15 @@
 //!   lost silently.
 //! - [`is_directly_connected`] tells whether the sign can exist at all for an address: only a
 //!   destination on a directly connected, ARP/NDP-capable network has a neighbour entry.
+//! - [`resolve_again`] forces the entry of one IP to be resolved anew (it deletes it), for when the
+//!   takeover's announcement was lost or filtered and the entry still holds the old node's address.
 //!
 //! Netlink access can be missing (the `netlink` cargo feature is off, the kernel has no
 //! netlink, or a container/sandbox denies `NETLINK_ROUTE` sockets). That is reported as
 //! [`WatchError::Unavailable`] so callers can run without this sign. No privilege is needed
 //! otherwise: reading the neighbour table and joining `RTNLGRP_NEIGH` do not need
-//! `CAP_NET_ADMIN`.
+//! `CAP_NET_ADMIN`. Only [`resolve_again`] changes the table, and it needs `CAP_NET_ADMIN`: without
+//! it the kernel refuses (`EPERM`), reported as [`WatchError::Unavailable`].
 //!
 //! With the default `arp_accept=0` (and `accept_untracked_na=0` for IPv6) the kernel only
 //! *updates* an existing entry on a gratuitous announcement (in any state, `FAILED` included; it
@@ -260,6 +263,43 @@ pub async fn is_directly_connected(ip: IpAddr) -> Result<bool, WatchError> {
     }
 }
 
+/// What [`resolve_again`] did to the neighbour entry of an IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Resolve {
+    /// The entry was deleted: the next packet to the IP resolves it anew with a broadcast request.
+    Deleted {
+        /// Interface index of the entry deleted (the first, if there were several).
+        ifindex: u32,
+        /// The link-layer address the entry held.
+        lladdr: Vec<u8>,
+    },
+    /// No entry holds a link-layer address to forget (none, `INCOMPLETE`, `FAILED`): the kernel resolves
+    /// it anew on the next packet anyway.
+    Nothing,
+    /// The entry is `PERMANENT` or `NOARP`: set by hand or not resolved by ARP/NDP, so left alone.
+    Static,
+}
+
+/// Forces the neighbour entry of `ip` to be resolved anew, so that the next packet to it asks the LAN who
+/// holds it now instead of going to a link-layer address known from before: for a takeover whose
+/// gratuitous ARP (or unsolicited NA) was lost or filtered, which the kernel's own timers would only
+/// notice after its `reachable_time` (15 to 45 s), `delay_first_probe_time` (5 s) and unicast probes.
+///
+/// Only entries of `ip` that hold an address and were learnt (`REACHABLE`, `STALE`, `DELAY`, `PROBE`)
+/// are touched; `PERMANENT` and `NOARP` ones and every other IP's are not. Needs `CAP_NET_ADMIN`: a
+/// refusal is [`WatchError::Unavailable`].
+pub(crate) async fn resolve_again(ip: IpAddr) -> Result<Resolve, WatchError> {
+    #[cfg(feature = "netlink")]
+    {
+        imp::resolve_again(ip.to_canonical()).await
+    }
+    #[cfg(not(feature = "netlink"))]
+    {
+        let _ = ip;
+        Err(no_netlink())
+    }
+}
+
 #[cfg(feature = "netlink")]
 mod imp {
     use std::io::ErrorKind;
@@ -278,7 +318,7 @@ mod imp {
     use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
     use tokio::task::JoinHandle;
 
-    use super::{NeighborChange, Tracker, WatchError};
+    use super::{NeighborChange, Resolve, Tracker, WatchError};
 
     /// Receive buffer asked for the multicast socket (capped by `net.core.rmem_max`); bursts of
     /// neighbour churn beyond it cause an overrun, which is handled by a re-dump.
@@ -374,6 +414,65 @@ mod imp {
             Ok(())
         };
         tokio::time::timeout(DUMP_TIMEOUT, all).await.unwrap_or_else(|_| Err(format!("no reply in {DUMP_TIMEOUT:?}")))
+    }
+
+    /// Bound on one forced re-resolution (a dump and a delete), so the detector never waits long on it.
+    const RESOLVE_TIMEOUT: Duration = Duration::from_millis(500);
+
+    pub(super) async fn resolve_again(ip: IpAddr) -> Result<Resolve, WatchError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
+            WatchError::Unavailable(format!(
+                "cannot open a NETLINK_ROUTE socket ({e}); netlink may be denied in this container or sandbox"
+            ))
+        })?;
+        let _driver = Driver(tokio::spawn(conn));
+        tokio::time::timeout(RESOLVE_TIMEOUT, forget(&handle, ip))
+            .await
+            .unwrap_or_else(|_| Err(WatchError::Netlink(format!("no reply in {RESOLVE_TIMEOUT:?}"))))
+    }
+
+    /// Deletes the learnt entries of `ip` (see [`super::resolve_again`]).
+    async fn forget(handle: &Handle, ip: IpAddr) -> Result<Resolve, WatchError> {
+        // why: delete rather than set NUD_PROBE. A PROBE entry is probed by unicast first, `ucast_probes`
+        // (3) requests `retrans_time` (1 s) apart, to the old link-layer address, which no longer answers
+        // for the IP: three seconds before the first broadcast. A deleted entry is made anew (INCOMPLETE)
+        // by the next packet, whose request is broadcast at once, so the node that holds the IP now
+        // answers within a round trip. The watch keeps the last known address across a delete, so the
+        // new one is still seen as a change.
+        let family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        let mut learnt = Vec::new();
+        let mut fixed = false;
+        let mut entries = handle.neighbours().get().set_address_family(family).execute();
+        while let Some(msg) = entries.try_next().await.map_err(|e| unavailable_or_netlink("neighbour dump", e))? {
+            let Some((entry_ip, ifindex, lladdr)) = parse(&msg, false) else { continue };
+            if entry_ip.to_canonical() != ip {
+                continue;
+            }
+            match (msg.header.state, lladdr) {
+                (NeighbourState::Permanent | NeighbourState::Noarp, _) => fixed = true,
+                (_, Some(lladdr)) if !lladdr.is_empty() => learnt.push((ifindex, lladdr.to_vec())),
+                _ => {}
+            }
+        }
+        let mut deleted = None;
+        for (ifindex, lladdr) in learnt {
+            let mut msg = NeighbourMessage::default();
+            msg.header.family = family;
+            msg.header.ifindex = ifindex;
+            msg.attributes = vec![NeighbourAttribute::Destination(match ip {
+                IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+            })];
+            match handle.neighbours().del(msg).execute().await {
+                Ok(()) => {
+                    deleted.get_or_insert(Resolve::Deleted { ifindex, lladdr });
+                }
+                // ENOENT: gone meanwhile (the kernel's own garbage collection): nothing left to forget.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.to_io().kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(unavailable_or_netlink("neighbour delete", e)),
+            }
+        }
+        Ok(deleted.unwrap_or(if fixed { Resolve::Static } else { Resolve::Nothing }))
     }
 
     /// Sends `c`; false if the receiver is gone.
