@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ impl Stats {
 
 pub struct LoadClient {
     stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
     handle: JoinHandle<Stats>,
 }
 
@@ -50,6 +51,8 @@ impl LoadClient {
     ) -> LoadClient {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let ok = Arc::new(AtomicU64::new(0));
+        let ok2 = ok.clone();
         // Connections are made inside the namespace (a socket keeps its namespace); the loop runs here.
         let connect = {
             let ns = lab.ns_name(host).to_string();
@@ -69,6 +72,7 @@ impl LoadClient {
                 }
                 if done {
                     stats.ok += 1;
+                    ok2.fetch_add(1, Ordering::Relaxed);
                     stats.successes.push(Instant::now());
                 } else {
                     stats.lost += 1;
@@ -79,7 +83,12 @@ impl LoadClient {
             }
             stats
         });
-        LoadClient { stop, handle }
+        LoadClient { stop, ok, handle }
+    }
+
+    /// Requests answered so far, while it runs.
+    pub fn ok_so_far(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
     }
 
     pub fn finish(self) -> Stats {
