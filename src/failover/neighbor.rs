@@ -265,6 +265,7 @@ pub async fn is_directly_connected(ip: IpAddr) -> Result<bool, WatchError> {
 
 /// What [`resolve_again`] did to the neighbour entry of an IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "netlink"), allow(dead_code))]
 pub(crate) enum Resolve {
     /// The entry was deleted: the next packet to the IP resolves it anew with a broadcast request.
     Deleted {
@@ -665,6 +666,8 @@ mod tests {
         let err = NeighborWatch::start(vec![v4(100)]).await.expect_err("no netlink");
         assert!(matches!(err, WatchError::Unavailable(_)), "{err}");
         let err = is_directly_connected(v4(100)).await.expect_err("no netlink");
+        assert!(matches!(err, WatchError::Unavailable(_)), "{err}");
+        let err = resolve_again(v4(100)).await.expect_err("no netlink");
         assert!(matches!(err, WatchError::Unavailable(_)), "{err}");
     }
 
