@@ -1,5 +1,6 @@
 //! The neighbour-table watch in the namespace lab: a silent move announced with a gratuitous ARP ends a
-//! blocked session within 200 ms; without the announcement the probe still catches it; an announcement
+//! blocked session within 200 ms; without the announcement the probe's silence still catches it (and has
+//! the stale entry resolved anew, which shows the move); an announcement
 //! that repeats the same MAC is no failover; an announcement lost on the client host (nftables) costs a
 //! closed-loop client at most 2.5 s, since staybound has the stale entry resolved anew.
 
@@ -75,7 +76,9 @@ fn an_unannounced_move_is_still_caught_by_the_probe() {
         bound.as_secs_f64()
     );
     assert!(took <= bound + margin());
-    assert_eq!(sc.metric("staybound_failovers_total", &[("service", "redis"), ("signal", "neighbor")]), 0.0);
+    // why: the held session and fresh connects go silent, so staybound deletes the entry that still points
+    // at node 1; its re-resolution finds node 2, which the watch may report before the held session's RST.
+    assert!(sc.metric("staybound_neighbor_resolves_total", &[("service", "redis")]) >= 1.0);
 }
 
 #[test]
