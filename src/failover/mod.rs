@@ -220,6 +220,10 @@ pub struct Detector {
     neighbor_on: bool,
     /// When the upstream's neighbour entry was last forced to be resolved anew.
     resolved_at: Option<Instant>,
+    /// When an entry was last deleted for that, until the neighbour change that answers it is seen.
+    deleted_at: Option<Instant>,
+    /// When the current epoch began.
+    epoch_began: Instant,
     /// Forcing a re-resolution was refused (no `CAP_NET_ADMIN`): said once, not tried again.
     resolve_refused: bool,
 }
@@ -263,6 +267,8 @@ impl Detector {
             answered: None,
             neighbor_on: false,
             resolved_at: None,
+            deleted_at: None,
+            epoch_began: now,
             resolve_refused: false,
         };
         (detector, DetectorHandle { view: view_rx, signs: sign_tx }, Reconfigure(settings_tx))
@@ -432,6 +438,7 @@ impl Detector {
         self.resolved_at = Some(now);
         match neighbor::resolve_again(ip).await {
             Ok(neighbor::Resolve::Deleted { ifindex, .. }) => {
+                self.deleted_at = Some(now);
                 self.metrics.neighbor_resolves.increment(1);
                 info!(service = %self.svc.name, upstream = %ip, ifindex, reason = why, "neighbour entry of the upstream forced to be resolved anew");
             }
@@ -488,6 +495,13 @@ impl Detector {
                 // has since caught up with (the host came back, or an epoch began) ends nothing.
                 if seen <= self.sessions_since {
                     debug!(service = %self.svc.name, "neighbour change predates the current sessions: ignored");
+                    return;
+                }
+                // why: the first change after staybound deleted the entry is the kernel's answer to that; once
+                // the move it was deleted for has been decided (an epoch began since), the change is that move
+                // seen again, and the sessions of the new epoch were made to the node it names.
+                if self.deleted_at.take().is_some_and(|deleted| self.epoch_began >= deleted) {
+                    debug!(service = %self.svc.name, "neighbour change answers a re-resolution made for a move already decided: ignored");
                     return;
                 }
                 // why: the address now answers from another link-layer address; confirm at once, without
@@ -829,6 +843,9 @@ impl Detector {
         }
         if failover.is_some() || (!before.connectable() && after.connectable()) {
             self.sessions_since = now;
+        }
+        if failover.is_some() {
+            self.epoch_began = now;
         }
         self.metrics.upstream_up.set(if after.connectable() { 1.0 } else { 0.0 });
         if after != HostState::NotReady {
