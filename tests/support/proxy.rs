@@ -90,7 +90,11 @@ pub async fn echo_upstream() -> SocketAddr {
 
 /// A loopback port with nothing listening on it.
 pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // why: a port freed on 127.0.0.1 can be taken at once by another test's listener on a busy machine (an
+    // ephemeral bind elsewhere), and then "nothing listens" is false; an address of its own in 127.64/10,
+    // which no other test binds, keeps the port closed until the test itself listens on it.
+    let ip = std::net::Ipv4Addr::new(127, fastrand::u8(64..128), fastrand::u8(..), fastrand::u8(1..255));
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
     l.local_addr().unwrap()
 }
 
