@@ -22,7 +22,16 @@ async fn redis_server() -> (Redis, SocketAddr) {
     let addr = closed_port();
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &addr.port().to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--bind",
+            &addr.ip().to_string(),
+            "--port",
+            &addr.port().to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::null())
