@@ -452,6 +452,7 @@ pub fn status_json(registry: &Registry) -> serde_json::Value {
                 "probe": svc.cfg.probe.mode.as_str(),
                 "neighbor_watch": &*view.neighbor,
                 "note": view.note.as_deref(),
+                "split_brain": view.split_brain,
             })
         })
         .collect();

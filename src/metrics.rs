@@ -171,6 +171,9 @@ const FAILOVERS: &str = "staybound_failovers_total";
 const DETECTION_SECONDS: &str = "staybound_failover_detection_seconds";
 const SESSIONS_RESET: &str = "staybound_sessions_reset_total";
 const NEIGHBOR_RESOLVES: &str = "staybound_neighbor_resolves_total";
+const SPLIT_BRAIN: &str = "staybound_split_brain";
+const SPLIT_BRAIN_DAMPED: &str = "staybound_split_brain_damped_total";
+const KNOCKS: &str = "staybound_probe_knocks_total";
 const BYTES: &str = "staybound_bytes_total";
 const UDP_DATAGRAMS: &str = "staybound_udp_datagrams_total";
 const UDP_DROPPED: &str = "staybound_udp_dropped_total";
@@ -327,6 +330,9 @@ impl Telemetry {
             detection_seconds: r.register_histogram(&key(DETECTION_SECONDS, None), &meta()),
             resets,
             neighbor_resolves: counter(NEIGHBOR_RESOLVES, None),
+            split_brain: gauge(SPLIT_BRAIN),
+            split_brain_damped: counter(SPLIT_BRAIN_DAMPED, None),
+            knocks: counter(KNOCKS, None),
             bytes_upstream: counter(BYTES, Some(("direction", "upstream"))),
             bytes_client: counter(BYTES, Some(("direction", "client"))),
             udp_upstream: counter(UDP_DATAGRAMS, Some(("direction", "upstream"))),
@@ -427,6 +433,12 @@ pub struct ServiceMetrics {
     resets: [Counter; 4],
     /// Neighbour entries of the upstream the detector forced to be resolved anew.
     pub neighbor_resolves: Counter,
+    /// 1 while the upstream address flaps between link-layer addresses (two nodes claim it).
+    pub split_brain: Gauge,
+    /// Epoch ends held back because a split brain was flapping.
+    pub split_brain_damped: Counter,
+    /// Knocks sent on the held probe session to confirm a neighbour change (`failover::knock`).
+    pub knocks: Counter,
     pub bytes_upstream: Counter,
     pub bytes_client: Counter,
     pub udp_upstream: Counter,

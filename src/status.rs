@@ -78,10 +78,18 @@ pub fn table(json: &str) -> Result<String, String> {
     }
     let widths: Vec<usize> = (0..9).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
-    let notes: Vec<String> = list
+    let mut notes: Vec<String> = list
         .iter()
         .filter_map(|s| Some(format!("{}: {}", s.get("name")?.as_str()?, s.get("note")?.as_str()?)))
         .collect();
+    notes.extend(list.iter().filter(|s| s.get("split_brain").and_then(|v| v.as_bool()) == Some(true)).filter_map(
+        |s| {
+            Some(format!(
+                "{}: split brain: the upstream address flaps between two link-layer addresses; epochs are damped",
+                s.get("name")?.as_str()?
+            ))
+        },
+    ));
     for r in rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());

@@ -22,6 +22,10 @@ pub const DEFAULT_FAILOVER_RATE: Duration = Duration::from_secs(1);
 /// Where the admin endpoint listens unless `[admin] listen` says otherwise: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
 
+/// How long a split brain damps epochs unless `probe.split_brain_window` says otherwise: longer than a
+/// flapping address takes to come back, shorter than any real failback takes.
+pub const DEFAULT_SPLIT_BRAIN_WINDOW: Duration = Duration::from_secs(10);
+
 /// Everything staybound runs, as validated from one file.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -179,6 +183,9 @@ pub struct ProbeConfig {
     pub rise: u32,
     /// Watch the neighbour table for a takeover's gratuitous ARP (Linux, directly connected upstreams).
     pub neighbor: bool,
+    /// How long a split brain (the address flapping between two link-layer addresses) damps epochs, and
+    /// how far back a flap is looked for; zero: never damped.
+    pub split_brain_window: Duration,
 }
 
 impl PartialEq for ProbeConfig {
@@ -192,6 +199,7 @@ impl PartialEq for ProbeConfig {
             && self.fall == other.fall
             && self.rise == other.rise
             && self.neighbor == other.neighbor
+            && self.split_brain_window == other.split_brain_window
     }
 }
 

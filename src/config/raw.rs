@@ -123,6 +123,7 @@ pub struct RawProbe {
     pub fall: Option<S<i64>>,
     pub rise: Option<S<i64>>,
     pub neighbor: Option<S<bool>>,
+    pub split_brain_window: Option<S<DurationText>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,7 +166,7 @@ macro_rules! inherit_keys {
 }
 
 inherit_keys!(RawKeepalive { idle, interval, count, user_timeout, client_idle });
-inherit_keys!(RawProbe { mode, interval, timeout, send, expect, identity, fall, rise, neighbor });
+inherit_keys!(RawProbe { mode, interval, timeout, send, expect, identity, fall, rise, neighbor, split_brain_window });
 inherit_keys!(RawHold {
     deadline,
     connect_timeout,

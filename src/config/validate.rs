@@ -635,6 +635,12 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
         fall: cx.int(&p.fall, &key("fall"), 1, (1, 100)) as u32,
         rise: cx.int(&p.rise, &key("rise"), 1, (1, 100)) as u32,
         neighbor: p.neighbor.as_ref().is_none_or(|b| *b.get_ref()),
+        split_brain_window: cx.duration(
+            &p.split_brain_window,
+            &key("split_brain_window"),
+            super::DEFAULT_SPLIT_BRAIN_WINDOW,
+            (Duration::ZERO, Duration::from_secs(3600)),
+        ),
     }
 }
 

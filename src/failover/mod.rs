@@ -15,6 +15,8 @@
 //! is a failover (signal `reload`).
 
 pub mod bounds;
+mod flaps;
+mod knock;
 pub mod neighbor;
 pub mod probe;
 pub mod reconfig;
@@ -87,6 +89,8 @@ pub struct HostView {
     pub neighbor: Arc<str>,
     /// Why the host is not up when that is not a failover: it has not answered once since start.
     pub note: Option<Arc<str>>,
+    /// The upstream address flaps between two link-layer addresses (two nodes claim it): epochs are damped.
+    pub split_brain: bool,
 }
 
 impl HostView {
@@ -153,8 +157,9 @@ pub enum Sign {
     SessionTimeout,
     /// A client's connect attempt failed.
     ConnectFailed(ConnectClass),
-    /// The neighbour entry of the upstream address changed its link-layer address, seen at this time.
-    Neighbor(Instant),
+    /// The neighbour entry of the upstream address changed its link-layer address, seen at this time;
+    /// `old` and `new` are fingerprints of the link-layer addresses (`neighbor::fingerprint`).
+    Neighbor { seen: Instant, old: u64, new: u64 },
     /// The cluster manager says the host moved.
     Admin,
 }
@@ -226,6 +231,24 @@ pub struct Detector {
     epoch_began: Instant,
     /// Forcing a re-resolution was refused (no `CAP_NET_ADMIN`): said once, not tried again.
     resolve_refused: bool,
+    /// The link-layer addresses the upstream took lately, to tell a split brain from a move.
+    flaps: flaps::Flaps,
+    /// A neighbour change being confirmed by the held session (hold mode).
+    confirming: Option<Confirming>,
+    /// Knocking was refused (no `CAP_NET_RAW`): said once; the keep-alive confirms instead.
+    knock_refused: bool,
+}
+
+/// A neighbour change being confirmed by the held probe session: a fresh ACK on it says the address still
+/// reaches the node that holds it (nothing moved); its reset says another node has the address.
+#[derive(Debug, Clone, Copy)]
+struct Confirming {
+    /// When the change was seen.
+    seen: Instant,
+    /// When the held session's last ACK came, as read when the change was seen.
+    acked: Instant,
+    /// Whether the entry was already forced to be resolved anew for this change.
+    resolved: bool,
 }
 
 impl Detector {
@@ -241,6 +264,7 @@ impl Detector {
             last_failover: None,
             neighbor: Arc::from("starting"),
             note: None,
+            split_brain: false,
         };
         let (view_tx, view_rx) = watch::channel(view);
         let (sign_tx, sign_rx) = mpsc::channel(256);
@@ -270,6 +294,9 @@ impl Detector {
             deleted_at: None,
             epoch_began: now,
             resolve_refused: false,
+            flaps: flaps::Flaps::default(),
+            confirming: None,
+            knock_refused: false,
         };
         (detector, DetectorHandle { view: view_rx, signs: sign_tx }, Reconfigure(settings_tx))
     }
@@ -373,6 +400,7 @@ impl Detector {
         self.neighbor_stop = cancel.child_token();
         let watch = self.start_neighbor_watch(self.neighbor_stop.clone()).await;
         self.neighbor_on = watch == "watching";
+        self.flaps.clear();
         self.resolved_at = None;
         self.resolve_refused = false;
         self.view.send_modify(|v| v.neighbor = Arc::from(watch.as_str()));
@@ -413,7 +441,8 @@ impl Detector {
             while let Some(change) = rx.recv().await {
                 let seen = Instant::now();
                 info!(service = %name, %change, "neighbour entry of the upstream changed its link-layer address");
-                if signs.send(Sign::Neighbor(seen)).await.is_err() {
+                let (old, new) = (neighbor::fingerprint(&change.old), neighbor::fingerprint(&change.new));
+                if signs.send(Sign::Neighbor { seen, old, new }).await.is_err() {
                     break;
                 }
             }
@@ -487,7 +516,7 @@ impl Detector {
                 self.observe(Evidence::Admin);
                 self.next_check = now;
             }
-            Sign::Neighbor(seen) => {
+            Sign::Neighbor { seen, old, new } => {
                 if self.svc.probe.mode == ProbeMode::Off {
                     return;
                 }
@@ -500,16 +529,33 @@ impl Detector {
                 // why: the first change after staybound deleted the entry is the kernel's answer to that; once
                 // the move it was deleted for has been decided (an epoch began since), the change is that move
                 // seen again, and the sessions of the new epoch were made to the node it names.
-                if self.deleted_at.take().is_some_and(|deleted| self.epoch_began >= deleted) {
+                let answers_ours = self.deleted_at.take();
+                if answers_ours.is_some_and(|deleted| self.epoch_began >= deleted) {
                     debug!(service = %self.svc.name, "neighbour change answers a re-resolution made for a move already decided: ignored");
                     return;
                 }
-                // why: the address now answers from another link-layer address; confirm at once, without
-                // waiting for a probe interval, by reaching it anew (a UDP service holds no session: one
-                // probe exchange instead).
-                self.held = None;
-                let (confirm, identity) = self.confirm().await;
-                self.observe(Evidence::Moved { signal: Signal::Neighbor, confirm, identity });
+                // why: an answer to staybound's own re-resolution is the kernel's, not a node's
+                // announcement: the address going back to where it was then is healing, not flapping; and
+                // once the held session has answered through the new entry, it is confirmed already.
+                if let Some(deleted) = answers_ours
+                    && self.machine.state() == HostState::Up
+                    && self
+                        .held
+                        .as_ref()
+                        .and_then(socket::last_ack_age)
+                        .is_some_and(|age| now.checked_sub(age).is_some_and(|acked| acked > deleted))
+                {
+                    debug!(service = %self.svc.name, "neighbour change answers a re-resolution the held session already answered through: ignored");
+                    return;
+                }
+                let window = self.svc.probe.split_brain_window;
+                if answers_ours.is_none() && !window.is_zero() {
+                    self.flaps.start_from(seen, old);
+                    if self.flaps.record(seen, new, window) {
+                        self.split_brain(now);
+                    }
+                }
+                self.on_neighbor_change(now).await;
             }
             Sign::SessionReset | Sign::SessionTimeout | Sign::ConnectFailed(_) => {
                 if self.svc.probe.mode == ProbeMode::Off {
@@ -527,6 +573,97 @@ impl Detector {
                 }
             }
         }
+    }
+
+    /// A neighbour change of the upstream address is a sign of a move, confirmed before it ends anything.
+    /// With a held probe session, that session confirms: it belongs to the node the address reached, so
+    /// a fresh ACK on it after the change says nothing moved (a duplicated or forged announcement, a bond
+    /// changing its MAC), and a reset says another node has the address. A knock makes it answer within a
+    /// round trip; without one its next keep-alive does. With no held session (connect mode, UDP), a
+    /// fresh probe confirms, as it must: the address answering at all is then the evidence.
+    async fn on_neighbor_change(&mut self, now: Instant) {
+        let held_confirms = self.svc.protocol == Protocol::Tcp
+            && matches!(self.svc.probe.mode, ProbeMode::Hold | ProbeMode::SendExpect)
+            && self.machine.state() == HostState::Up;
+        let acked = self.held.as_ref().and_then(socket::last_ack_age).map(|age| now.checked_sub(age).unwrap_or(now));
+        match (held_confirms, acked) {
+            (true, Some(acked)) => {
+                self.observe(Evidence::Sign { signal: Signal::Neighbor });
+                self.confirming = Some(Confirming { seen: now, acked, resolved: false });
+                if self.svc.probe.mode == ProbeMode::Hold {
+                    self.knock();
+                }
+                // why: with send-expect the next exchange on the held session is the confirmation.
+                self.next_check = now;
+            }
+            _ => {
+                // why: the address now answers from another link-layer address; confirm at once, without
+                // waiting for a probe interval, by reaching it anew (a UDP service holds no session: one
+                // probe exchange instead).
+                self.held = None;
+                let (confirm, identity) = self.confirm().await;
+                self.observe(Evidence::Moved { signal: Signal::Neighbor, confirm, identity });
+            }
+        }
+    }
+
+    /// Sends a knock on the held probe session (`knock`); a refusal is said once.
+    fn knock(&mut self) {
+        let Some(held) = &self.held else { return };
+        if self.knock_refused {
+            return;
+        }
+        let (Ok(local), Ok(peer)) = (held.local_addr(), held.peer_addr()) else { return };
+        match knock::knock(local, peer) {
+            Ok(()) => self.metrics.knocks.increment(1),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                self.knock_refused = true;
+                warn!(service = %self.svc.name, error = %e, "cannot knock on the held probe session (needs CAP_NET_RAW): a neighbour change is confirmed by its next keep-alive instead");
+            }
+            Err(e) => debug!(service = %self.svc.name, error = %e, "knock on the held probe session failed"),
+        }
+    }
+
+    /// Two nodes claim the upstream address in turn: flag it and damp the epochs for a window.
+    fn split_brain(&mut self, now: Instant) {
+        let first = !self.machine.damping(now);
+        let window = self.svc.probe.split_brain_window;
+        self.machine.split_brain(now, window);
+        self.metrics.split_brain.set(1.0);
+        if first {
+            warn!(
+                service = %self.svc.name, upstream = %self.svc.upstream, window = %humantime::format_duration(window),
+                "split brain: the upstream address goes back and forth between two link-layer addresses; at most one epoch ends per window until it stops"
+            );
+        }
+        self.view.send_if_modified(|v| !std::mem::replace(&mut v.split_brain, true));
+    }
+
+    /// Settles a neighbour change the held session is confirming (hold mode): an ACK since the change
+    /// clears it; silence past `FRESH_SILENCE` has the entry resolved anew (a link-layer address with no
+    /// node behind it is healed that way) and knocks again.
+    async fn settle_confirming(&mut self, now: Instant) -> bool {
+        let Some(c) = self.confirming else { return false };
+        if self.machine.state() != HostState::Suspect || self.held.is_none() {
+            self.confirming = None;
+            return false;
+        }
+        let Some(age) = self.held.as_ref().and_then(socket::last_ack_age) else { return false };
+        let acked = now.checked_sub(age).unwrap_or(now);
+        // why: TCP_INFO dates the last ACK in jiffies; a later reading of the same ACK can look a few
+        // milliseconds younger, a real new one is a round trip after the knock at most, and after the last.
+        if acked > c.acked + Duration::from_millis(10) && acked + Duration::from_millis(10) >= c.seen {
+            self.confirming = None;
+            debug!(service = %self.svc.name, "the held session answers after the neighbour change: nothing moved");
+            self.observe(Evidence::Ok { at: now, identity: None });
+            return true;
+        }
+        if !c.resolved && now >= c.seen + FRESH_SILENCE {
+            self.confirming = Some(Confirming { resolved: true, ..c });
+            self.resolve_neighbor("a neighbour change the held session does not answer through").await;
+            self.knock();
+        }
+        false
     }
 
     async fn on_held(&mut self, ev: HeldEvent) {
@@ -571,6 +708,9 @@ impl Detector {
     /// One scheduled check, by probe mode.
     async fn check(&mut self) {
         let now = Instant::now();
+        if self.svc.probe.mode == ProbeMode::Hold && self.settle_confirming(now).await {
+            return;
+        }
         match self.svc.probe.mode {
             ProbeMode::Off => {}
             ProbeMode::Hold => match &self.held {
@@ -816,7 +956,12 @@ impl Detector {
     /// Feeds evidence to the machine and publishes what changed.
     fn observe(&mut self, ev: Evidence) {
         let before = self.machine.state();
+        let damped = self.machine.damped();
         let failover = self.machine.observe(Instant::now(), ev);
+        if self.machine.damped() > damped {
+            self.metrics.split_brain_damped.increment(self.machine.damped() - damped);
+            warn!(service = %self.svc.name, epoch = self.machine.epoch(), "split brain: an epoch end held back; the sessions of this epoch stay");
+        }
         self.publish(before, failover);
     }
 
@@ -863,6 +1008,11 @@ impl Detector {
         }
         let identity = self.machine.identity().map(Arc::<str>::from);
         let join = self.machine.join();
+        let split_brain = self.machine.damping(now);
+        if !split_brain && self.view.borrow().split_brain {
+            self.metrics.split_brain.set(0.0);
+            info!(service = %name, "split brain over: the upstream address stayed on one link-layer address for a window");
+        }
         let linked = &mut self.linked;
         self.view.send_if_modified(|view| {
             let mut changed = settle_tokens(view, linked, failover.as_ref(), join);
@@ -886,6 +1036,10 @@ impl Detector {
             }
             if view.note != note {
                 view.note = note;
+                changed = true;
+            }
+            if view.split_brain != split_brain {
+                view.split_brain = split_brain;
                 changed = true;
             }
             changed

@@ -57,6 +57,15 @@ impl fmt::Display for NeighborChange {
     }
 }
 
+/// A fingerprint of a link-layer address, so signs can carry and compare it without holding the bytes.
+pub(crate) fn fingerprint(lladdr: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // why: DefaultHasher::new() has fixed keys: the same address gives the same value all process long.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    lladdr.hash(&mut h);
+    h.finish()
+}
+
 /// Formats a link-layer address as colon-separated hex (`02:00:5e:00:01:02`).
 struct Lladdr<'a>(&'a [u8]);
 

@@ -151,6 +151,7 @@ mod tests {
             fall: 1,
             rise: 1,
             neighbor: true,
+            split_brain_window: crate::config::DEFAULT_SPLIT_BRAIN_WINDOW,
         };
         let reply = b"$100\r\n# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n";
         assert!(contains(reply, &probe.expect));

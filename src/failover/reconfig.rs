@@ -32,7 +32,18 @@ struct ProbePath<'a> {
 
 fn probe_path(s: &ServiceConfig) -> ProbePath<'_> {
     // why: no `..`, so a setting added to the probe must be placed here: in the path, or in the pacing.
-    let ProbeConfig { mode, interval: _, timeout: _, send, expect, identity, fall: _, rise: _, neighbor: _ } = &s.probe;
+    let ProbeConfig {
+        mode,
+        interval: _,
+        timeout: _,
+        send,
+        expect,
+        identity,
+        fall: _,
+        rise: _,
+        neighbor: _,
+        split_brain_window: _,
+    } = &s.probe;
     ProbePath {
         target: Target { upstream: &s.upstream, source: s.source, freebind: s.freebind, protocol: s.protocol },
         mode: *mode,

@@ -8,7 +8,8 @@
 //! host never reached only when declared; a new session never takes an ended epoch's token; every session
 //! of an ended epoch is ended and no other is, where a session made while a move was suspected belongs to
 //! the new epoch only if a move (by the evidence, the model's own word) ended the old one; `connectable()`
-//! only in `up` and `suspect`. A failure names its seed, step and the steps before it.
+//! only in `up` and `suspect`; while a split brain is damped, no two epochs end by detection within its
+//! window. A failure names its seed, step and the steps before it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,7 @@ impl Shell {
             last_failover: None,
             neighbor: Arc::from("off"),
             note: None,
+            split_brain: false,
         };
         Shell { machine: Machine::new(fall, rise, now), view, linked: Vec::new() }
     }
@@ -82,10 +84,12 @@ enum Action {
     ForgetIdentity,
     /// The probe turned off.
     AssumeUp,
+    /// A split brain seen: epoch ends damped for this long.
+    SplitBrain(Duration),
 }
 
 /// How many kinds of action a schedule draws from (see `draw`).
-const KINDS: usize = 17;
+const KINDS: usize = 18;
 
 /// A session of the model: the token it took and the epoch it belongs to.
 struct Session {
@@ -121,6 +125,10 @@ struct Run {
     trace: std::collections::VecDeque<(u64, Duration, Action)>,
     step: u64,
     seen: Seen,
+    /// The model's own record of a split brain: until when, and its window.
+    damp: Option<(Instant, Duration)>,
+    /// When the last epoch ended.
+    last_end: Option<Instant>,
 }
 
 /// What a run went through, to show the schedules reach the cases the invariants are about.
@@ -133,6 +141,8 @@ struct Seen {
     provisional: u64,
     /// Sessions ended by a failover.
     ended: u64,
+    /// Epoch ends a split brain held back.
+    damped: u64,
 }
 
 impl Seen {
@@ -141,6 +151,7 @@ impl Seen {
         self.took_provisional += o.took_provisional;
         self.provisional += o.provisional;
         self.ended += o.ended;
+        self.damped += o.damped;
     }
 }
 
@@ -165,6 +176,8 @@ impl Run {
             trace: std::collections::VecDeque::new(),
             step: 0,
             seen: Seen::default(),
+            damp: None,
+            last_end: None,
         }
     }
 
@@ -221,6 +234,7 @@ impl Run {
                 1 => Action::ForgetIdentity,
                 _ => Action::AssumeUp,
             },
+            16 => Action::SplitBrain(Duration::from_millis(self.rng.u64(500..20_000))),
             _ => Action::Evidence(Evidence::Silent { signal: Signal::Probe }),
         }
     }
@@ -291,6 +305,18 @@ impl Run {
                 if matches!(ev, Evidence::Admin | Evidence::Reload) && f.is_none() {
                     self.broken("a declared failover was not one");
                 }
+                if let Some(f) = &f
+                    && !matches!(ev, Evidence::Admin | Evidence::Reload)
+                    && let Some((until, window)) = self.damp
+                    && self.now < until
+                    && self.last_end.is_some_and(|t| self.now.saturating_duration_since(t) < window)
+                {
+                    let _ = f;
+                    self.broken("a split brain was damped, yet two epochs ended by detection within its window");
+                }
+                if f.is_some() {
+                    self.last_end = Some(self.now);
+                }
                 if let Some(f) = &f {
                     self.seen.failovers += 1;
                     self.seen.took_provisional += u64::from(f.takes_provisional);
@@ -324,6 +350,10 @@ impl Run {
             Action::Thresholds(fall, rise) => self.shell.machine.set_thresholds(fall, rise),
             Action::ForgetIdentity => self.shell.machine.forget_identity(),
             Action::AssumeUp => self.shell.assume_up(self.now),
+            Action::SplitBrain(window) => {
+                self.shell.machine.split_brain(self.now, window);
+                self.damp = Some((self.now + window, window));
+            }
         }
         self.check(epoch, failover);
         self.step += 1;
@@ -416,18 +446,20 @@ fn seeded_schedules_keep_the_invariants() {
         for _ in 0..steps {
             run.one_step();
         }
+        run.seen.damped = run.shell.machine.damped();
         seen.add(&run.seen);
         done += steps;
         seed += 1;
     }
     println!(
         "simulated {done} steps over seeds {first}..{seed} ({} seeds) in {:.2?}: {} failovers ({} taking the \
-         sessions of a suspected move), {} sessions on a provisional token, {} sessions ended by a failover",
+         sessions of a suspected move), {} sessions on a provisional token, {} sessions ended by a failover, {} epoch ends held back by a split brain",
         seed - first,
         began.elapsed(),
         seen.failovers,
         seen.took_provisional,
         seen.provisional,
         seen.ended,
+        seen.damped,
     );
 }

@@ -161,6 +161,14 @@ pub struct Machine {
     /// Whether the host has been up since the current epoch began: then sessions of this epoch may be
     /// live, and a node that stops being ready and then goes away ends them.
     serving: bool,
+    /// A split brain was seen (`split_brain`): until then, an epoch ends by detection only if none ended
+    /// within `damp_window` before.
+    damp_until: Option<Instant>,
+    damp_window: Duration,
+    /// When the last epoch ended.
+    last_end: Option<Instant>,
+    /// Epoch ends the damping held back, since start.
+    damped: u64,
 }
 
 impl Machine {
@@ -177,7 +185,42 @@ impl Machine {
             suspect: None,
             reached: false,
             serving: false,
+            damp_until: None,
+            damp_window: Duration::ZERO,
+            last_end: None,
+            damped: 0,
         }
+    }
+
+    /// Two nodes answer for the address in turn (a split brain): for `window` from `now`, at most one epoch
+    /// ends by detection per `window`, since every flap of the address would otherwise end one. A failover
+    /// declared by the cluster manager or a reload still ends the epoch.
+    pub fn split_brain(&mut self, now: Instant, window: Duration) {
+        self.damp_until = Some(now + window);
+        self.damp_window = window;
+    }
+
+    /// Whether a split brain damps the epoch ends now.
+    pub fn damping(&self, now: Instant) -> bool {
+        self.damp_until.is_some_and(|until| now < until)
+    }
+
+    /// How many epoch ends the damping has held back since start.
+    pub fn damped(&self) -> u64 {
+        self.damped
+    }
+
+    /// Whether a detected failover may end the epoch now; counts the ones held back.
+    fn may_end(&mut self, now: Instant) -> bool {
+        let held_back =
+            self.damping(now) && self.last_end.is_some_and(|t| now.saturating_duration_since(t) < self.damp_window);
+        if held_back {
+            self.damped += 1;
+            // why: the sign was seen and acted on as far as it goes; sessions made while it was suspected
+            // stay with the current epoch.
+            self.suspect = None;
+        }
+        !held_back
     }
 
     pub fn state(&self) -> HostState {
@@ -250,7 +293,7 @@ impl Machine {
             Evidence::Refused => self.fail(now, Signal::Probe, HostState::FailingOver),
             Evidence::Moved { signal, confirm, identity } => {
                 let signal = self.suspect.map_or(signal, |s| s.signal);
-                let ended = if self.live() { Some(self.end_epoch(now, signal)) } else { None };
+                let ended = if self.live() && self.may_end(now) { Some(self.end_epoch(now, signal)) } else { None };
                 self.after_confirm(now, confirm, identity);
                 ended
             }
@@ -264,7 +307,8 @@ impl Machine {
             Evidence::NotReady => self.not_ready(),
             Evidence::Reset { signal } => {
                 let signal = self.suspect.map_or(signal, |s| s.signal);
-                let ended = if self.live() { Some(self.end_epoch(now, signal)) } else { None };
+                let ended = if self.live() && self.may_end(now) { Some(self.end_epoch(now, signal)) } else { None };
+                self.suspect = None;
                 self.fails = 0;
                 self.oks = 0;
                 // why: the address answered (with RST); until the confirming probe says more, nothing
@@ -313,6 +357,7 @@ impl Machine {
             if let Some(old) = &self.identity
                 && *old != new
                 && self.state.connectable()
+                && self.may_end(now)
             {
                 ended = Some(self.end_epoch(now, Signal::Identity));
             }
@@ -355,9 +400,10 @@ impl Machine {
         match self.state {
             _ if live && self.fails >= self.fall => {
                 let signal = self.suspect.map_or(signal, |s| s.signal);
-                let f = self.end_epoch(now, signal);
+                let f = if self.may_end(now) { Some(self.end_epoch(now, signal)) } else { None };
+                self.suspect = None;
                 self.state = bad;
-                Some(f)
+                f
             }
             HostState::Up | HostState::Suspect if live => {
                 if self.suspect.is_none() {
@@ -421,6 +467,7 @@ impl Machine {
         // why: after a reload, sessions made while a sign was being confirmed reached the old address.
         let takes_provisional = self.suspecting_a_move() && signal != Signal::Reload;
         self.epoch += 1;
+        self.last_end = Some(now);
         self.serving = false;
         self.suspect = None;
         self.fails = 0;
@@ -533,6 +580,40 @@ mod tests {
         m.observe(Instant::now(), Evidence::NotReady);
         assert_eq!(m.observe(Instant::now(), Evidence::Refused), None);
         assert_eq!(m.epoch(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_split_brain_ends_at_most_one_epoch_per_window() {
+        let w = Duration::from_secs(10);
+        let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        let moved = || Evidence::Moved { signal: Signal::Neighbor, confirm: Reach::Ready, identity: None };
+        let reset = || Evidence::Reset { signal: Signal::Neighbor };
+        assert_eq!(m.observe(Instant::now(), moved()).map(|f| f.epoch), Some(2));
+        m.split_brain(Instant::now(), w);
+        // Every flap within the window: the held session reset, the address answering again.
+        for i in 0..19 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            let ev = if i % 2 == 0 { reset() } else { moved() };
+            assert_eq!(m.observe(Instant::now(), ev), None, "flap {i} held back");
+            m.observe(Instant::now(), ok(Instant::now()));
+            assert!(m.state().connectable());
+        }
+        assert_eq!((m.epoch(), m.damped()), (2, 19));
+        // A window after the last epoch end, one more may end (the flag is renewed by the flapping).
+        m.split_brain(Instant::now(), w);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(m.observe(Instant::now(), reset()).map(|f| f.epoch), Some(3));
+        m.observe(Instant::now(), ok(Instant::now()));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(m.observe(Instant::now(), silent()), None, "silence too is held back");
+        // Declared failovers are not damped.
+        assert_eq!(m.observe(Instant::now(), Evidence::Admin).map(|f| f.epoch), Some(4));
+        // Once the split brain is over, every move ends its epoch again.
+        tokio::time::advance(w).await;
+        m.observe(Instant::now(), ok(Instant::now()));
+        assert!(!m.damping(Instant::now()));
+        assert_eq!(m.observe(Instant::now(), reset()).map(|f| f.epoch), Some(5));
     }
 
     #[tokio::test(start_paused = true)]

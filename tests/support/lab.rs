@@ -775,6 +775,24 @@ impl Lab {
         }
     }
 
+    /// Sends, from `host`'s eth0, a gratuitous ARP for [`LOGICAL`] that names `mac` as its link-layer
+    /// address: a forged or stray announcement when no host has that MAC (the switch learns it on
+    /// `host`'s port, whose eth0 drops frames to it). Needs Habets' arping (`-s MAC`).
+    pub fn announce_as(&self, host: Host, mac: &str) {
+        let (bin, flavour) = arping();
+        assert!(matches!(flavour, Arping::Habets), "a forged announcement needs Habets' arping (Debian `arping`)");
+        let ip = LOGICAL.to_string();
+        let out = self.try_exec(host, &[bin, "-U", "-S", &ip, "-s", mac, "-i", "eth0", "-c", "1", &ip]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("1 packets transmitted"),
+            "forged announcement from {} failed ({}):\nstdout: {stdout}\nstderr: {}",
+            host.role(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Cuts `host` off the LAN by setting its bridge port (the switch-side
     /// veth peer) down: like a pulled cable or dead switch port. The node
     /// keeps its addresses, routes and processes; its eth0 shows NO-CARRIER

@@ -32,9 +32,11 @@ impl<'a> Sidecar<'a> {
         std::fs::write(&path, &text).unwrap();
         let config = Config::from_toml_str(&text, Path::new("staybound.toml")).unwrap_or_else(|e| panic!("{e}"));
         let path_s = path.to_str().unwrap().to_string();
+        // why: STAYBOUND_BIN runs the same scenario on another build (an older one, for the figures "before").
+        let bin = std::env::var("STAYBOUND_BIN").unwrap_or_else(|_| BIN.to_owned());
         let pid = lab.spawn(
             Host::Client,
-            &["env", "RUST_LOG=staybound=debug", BIN, "--log-format", "json", "run", "--config", &path_s],
+            &["env", "RUST_LOG=staybound=debug", &bin, "--log-format", "json", "run", "--config", &path_s],
         );
         let sc = Sidecar { lab, pid, config };
         // The admin endpoint answers before the services are registered: wait for them in /status.
