@@ -114,3 +114,112 @@ fn a_udp_flow_follows_a_name_to_its_new_address() {
     assert!(followed, "the flow follows the name to node 2 (last answer {last:?})");
     assert!(took < Duration::from_secs(3), "within the 1 s lookup period and a margin: {took:?}");
 }
+
+/// Starts staybound in the client namespace with one TCP service to `upstream` and the given hold
+/// settings; returns once its admin endpoint answers.
+fn start_tcp(lab: &Lab, name: &str, upstream: &str, hold: &str) {
+    let config = lab.dir().join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!("[admin]\nlisten = \"127.0.0.1:9901\"\n[[service]]\nname = \"{name}\"\nlisten = \"{LISTEN}\"\nupstream = \"{upstream}\"\n[service.hold]\n{hold}"),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    lab.spawn(Host::Client, &["env", "RUST_LOG=staybound=debug", BIN, "run", "--config", &config]);
+    let admin: std::net::SocketAddr = "127.0.0.1:9901".parse().unwrap();
+    assert!(
+        poll(Duration::from_secs(10), || lab.connect_tcp(Host::Client, admin, Duration::from_millis(200)).is_ok()),
+        "staybound's admin endpoint answers"
+    );
+}
+
+/// A redis PING through staybound's listener from the client namespace: the time it took, or why not.
+fn ping_via(lab: &Lab) -> Result<Duration, String> {
+    use std::io::{Read, Write};
+    let t = std::time::Instant::now();
+    let listen: std::net::SocketAddr = LISTEN.parse().unwrap();
+    let mut s = lab.connect_tcp(Host::Client, listen, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PING\r\n").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+    if buf[..n].starts_with(b"+PONG") { Ok(t.elapsed()) } else { Err(format!("reply {:?}", &buf[..n])) }
+}
+
+#[test]
+fn a_name_whose_first_record_is_dead_is_proxied_to_the_next() {
+    let Some(lab) = Lab::new("dnsdead") else { return };
+    lab.start_redis(Host::Node1);
+    let etc = NetnsEtc(PathBuf::from("/etc/netns").join(lab.ns_name(Host::Client)));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    // 198.18.0.77 is on the lab's LAN and no host has it: a black hole (ARP unanswered), listed first.
+    std::fs::write(
+        etc.0.join("hosts"),
+        format!("127.0.0.1 localhost\n198.18.0.77 upstream.lab\n{} upstream.lab\n", Host::Node1.addr()),
+    )
+    .unwrap();
+    start_tcp(&lab, "dead", "upstream.lab:6379", "deadline = \"10s\"\n");
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        times.push(ping_via(&lab).expect("proxied to the live record"));
+    }
+    eprintln!(
+        "FIGURES hosts file [dead, alive]: first request through staybound {:.3}s, then {:?}",
+        times[0].as_secs_f64(),
+        times[1..].iter().map(|t| format!("{:.1}ms", t.as_secs_f64() * 1000.0)).collect::<Vec<_>>()
+    );
+    // The dead record costs at most the first attempt's share; later connects go to the live one first.
+    assert!(times[1..].iter().all(|t| *t < Duration::from_millis(500)), "{times:?}");
+}
+
+#[test]
+fn a_stalled_resolver_refuses_held_clients_at_the_deadline_with_one_shared_lookup() {
+    let Some(lab) = Lab::new("dnsstall") else { return };
+    let etc = NetnsEtc(PathBuf::from("/etc/netns").join(lab.ns_name(Host::Client)));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(etc.0.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+    std::fs::write(etc.0.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+    // A name server that reads every query and never answers; it counts them.
+    let dns = lab.in_ns(Host::Client, || std::net::UdpSocket::bind("127.0.0.1:53")).unwrap();
+    let queries = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let (dns, queries) = (dns.try_clone().unwrap(), queries.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while dns.recv_from(&mut buf).is_ok() {
+                queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let deadline = Duration::from_secs(3);
+    start_tcp(&lab, "stall", "stalled.lab:6379", "deadline = \"3s\"\n");
+    let before = queries.load(std::sync::atomic::Ordering::Relaxed);
+    let clients = 50;
+    let t0 = std::time::Instant::now();
+    let ended: Vec<_> = (0..clients)
+        .map(|_| {
+            let listen: std::net::SocketAddr = LISTEN.parse().unwrap();
+            lab.connect_tcp(Host::Client, listen, Duration::from_secs(5)).expect("accepted")
+        })
+        .collect();
+    let mut waits = Vec::new();
+    for mut s in ended {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 16];
+        let r = s.read(&mut buf);
+        assert!(matches!(r, Ok(0) | Err(_)), "refused, not served: {r:?}");
+        waits.push(t0.elapsed());
+    }
+    let asked = queries.load(std::sync::atomic::Ordering::Relaxed) - before;
+    let last = *waits.iter().max().unwrap();
+    eprintln!(
+        "FIGURES a resolver that never answers: {clients} held clients refused after {:.3}s (deadline {:.0}s); the name server got {asked} queries",
+        last.as_secs_f64(),
+        deadline.as_secs_f64()
+    );
+    assert!(last <= deadline + Duration::from_secs(1), "refused at the deadline, not later: {last:?}");
+    assert!(waits.iter().all(|w| *w >= deadline - Duration::from_millis(100)), "held until the deadline");
+    // A query each for A and AAAA per shared lookup, one lookup per 2 s query timeout: not one per client.
+    assert!(asked <= 12, "{asked} queries for {clients} clients");
+}

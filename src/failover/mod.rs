@@ -787,8 +787,10 @@ impl Detector {
         }
         let silent_at = last_ack + ka.idle + ka.interval;
         if now < silent_at {
-            let reach = match self.connector.resolve().await {
-                Ok(peer) => {
+            let reach = match self.connector.resolve(silent_at - now).await {
+                Ok(peers) => {
+                    // why: the held session's address is the one that last took a connection, first here.
+                    let peer = peers[0];
                     let (ka, metrics, connector) =
                         (self.probe_keepalive.clone(), self.metrics.clone(), self.connector.clone());
                     // why: the race's last attempt would run its own timeout past the bound; the bound decides.
@@ -923,14 +925,20 @@ impl Detector {
     /// Opens the held probe session; returns how the attempt ended and the identity a banner gave.
     async fn open_held(&mut self) -> (ConnectClass, Option<String>) {
         let timeout = self.svc.probe.timeout;
-        let result = match self.connector.resolve().await {
+        // why: a stalled resolver must not stall the detector; the lookup has the probe's timeout.
+        let result = match self.connector.resolve(timeout).await {
             // why: while the address does not answer, a SYN already sent waits for its retransmission
             // (a second or more) even after the address is back; staggered attempts put a fresh SYN on
-            // the wire every RECOVERY_PACE, so the first one after the takeover is answered at once.
-            Ok(peer) if self.machine.state() == HostState::Down => {
-                race_connect(&self.connector, peer, timeout, &self.probe_keepalive, &self.metrics).await
+            // the wire every RECOVERY_PACE, so the first one after the takeover is answered at once. A
+            // name's next address is raced next time when this one does not answer.
+            Ok(peers) if self.machine.state() == HostState::Down => {
+                let r = race_connect(&self.connector, peers[0], timeout, &self.probe_keepalive, &self.metrics).await;
+                if r.is_err() {
+                    self.connector.passed_over(peers[0], &peers);
+                }
+                r
             }
-            Ok(peer) => self.connector.connect_with(peer, timeout, &self.probe_keepalive).await,
+            Ok(peers) => self.connector.connect_any(&peers, timeout, &self.probe_keepalive).await,
             Err(e) => Err(e),
         };
         match result {

@@ -209,10 +209,8 @@ impl Listener {
         }
         // why: the lookup holds this listener, so it is bounded by the connect timeout.
         let timeout = cfg.hold.connect_timeout;
-        let resolved = match tokio::time::timeout(timeout, connector.resolve()).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer from the resolver within {timeout:?}")),
-        };
+        // why: a datagram cannot tell a dead address from a quiet one: the answer's first address is used.
+        let resolved = connector.resolve(timeout).await.map(|peers| peers[0]).map_err(|e| e.to_string());
         let (source, freebind) = (cfg.source, cfg.freebind);
         let kept = self.resolved.take().filter(|r| Arc::ptr_eq(&r.connector, &connector)).and_then(|r| r.target);
         let (target, error) = match resolved {

@@ -23,7 +23,7 @@ const MAX_REPLY: usize = 64 * 1024;
 pub async fn exchange(svc: &ServiceConfig, connector: &Connector) -> Result<Vec<u8>, ExchangeError> {
     let probe = &svc.probe;
     let fail = |e: io::Error| ExchangeError::Failed(classify(&e), e);
-    let peer = connector.resolve().await.map_err(|e| ExchangeError::Failed(e.class, e.source))?;
+    let peer = connector.resolve(probe.timeout).await.map_err(|e| ExchangeError::Failed(e.class, e.source))?[0];
     let sock = upstream_socket(peer, svc.source, svc.freebind).map_err(fail)?;
     let connected = svc.udp.reply_from.is_empty();
     if connected {

@@ -1,13 +1,16 @@
-//! The upstream side: the only place that dials the logical host. `Connector` resolves the upstream again on
-//! every attempt (so DNS-based failover is followed), creates the socket with `socket`'s options, binds the
-//! relocatable source, connects within a timeout, and reports the attempt's class to the metrics.
+//! The upstream side: the only place that dials the logical host. `Connector` resolves a name through
+//! `resolve` on every attempt (its answer cached for its TTL, so DNS-based failover is followed), tries its
+//! addresses in order (the last one that worked first), creates the socket with `socket`'s options, binds
+//! the relocatable source, and connects, all within the attempt's timeout.
 
 pub mod classify;
+mod resolve;
 pub mod retry;
 pub mod socket;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -29,50 +32,95 @@ pub struct ConnectError {
 /// Dials the logical host of one service.
 #[derive(Debug, Clone)]
 pub struct Connector {
-    svc: std::sync::Arc<ServiceConfig>,
+    svc: Arc<ServiceConfig>,
+    /// The upstream's name, when it is one: its answers and lookups, shared by the clones.
+    name: Option<Arc<resolve::Name>>,
+    /// The address of the name that last took a connection: tried first next time.
+    preferred: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl Connector {
-    pub fn new(svc: std::sync::Arc<ServiceConfig>) -> Connector {
-        Connector { svc }
+    pub fn new(svc: Arc<ServiceConfig>) -> Connector {
+        let name = match &svc.upstream {
+            UpstreamAddr::Name { host, port } => Some(Arc::new(resolve::Name::new(host, *port))),
+            UpstreamAddr::Ip(_) => None,
+        };
+        Connector { svc, name, preferred: Arc::default() }
     }
 
     pub fn config(&self) -> &ServiceConfig {
         &self.svc
     }
 
-    /// Resolves the upstream now; a name is looked up on every call.
+    /// The upstream's addresses in the order to try them: the address itself, or a name's answer (cached
+    /// for its TTL; a lookup waits at most `within`) with the address that last took a connection first.
     ///
     /// # Errors
-    /// The resolver's error, classified `other` (or `unreachable` when the name has no usable address).
-    pub async fn resolve(&self) -> Result<SocketAddr, ConnectError> {
-        match &self.svc.upstream {
-            UpstreamAddr::Ip(addr) => Ok(*addr),
-            UpstreamAddr::Name { host, port } => {
-                let target = format!("{host}:{port}");
-                let addrs = tokio::net::lookup_host((host.as_str(), *port)).await.map_err(|source| ConnectError {
-                    class: ConnectClass::Other,
-                    target: target.clone(),
-                    source,
-                })?;
-                let want_v4 = self.svc.source.map(|s| s.is_ipv4());
-                let mut first = None;
-                for addr in addrs {
-                    if want_v4.is_none_or(|v4| v4 == addr.is_ipv4()) {
-                        return Ok(addr);
+    /// No answer within `within` (`timeout`), the resolver's error (`other`), or no address of the source's
+    /// family (`unreachable`).
+    pub async fn resolve(&self, within: Duration) -> Result<Vec<SocketAddr>, ConnectError> {
+        let Some(name) = &self.name else {
+            let UpstreamAddr::Ip(addr) = &self.svc.upstream else { unreachable!("a name has a resolver") };
+            return Ok(vec![*addr]);
+        };
+        let target = self.svc.upstream.to_string();
+        let answer = name.lookup(within).await.map_err(|why| ConnectError {
+            class: if why.starts_with("no answer") { ConnectClass::Timeout } else { ConnectClass::Other },
+            target: target.clone(),
+            source: io::Error::other(why),
+        })?;
+        let preferred = *self.preferred.lock().unwrap_or_else(|e| e.into_inner());
+        let order = resolve::order(&answer, preferred, self.svc.source.map(|s| s.is_ipv4()));
+        if order.is_empty() {
+            return Err(ConnectError {
+                class: ConnectClass::Unreachable,
+                target,
+                source: io::Error::new(io::ErrorKind::NotFound, "no address of the source's family"),
+            });
+        }
+        Ok(order)
+    }
+
+    /// Tries `peers` in order until one connects, all within `timeout` (shared evenly by the ones left, so
+    /// a black-holed first record leaves time for the next); the one that connects is tried first next time.
+    ///
+    /// # Errors
+    /// The last attempt's error.
+    pub async fn connect_any(
+        &self,
+        peers: &[SocketAddr],
+        timeout: Duration,
+        keepalive: &KeepaliveConfig,
+    ) -> Result<TcpStream, ConnectError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = None;
+        for (i, peer) in peers.iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let share = left / u32::try_from(peers.len() - i).unwrap_or(u32::MAX);
+            match self.connect_with(*peer, share, keepalive).await {
+                Ok(stream) => {
+                    if self.name.is_some() {
+                        *self.preferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(*peer);
                     }
-                    first.get_or_insert(addr);
+                    return Ok(stream);
                 }
-                Err(ConnectError {
-                    class: ConnectClass::Unreachable,
-                    target,
-                    source: io::Error::new(
-                        io::ErrorKind::NotFound,
-                        if first.is_some() { "no address of the source's family" } else { "no address" },
-                    ),
-                })
+                Err(e) => last = Some(e),
             }
         }
+        Err(last.unwrap_or_else(|| ConnectError {
+            class: ConnectClass::Unreachable,
+            target: self.svc.upstream.to_string(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no address"),
+        }))
+    }
+
+    /// `peer` did not take a connection: a name's next address goes first from now on.
+    pub fn passed_over(&self, peer: SocketAddr, peers: &[SocketAddr]) {
+        if self.name.is_none() || peers.len() < 2 {
+            return;
+        }
+        let next = peers.iter().position(|p| *p == peer).map(|i| peers[(i + 1) % peers.len()]);
+        *self.preferred.lock().unwrap_or_else(|e| e.into_inner()) = next;
     }
 
     /// One connect attempt bounded by `timeout`, with the service's socket options.
@@ -80,16 +128,9 @@ impl Connector {
     /// # Errors
     /// A `ConnectError` whose class says why.
     pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
-        let peer = self.resolve().await?;
-        self.connect_to(peer, timeout).await
-    }
-
-    /// One connect attempt to an already resolved address.
-    ///
-    /// # Errors
-    /// A `ConnectError` whose class says why.
-    pub async fn connect_to(&self, peer: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-        self.connect_with(peer, timeout, &self.svc.keepalive).await
+        let start = tokio::time::Instant::now();
+        let peers = self.resolve(timeout).await?;
+        self.connect_any(&peers, timeout.saturating_sub(start.elapsed()), &self.svc.keepalive).await
     }
 
     /// One connect attempt with other keep-alive settings (the probe session's).
