@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use support::lab::{Host, Lab, poll};
-use support::sidecar::{BIN, LISTEN};
+use support::sidecar::{BIN, LISTEN, bin};
 
 /// /etc/netns/NAME/, removed by exact name on drop.
 struct NetnsEtc(PathBuf);
@@ -125,7 +125,7 @@ fn start_tcp(lab: &Lab, name: &str, upstream: &str, hold: &str) {
     )
     .unwrap();
     let config = config.to_str().unwrap().to_string();
-    lab.spawn(Host::Client, &["env", "RUST_LOG=staybound=debug", BIN, "run", "--config", &config]);
+    lab.spawn(Host::Client, &["env", "RUST_LOG=staybound=debug", &bin(), "run", "--config", &config]);
     let admin: std::net::SocketAddr = "127.0.0.1:9901".parse().unwrap();
     assert!(
         poll(Duration::from_secs(10), || lab.connect_tcp(Host::Client, admin, Duration::from_millis(200)).is_ok()),

@@ -238,6 +238,21 @@ fn drop_randomly(lab: &Lab, percent: u32) {
     assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Drops everything both ways on the client host's link while the returned guard lives (a burst of loss).
+fn drop_all(lab: &Lab) -> impl Drop + '_ {
+    struct Burst<'a>(&'a Lab);
+    impl Drop for Burst<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.exec(Host::Client, &["nft", "delete", "table", "inet", "sbburst"]);
+        }
+    }
+    let rules = "table inet sbburst { chain burstin { type filter hook input priority 0; drop; }; \
+                 chain burstout { type filter hook output priority 0; drop; }; }";
+    let out = lab.exec(Host::Client, &["nft", rules]);
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    Burst(lab)
+}
+
 fn failovers(sc: &Sidecar<'_>) -> f64 {
     ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload"]
         .iter()
@@ -248,7 +263,8 @@ fn failovers(sc: &Sidecar<'_>) -> f64 {
 /// One lost keep-alive is not a black hole: under random loss on the client host's link, with one client
 /// blocked in BLPOP and one busy, nothing moved, so nothing fails over; then a silent move under the same
 /// loss is still caught within the black-hole bound. `STAYBOUND_LOSS_PERCENT` (default 2) and
-/// `STAYBOUND_LOSS_SECONDS` (default 30; the full run is 600) set the loss.
+/// `STAYBOUND_LOSS_SECONDS` (default 30; the full run is 600) set the loss. With `STAYBOUND_LOSS_BURST_MS`
+/// set (300 in the full run), the loss is instead everything, for that long every 10 s.
 #[test]
 fn random_loss_on_the_client_link_is_no_failover_and_a_move_under_it_is_still_caught() {
     let percent: u32 = std::env::var("STAYBOUND_LOSS_PERCENT").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
@@ -259,17 +275,34 @@ fn random_loss_on_the_client_link_is_no_failover_and_a_move_under_it_is_still_ca
     let blocked = support::sidecar::Blocked::start(&lab, Host::Client, sc.listen());
     let run = Duration::from_secs(seconds);
     let load = LoadClient::start_for(&lab, Host::Client, sc.listen(), Duration::from_secs(5), "loss", run + run);
-    drop_randomly(&lab, percent);
+    let burst: Option<u64> = std::env::var("STAYBOUND_LOSS_BURST_MS").ok().and_then(|v| v.parse().ok());
+    if burst.is_none() {
+        drop_randomly(&lab, percent);
+    }
     let t0 = Instant::now();
     let mut ended = None;
+    let mut bursts = 0u32;
     // why: the loss runs for its time; the blocked client is watched meanwhile (its 30 s read timeout
     // reports "still blocked", which is what it should be).
     while t0.elapsed() < run && ended.is_none() {
-        match blocked.ended(Duration::from_millis(500)) {
+        if let Some(ms) = burst
+            && t0.elapsed() >= Duration::from_secs(10) * (bursts + 1)
+        {
+            // why: the burst's length is the scenario (a stimulus), not a wait for an event.
+            let guard = drop_all(&lab);
+            std::thread::sleep(Duration::from_millis(ms));
+            drop(guard);
+            bursts += 1;
+        }
+        match blocked.ended(Duration::from_millis(200)) {
             Some((_, what)) if what.starts_with("still blocked") => {}
             Some((at, what)) => ended = Some((at - t0, what)),
             None => {}
         }
+    }
+    let percent = if burst.is_some() { 0 } else { percent };
+    if let Some(ms) = burst {
+        eprintln!("FIGURES loss bursts: {bursts} bursts of {ms} ms, every 10 s");
     }
     let false_failovers = failovers(&sc);
     let stats = load.finish();

@@ -771,8 +771,9 @@ impl Detector {
     /// connects, staggered, until the session has been silent for a keep-alive idle time and interval
     /// (the black-hole bound). None answered by then: the host is gone (`Silent`). The address refused:
     /// another node holds it without the service. One connected: the address is there, so the held
-    /// session is given until its next keep-alive, whose RST (a node that does not know it: a move) or
-    /// ACK (a lost packet) decides; the kernel ends it after three unanswered ones.
+    /// session is knocked on (`knock`) at every check, and the first RST (a node that does not know it: a
+    /// move) or ACK (a lost packet) decides; without `CAP_NET_RAW` its next keep-alive does; the kernel
+    /// ends it after three unanswered ones.
     async fn check_held_silence(&mut self, now: Instant, age: Duration) {
         let last_ack = now.checked_sub(age).unwrap_or(now);
         self.machine.good_sign(last_ack);
@@ -783,6 +784,10 @@ impl Detector {
             return;
         }
         if self.answered.is_some_and(|t| t >= last_ack) {
+            // why: the address answers fresh connects while the held session is silent: the session's node
+            // lost a packet, or another node has the address. A knock asks which now instead of at the next
+            // keep-alive, and again at every check while the silence lasts, so a lost answer costs a check.
+            self.knock();
             return;
         }
         let silent_at = last_ack + ka.idle + ka.interval;
@@ -816,8 +821,9 @@ impl Detector {
             match reach {
                 Ok(()) => {
                     self.metrics.connect(ConnectClass::Ok).increment(1);
-                    debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "held probe session silent, the address answers: waiting for its next keep-alive");
+                    debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "held probe session silent, the address answers: knocking on it");
                     self.answered = Some(Instant::now());
+                    self.knock();
                     return;
                 }
                 Err(class) if class.address_answered() => {

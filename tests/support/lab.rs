@@ -782,7 +782,7 @@ impl Lab {
         let (bin, flavour) = arping();
         assert!(matches!(flavour, Arping::Habets), "a forged announcement needs Habets' arping (Debian `arping`)");
         let ip = LOGICAL.to_string();
-        let out = self.try_exec(host, &[bin, "-U", "-S", &ip, "-s", mac, "-i", "eth0", "-c", "1", &ip]);
+        let out = self.try_exec(host, &[bin, "-U", "-S", &ip, "-s", mac, "-i", "eth0", "-c", "1", "-W", "0.05", &ip]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             stdout.contains("1 packets transmitted"),

@@ -12,6 +12,12 @@ use staybound::config::Config;
 use staybound::failover::bounds::{Bounds, bounds};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_staybound");
+
+/// The staybound binary a lab scenario runs: `BIN`, or `STAYBOUND_BIN` to run the same scenario on another
+/// build (an older one, for the figures "before").
+pub fn bin() -> String {
+    std::env::var("STAYBOUND_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
 pub const LISTEN: &str = "127.0.0.1:6379";
 pub const ADMIN: &str = "127.0.0.1:9901";
 
@@ -32,8 +38,7 @@ impl<'a> Sidecar<'a> {
         std::fs::write(&path, &text).unwrap();
         let config = Config::from_toml_str(&text, Path::new("staybound.toml")).unwrap_or_else(|e| panic!("{e}"));
         let path_s = path.to_str().unwrap().to_string();
-        // why: STAYBOUND_BIN runs the same scenario on another build (an older one, for the figures "before").
-        let bin = std::env::var("STAYBOUND_BIN").unwrap_or_else(|_| BIN.to_owned());
+        let bin = bin();
         let pid = lab.spawn(
             Host::Client,
             &["env", "RUST_LOG=staybound=debug", &bin, "--log-format", "json", "run", "--config", &path_s],
@@ -76,6 +81,13 @@ impl<'a> Sidecar<'a> {
 
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         super::proxy::metric_in(&self.get("/metrics"), name, labels)
+    }
+
+    /// A series that an older build (`STAYBOUND_BIN`) may not have: NaN when it is absent.
+    pub fn metric_or_nan(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.get("/metrics");
+        let has = text.lines().any(|l| l.starts_with(name));
+        if has { super::proxy::metric_in(&text, name, labels) } else { f64::NAN }
     }
 
     /// The worst cases `staybound check` computes for this config.
