@@ -1,7 +1,8 @@
 //! Failover detection in the namespace lab: a client blocked in BLPOP through staybound learns of a
 //! switchover, a silent move, an absent address, a late service and a cut-off node within the bound that
 //! `staybound check` computes; a direct client without keep-alive is measured beside it. The same holds
-//! while staybound is reloaded every 200 ms.
+//! while staybound is reloaded every 200 ms. A takeover onto a node that answers `-LOADING` for 5 s is one
+//! failover, and no client is released to it before it is ready.
 
 mod support;
 
@@ -489,5 +490,132 @@ fn reloads_every_200ms_change_nothing_in_a_graceful_switchover() {
             lab.move_logical(Host::Node1, Host::Node2, true);
             t0
         });
+    }
+}
+
+/// A redis-like server on `host` (0.0.0.0:6379): `-LOADING` to every line until `ready` is set to a time
+/// that has passed, `+PONG` after. A takeover onto a node that accepts before it has loaded its data.
+fn loading_node(lab: &Lab, host: Host, ready: std::sync::Arc<std::sync::Mutex<Option<Instant>>>) {
+    let listener = lab.listen_tcp(host, SocketAddr::from(([0, 0, 0, 0], REDIS_PORT))).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let ready = ready.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let is_ready = ready.lock().unwrap().is_some_and(|t| Instant::now() >= t);
+                    let reply: &[u8] =
+                        if is_ready { b"+PONG\r\n" } else { b"-LOADING Redis is loading the dataset in memory\r\n" };
+                    if conn.write_all(reply).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One PING through staybound on a new connection (a legacy client that connects per request): the reply.
+fn ping_once(lab: &Lab, to: SocketAddr) -> String {
+    let Ok(mut s) = lab.connect_tcp(Host::Client, to, Duration::from_secs(5)) else { return "(connect failed)".into() };
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    if s.write_all(b"PING\r\n").is_err() {
+        return "(write failed)".into();
+    }
+    let mut buf = [0u8; 128];
+    match s.read(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+        Err(e) => format!("({e})"),
+    }
+}
+
+#[test]
+fn a_takeover_onto_a_node_that_is_loading_is_one_failover_and_holds_clients_until_it_is_ready() {
+    for run in 0..runs() {
+        let Some(lab) = Lab::new("loading") else { return };
+        lab.start_redis(Host::Node1);
+        lab.add_logical(Host::Node1, true);
+        let ready = std::sync::Arc::new(std::sync::Mutex::new(None));
+        loading_node(&lab, Host::Node2, ready.clone());
+        let sc = Sidecar::start(
+            &lab,
+            "[service.probe]\nmode = \"send-expect\"\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"\n",
+        );
+        sc.wait_state("up", Duration::from_secs(5));
+        let listen = sc.listen();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let client = {
+            let (stop, lab_ns) = (stop.clone(), lab.ns_name(Host::Client).to_owned());
+            std::thread::spawn(move || {
+                let mut replies = Vec::new();
+                for _ in 0..2000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let reply = support::lab::in_named_ns(&lab_ns, || {
+                        let Ok(mut s) = std::net::TcpStream::connect_timeout(&listen, Duration::from_secs(5)) else {
+                            return "(connect failed)".to_string();
+                        };
+                        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                        if s.write_all(b"PING\r\n").is_err() {
+                            return "(write failed)".into();
+                        }
+                        let mut buf = [0u8; 128];
+                        match s.read(&mut buf) {
+                            Ok(n) => String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+                            Err(e) => format!("({e})"),
+                        }
+                    });
+                    replies.push((Instant::now(), reply));
+                    // why: the client's own pace, 20 requests a second.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                replies
+            })
+        };
+        wait_until("the client is served", Duration::from_secs(5), || {
+            sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")]) >= 3.0
+        });
+        // The takeover: node 1 goes, node 2 takes the address and loads for 5 s.
+        let moved = Instant::now();
+        *ready.lock().unwrap() = Some(moved + Duration::from_secs(5));
+        lab.stop_redis(Host::Node1);
+        lab.move_logical(Host::Node1, Host::Node2, true);
+        wait_until("the client is served by the ready node", Duration::from_secs(20), || {
+            Instant::now() > moved + Duration::from_secs(5) && ping_once(&lab, listen) == "+PONG"
+        });
+        let served_again =
+            sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")]);
+        wait_until("the client goes on being served", Duration::from_secs(10), || {
+            sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")])
+                >= served_again + 10.0
+        });
+        stop.store(true, Ordering::Relaxed);
+        let replies = client.join().unwrap();
+        let ready_at = moved + Duration::from_secs(5);
+        let loading = replies.iter().filter(|(_, r)| r.starts_with("-LOADING")).count();
+        let failed: Vec<&String> = replies.iter().map(|(_, r)| r).filter(|r| *r != "+PONG").collect();
+        let pongs: Vec<Instant> = replies.iter().filter(|(_, r)| r == "+PONG").map(|(t, _)| *t).collect();
+        let stall = pongs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+        let first_after = pongs.iter().find(|t| **t > ready_at).map(|t| *t - ready_at);
+        let failovers: f64 = ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload"]
+            .iter()
+            .map(|s| sc.metric("staybound_failovers_total", &[("service", "redis"), ("signal", s)]))
+            .sum();
+        eprintln!(
+            "FIGURES not-ready node, run {run}: {failovers} failover(s), epoch {}, {loading} -LOADING replies through staybound, {} other failures, {} +PONG, longest stall {:.3}s (the node loaded for 5 s), first +PONG {:.3}s after the node was ready",
+            sc.epoch(),
+            failed.len() - loading,
+            pongs.len(),
+            stall.as_secs_f64(),
+            first_after.unwrap_or_default().as_secs_f64()
+        );
+        assert_eq!(failovers, 1.0, "one takeover, one failover");
+        assert_eq!(loading, 0, "no client is released to a node that is not ready");
+        assert!(failed.is_empty(), "every request answered by a ready node: {failed:?}");
     }
 }

@@ -1015,6 +1015,10 @@ impl Detector {
         let had_note = self.view.borrow().note.is_some();
         match (&note, had_note) {
             (Some(why), false) => warn!(service = %name, upstream = %self.svc.upstream, "{why}"),
+            // why: a note that clears was either the not-ready one or the never-reached one; say which ended.
+            (None, true) if before == HostState::NotReady => {
+                info!(service = %name, upstream = %self.svc.upstream, state = after.as_str(), "the upstream is ready again")
+            }
             (None, true) => {
                 info!(service = %name, upstream = %self.svc.upstream, "the upstream answered for the first time since start")
             }

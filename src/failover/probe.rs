@@ -49,17 +49,32 @@ pub enum ExchangeError {
     Failed(ConnectClass, io::Error),
 }
 
+/// How long a reply that lacks `expect` may pause before it is taken as complete: a server sends its
+/// reply at once, so one that stops short of `expect` this long said something else (`-LOADING`).
+const REPLY_PAUSE: Duration = Duration::from_millis(100);
+
 /// Sends `send`, then reads until the reply contains `expect` (any reply when `expect` is empty).
 ///
 /// # Errors
-/// Timeout, a reply without `expect`, EOF, or an I/O error.
+/// Timeout, a reply without `expect` (once it pauses for `REPLY_PAUSE`), EOF, or an I/O error.
 pub async fn exchange(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<Vec<u8>, ExchangeError> {
     let mut reply = Vec::new();
     let work = async {
         stream.write_all(&probe.send).await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
         let mut buf = [0u8; 4096];
         loop {
-            stream.readable().await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
+            // why: a node that answers "not ready" is known as soon as its reply ends, not at the timeout;
+            // the probe's pace while it loads then sees it ready within a check.
+            let readable = stream.readable();
+            let more = if reply.is_empty() {
+                readable.await
+            } else {
+                match tokio::time::timeout(REPLY_PAUSE, readable).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(ExchangeError::Mismatch(Vec::new())),
+                }
+            };
+            more.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
             match stream.try_read(&mut buf) {
                 Ok(0) => return Err(ExchangeError::Eof),
                 Ok(n) => {
@@ -137,6 +152,39 @@ pub fn probe_keepalive(probe: &ProbeConfig, base: &KeepaliveConfig) -> Keepalive
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_reply_without_expect_is_a_mismatch_once_it_pauses_not_at_the_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            s.write_all(b"-LOADING Redis is loading the dataset in memory\r\n").await.unwrap();
+            // Keeps the connection open, silent.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let probe = ProbeConfig {
+            mode: ProbeMode::SendExpect,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+            send: b"PING\r\n".to_vec(),
+            expect: b"+PONG".to_vec(),
+            identity: None,
+            fall: 1,
+            rise: 1,
+            neighbor: false,
+            split_brain_window: crate::config::DEFAULT_SPLIT_BRAIN_WINDOW,
+        };
+        let t = std::time::Instant::now();
+        let r = exchange(&mut stream, &probe).await;
+        assert!(matches!(&r, Err(ExchangeError::Mismatch(reply)) if reply.starts_with(b"-LOADING")), "{r:?}");
+        // The pause is 100 ms; the timeout 10 s: well under the one, far from the other.
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        server.abort();
+    }
     use crate::config::ProbeMode;
 
     #[test]
