@@ -220,6 +220,7 @@ fn a_stalled_resolver_refuses_held_clients_at_the_deadline_with_one_shared_looku
     );
     assert!(last <= deadline + Duration::from_secs(1), "refused at the deadline, not later: {last:?}");
     assert!(waits.iter().all(|w| *w >= deadline - Duration::from_millis(100)), "held until the deadline");
-    // A query each for A and AAAA per shared lookup, one lookup per 2 s query timeout: not one per client.
-    assert!(asked <= 12, "{asked} queries for {clients} clients");
+    // Queries for A and AAAA per shared lookup, a lookup per query timeout (2 s) or the detector's probe
+    // timeout: a handful, not several per client (the C library's resolver sent 202 here).
+    assert!(asked <= 25, "{asked} queries for {clients} clients");
 }
