@@ -144,7 +144,12 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
             d(h.budget_window)
         );
         if let Some(note) = neighbor.get(&s.name) {
-            let _ = writeln!(out, "  neighbour watch {note}");
+            let damp = if p.split_brain_window.is_zero() {
+                "split brain not damped".to_string()
+            } else {
+                format!("a split brain ends at most one epoch per {}", d(p.split_brain_window))
+            };
+            let _ = writeln!(out, "  neighbour watch {note}; {damp}");
         }
         let b = bounds::bounds(s);
         let _ = writeln!(out, "  worst case to notice:");
