@@ -144,12 +144,12 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
             d(h.budget_window)
         );
         if let Some(note) = neighbor.get(&s.name) {
-            let damp = if p.split_brain_window.is_zero() {
-                "split brain not damped".to_string()
-            } else {
-                format!("a split brain ends at most one epoch per {}", d(p.split_brain_window))
+            let damp = match (note.starts_with("available"), p.split_brain_window.is_zero()) {
+                (false, _) => String::new(),
+                (true, true) => "; a split brain is not damped".to_string(),
+                (true, false) => format!("; a split brain ends at most one epoch per {}", d(p.split_brain_window)),
             };
-            let _ = writeln!(out, "  neighbour watch {note}; {damp}");
+            let _ = writeln!(out, "  neighbour watch {note}{damp}");
         }
         let b = bounds::bounds(s);
         let _ = writeln!(out, "  worst case to notice:");
