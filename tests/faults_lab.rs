@@ -228,11 +228,12 @@ fn a_client_that_vanishes_without_fin_is_reaped_by_client_keepalive() {
 }
 
 /// Random loss both ways on the client host's link, by nftables `numgen random` (tc netem does not work
-/// on these machines). The rules live in the lab's own namespace and go with it.
+/// on these machines). The rules live in the lab's own namespace and go with it. Loopback is spared: it is
+/// no link (and the test reads staybound's admin endpoint over it).
 fn drop_randomly(lab: &Lab, percent: u32) {
     let rules = format!(
-        "table inet sbloss {{ chain lossin {{ type filter hook input priority 0; numgen random mod 100 < {percent} drop; }}; \
-         chain lossout {{ type filter hook output priority 0; numgen random mod 100 < {percent} drop; }}; }}"
+        "table inet sbloss {{ chain lossin {{ type filter hook input priority 0; iifname \"lo\" accept; numgen random mod 100 < {percent} drop; }}; \
+         chain lossout {{ type filter hook output priority 0; oifname \"lo\" accept; numgen random mod 100 < {percent} drop; }}; }}"
     );
     let out = lab.exec(Host::Client, &["nft", &rules]);
     assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
@@ -246,8 +247,8 @@ fn drop_all(lab: &Lab) -> impl Drop + '_ {
             let _ = self.0.exec(Host::Client, &["nft", "delete", "table", "inet", "sbburst"]);
         }
     }
-    let rules = "table inet sbburst { chain burstin { type filter hook input priority 0; drop; }; \
-                 chain burstout { type filter hook output priority 0; drop; }; }";
+    let rules = "table inet sbburst { chain burstin { type filter hook input priority 0; iifname \"lo\" accept; drop; }; \
+                 chain burstout { type filter hook output priority 0; oifname \"lo\" accept; drop; }; }";
     let out = lab.exec(Host::Client, &["nft", rules]);
     assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
     Burst(lab)
