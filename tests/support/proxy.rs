@@ -42,6 +42,11 @@ impl Proxy {
 
 /// Finds a series in Prometheus text; panics when it is absent, so a renamed metric fails loudly.
 pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_opt(text, name, labels).unwrap_or_else(|| panic!("no series {name}{labels:?} in:\n{text}"))
+}
+
+/// The value of the series `name` with `labels`, if the exposition has it.
+pub fn metric_opt(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
@@ -52,10 +57,10 @@ pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             continue;
         }
         if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
-            return value.parse().unwrap_or(f64::NAN);
+            return Some(value.parse().unwrap_or(f64::NAN));
         }
     }
-    panic!("no series {name}{labels:?} in:\n{text}");
+    None
 }
 
 /// Polls `f` every 10 ms until it holds; panics with `what` after `timeout`.

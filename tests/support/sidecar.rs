@@ -85,9 +85,7 @@ impl<'a> Sidecar<'a> {
 
     /// A series that an older build (`STAYBOUND_BIN`) may not have: NaN when it is absent.
     pub fn metric_or_nan(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = self.get("/metrics");
-        let has = text.lines().any(|l| l.starts_with(name));
-        if has { super::proxy::metric_in(&text, name, labels) } else { f64::NAN }
+        super::proxy::metric_opt(&self.get("/metrics"), name, labels).unwrap_or(f64::NAN)
     }
 
     /// The worst cases `staybound check` computes for this config.
