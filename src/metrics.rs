@@ -174,6 +174,7 @@ const NEIGHBOR_RESOLVES: &str = "staybound_neighbor_resolves_total";
 const SPLIT_BRAIN: &str = "staybound_split_brain";
 const SPLIT_BRAIN_DAMPED: &str = "staybound_split_brain_damped_total";
 const KNOCKS: &str = "staybound_probe_knocks_total";
+const KNOCKS_FAILED: &str = "staybound_probe_knocks_failed_total";
 const BYTES: &str = "staybound_bytes_total";
 const UDP_DATAGRAMS: &str = "staybound_udp_datagrams_total";
 const UDP_DROPPED: &str = "staybound_udp_dropped_total";
@@ -333,6 +334,7 @@ impl Telemetry {
             split_brain: gauge(SPLIT_BRAIN),
             split_brain_damped: counter(SPLIT_BRAIN_DAMPED, None),
             knocks: counter(KNOCKS, None),
+            knocks_failed: counter(KNOCKS_FAILED, None),
             bytes_upstream: counter(BYTES, Some(("direction", "upstream"))),
             bytes_client: counter(BYTES, Some(("direction", "client"))),
             udp_upstream: counter(UDP_DATAGRAMS, Some(("direction", "upstream"))),
@@ -439,6 +441,8 @@ pub struct ServiceMetrics {
     pub split_brain_damped: Counter,
     /// Knocks sent on the held probe session to confirm a neighbour change (`failover::knock`).
     pub knocks: Counter,
+    /// Knocks not sent (a firewall dropped them on the way out, or another local error).
+    pub knocks_failed: Counter,
     pub bytes_upstream: Counter,
     pub bytes_client: Counter,
     pub udp_upstream: Counter,

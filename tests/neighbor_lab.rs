@@ -337,3 +337,37 @@ fn node1_changing_its_mac_ends_nothing() {
     assert_eq!(sc.epoch(), 1, "no epoch ended");
     assert!(client.ended(Duration::ZERO).is_none(), "the blocked session is kept");
 }
+
+/// Regression: a knock dropped on its way out by a local firewall fails its send with EPERM, which once
+/// was taken for a missing CAP_NET_RAW and turned knocking off for good; under random loss that left the
+/// held session to its keep-alives and the kernel's user timeout, and a false failover (5 % loss lab).
+#[test]
+fn a_knock_dropped_by_a_local_firewall_does_not_turn_knocking_off() {
+    let Some(lab) = two_nodes("knockfw") else { return };
+    let sc = Sidecar::start(&lab, "");
+    sc.wait_state("up", Duration::from_secs(5));
+    wait_until("the neighbour watch runs", Duration::from_secs(5), || sc.status()["neighbor_watch"] == "watching");
+    let knocks = || sc.metric_or_nan("staybound_probe_knocks_total", &[("service", "redis")]);
+    // Every outgoing SYN to the logical host is dropped: the knock's send fails with EPERM.
+    let rules = format!(
+        "table inet sbknock {{ chain out {{ type filter hook output priority 0; ip daddr {LOGICAL} tcp flags & (syn | ack) == syn drop; }}; }}"
+    );
+    let out = lab.exec(Host::Client, &["nft", &rules]);
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    let new_mac = "02:5b:00:00:00:11";
+    lab.exec(Host::Node1, &["ip", "link", "set", "eth0", "address", new_mac]);
+    lab.gratuitous_arp(Host::Node1);
+    wait_until("the first knock failed", Duration::from_secs(5), || {
+        sc.metric_or_nan("staybound_probe_knocks_failed_total", &[("service", "redis")]) >= 1.0
+            || lab.read_log(sc.pid).contains("cannot knock")
+    });
+    wait_until("the suspicion is settled by the keep-alive", Duration::from_secs(5), || sc.state() == "up");
+    let before = knocks();
+    lab.exec(Host::Client, &["nft", "delete", "table", "inet", "sbknock"]);
+    // The MAC changes back: the next knock goes out.
+    lab.exec(Host::Node1, &["ip", "link", "set", "eth0", "address", Host::Node1.mac_addr()]);
+    lab.gratuitous_arp(Host::Node1);
+    wait_until("a knock is sent again", Duration::from_secs(5), || knocks() > before);
+    assert!(!lab.read_log(sc.pid).contains("cannot knock"), "a dropped knock is no missing capability");
+    assert_eq!(sc.epoch(), 1);
+}

@@ -33,18 +33,31 @@ pub(crate) fn syn_segment(local: SocketAddr, peer: SocketAddr, seq: u32) -> Opti
     Some(h.to_bytes().to_vec())
 }
 
-/// Sends one knock on the session from `local` to `peer`. An error of kind `PermissionDenied` means the
-/// process lacks `CAP_NET_RAW`.
-pub(crate) fn knock(local: SocketAddr, peer: SocketAddr) -> io::Result<()> {
-    let segment = syn_segment(local, peer, fastrand::u32(..))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "addresses of different families"))?;
+/// Why a knock was not sent.
+#[derive(Debug)]
+pub(crate) enum KnockError {
+    /// No raw socket for this process: it lacks `CAP_NET_RAW`. It will not have it later either.
+    NotPermitted(io::Error),
+    /// This knock failed; the next may not. A firewall that drops the packet on its way out makes the send
+    /// fail with EPERM too, which says nothing of the capability.
+    Failed(io::Error),
+}
+
+/// Sends one knock on the session from `local` to `peer`.
+pub(crate) fn knock(local: SocketAddr, peer: SocketAddr) -> Result<(), KnockError> {
+    let segment = syn_segment(local, peer, fastrand::u32(..)).ok_or_else(|| {
+        KnockError::Failed(io::Error::new(io::ErrorKind::InvalidInput, "addresses of different families"))
+    })?;
     let domain = if peer.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     // why: a raw TCP socket receives a copy of every TCP segment the host gets while it is open; it lives
     // for one send and is closed when this returns.
-    let raw = Socket::new(domain, Type::RAW, Some(Protocol::TCP))?;
+    let raw = Socket::new(domain, Type::RAW, Some(Protocol::TCP)).map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => KnockError::NotPermitted(e),
+        _ => KnockError::Failed(e),
+    })?;
     // The kernel writes the IP header; binding picks the session's own source address for it.
-    raw.bind(&SockAddr::from(SocketAddr::new(local.ip(), 0)))?;
-    raw.send_to(&segment, &SockAddr::from(SocketAddr::new(peer.ip(), 0)))?;
+    raw.bind(&SockAddr::from(SocketAddr::new(local.ip(), 0))).map_err(KnockError::Failed)?;
+    raw.send_to(&segment, &SockAddr::from(SocketAddr::new(peer.ip(), 0))).map_err(KnockError::Failed)?;
     Ok(())
 }
 
@@ -82,7 +95,7 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, _) = listener.accept().unwrap();
         match knock(client.local_addr().unwrap(), client.peer_addr().unwrap()) {
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            Err(KnockError::NotPermitted(_)) => {
                 eprintln!("SKIP: no CAP_NET_RAW for the knock test");
                 return;
             }

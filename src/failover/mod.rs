@@ -158,8 +158,9 @@ pub enum Sign {
     /// A client's connect attempt failed.
     ConnectFailed(ConnectClass),
     /// The neighbour entry of the upstream address changed its link-layer address, seen at this time;
-    /// `old` and `new` are fingerprints of the link-layer addresses (`neighbor::fingerprint`).
-    Neighbor { seen: Instant, old: u64, new: u64 },
+    /// `old` and `new` are fingerprints of the link-layer addresses (`neighbor::fingerprint`); `resolved`:
+    /// the change answers a resolution of the entry, not an announcement (`NeighborChange::resolved`).
+    Neighbor { seen: Instant, old: u64, new: u64, resolved: bool },
     /// The cluster manager says the host moved.
     Admin,
 }
@@ -442,7 +443,7 @@ impl Detector {
                 let seen = Instant::now();
                 info!(service = %name, %change, "neighbour entry of the upstream changed its link-layer address");
                 let (old, new) = (neighbor::fingerprint(&change.old), neighbor::fingerprint(&change.new));
-                if signs.send(Sign::Neighbor { seen, old, new }).await.is_err() {
+                if signs.send(Sign::Neighbor { seen, old, new, resolved: change.resolved }).await.is_err() {
                     break;
                 }
             }
@@ -516,7 +517,7 @@ impl Detector {
                 self.observe(Evidence::Admin);
                 self.next_check = now;
             }
-            Sign::Neighbor { seen, old, new } => {
+            Sign::Neighbor { seen, old, new, resolved } => {
                 if self.svc.probe.mode == ProbeMode::Off {
                     return;
                 }
@@ -526,18 +527,17 @@ impl Detector {
                     debug!(service = %self.svc.name, "neighbour change predates the current sessions: ignored");
                     return;
                 }
-                // why: the first change after staybound deleted the entry is the kernel's answer to that; once
-                // the move it was deleted for has been decided (an epoch began since), the change is that move
-                // seen again, and the sessions of the new epoch were made to the node it names.
-                let answers_ours = self.deleted_at.take();
-                if answers_ours.is_some_and(|deleted| self.epoch_began >= deleted) {
+                // why: a change that answers staybound's own re-resolution: once the move it was deleted for
+                // has been decided (an epoch began since), the change is that move seen again, and the
+                // sessions of the new epoch were made to the node it names.
+                let deleted = if resolved { self.deleted_at.take() } else { None };
+                if deleted.is_some_and(|deleted| self.epoch_began >= deleted) {
                     debug!(service = %self.svc.name, "neighbour change answers a re-resolution made for a move already decided: ignored");
                     return;
                 }
-                // why: an answer to staybound's own re-resolution is the kernel's, not a node's
-                // announcement: the address going back to where it was then is healing, not flapping; and
-                // once the held session has answered through the new entry, it is confirmed already.
-                if let Some(deleted) = answers_ours
+                // why: and once the held session has answered through the re-resolved entry, it is
+                // confirmed already.
+                if let Some(deleted) = deleted
                     && self.machine.state() == HostState::Up
                     && self
                         .held
@@ -548,8 +548,10 @@ impl Detector {
                     debug!(service = %self.svc.name, "neighbour change answers a re-resolution the held session already answered through: ignored");
                     return;
                 }
+                // why: a resolution's answer is the kernel's, not a node's announcement: the address going
+                // back to where it was is healing, not flapping.
                 let window = self.svc.probe.split_brain_window;
-                if answers_ours.is_none() && !window.is_zero() {
+                if !resolved && !window.is_zero() {
                     self.flaps.start_from(seen, old);
                     if self.flaps.record(seen, new, window) {
                         self.split_brain(now);
@@ -616,11 +618,16 @@ impl Detector {
         let (Ok(local), Ok(peer)) = (held.local_addr(), held.peer_addr()) else { return };
         match knock::knock(local, peer) {
             Ok(()) => self.metrics.knocks.increment(1),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(knock::KnockError::NotPermitted(e)) => {
                 self.knock_refused = true;
                 warn!(service = %self.svc.name, error = %e, "cannot knock on the held probe session (needs CAP_NET_RAW): a neighbour change is confirmed by its next keep-alive instead");
             }
-            Err(e) => debug!(service = %self.svc.name, error = %e, "knock on the held probe session failed"),
+            // why: a firewall that drops the knock on its way out fails the send with EPERM; the next
+            // knock may pass, so this one is only counted.
+            Err(knock::KnockError::Failed(e)) => {
+                self.metrics.knocks_failed.increment(1);
+                debug!(service = %self.svc.name, error = %e, "knock on the held probe session not sent")
+            }
         }
     }
 

@@ -49,6 +49,10 @@ pub struct NeighborChange {
     pub old: Vec<u8>,
     /// The new link-layer address.
     pub new: Vec<u8>,
+    /// The entry had no usable address in between (deleted, `INCOMPLETE`, `FAILED`): the new one answers
+    /// a resolution, not an announcement (a gratuitous ARP updates an entry that has an address, it
+    /// never makes one).
+    pub resolved: bool,
 }
 
 impl fmt::Display for NeighborChange {
@@ -113,12 +117,18 @@ fn no_netlink() -> WatchError {
 struct Tracker {
     ips: HashSet<IpAddr>,
     known: HashMap<(IpAddr, u32), Vec<u8>>,
+    /// Entries seen without a usable address since their last known one.
+    unresolved: HashSet<(IpAddr, u32)>,
 }
 
 #[cfg_attr(not(feature = "netlink"), allow(dead_code))]
 impl Tracker {
     fn new(ips: impl IntoIterator<Item = IpAddr>) -> Self {
-        Self { ips: ips.into_iter().map(|ip| ip.to_canonical()).collect(), known: HashMap::new() }
+        Self {
+            ips: ips.into_iter().map(|ip| ip.to_canonical()).collect(),
+            known: HashMap::new(),
+            unresolved: HashSet::new(),
+        }
     }
 
     /// Records one neighbour-table observation. `lladdr` is `None` when the entry has no
@@ -128,12 +138,16 @@ impl Tracker {
         if !self.ips.contains(&ip) {
             return None;
         }
-        let new = lladdr.filter(|a| !a.is_empty())?;
+        let Some(new) = lladdr.filter(|a| !a.is_empty()) else {
+            self.unresolved.insert((ip, ifindex));
+            return None;
+        };
+        let resolved = self.unresolved.remove(&(ip, ifindex));
         match self.known.get_mut(&(ip, ifindex)) {
             Some(old) if old.as_slice() == new => None,
             Some(old) => {
                 let old = std::mem::replace(old, new.to_vec());
-                Some(NeighborChange { ip, ifindex, old, new: new.to_vec() })
+                Some(NeighborChange { ip, ifindex, old, new: new.to_vec(), resolved })
             }
             None => {
                 self.known.insert((ip, ifindex), new.to_vec());
@@ -631,10 +645,27 @@ mod tests {
         let mut t = Tracker::new([v4(100)]);
         t.observe(v4(100), 3, Some(&A));
         let c = t.observe(v4(100), 3, Some(&B)).expect("change");
-        assert_eq!((c.ip, c.ifindex, c.old.as_slice(), c.new.as_slice()), (v4(100), 3, &A[..], &B[..]));
+        assert_eq!(
+            (c.ip, c.ifindex, c.old.as_slice(), c.new.as_slice(), c.resolved),
+            (v4(100), 3, &A[..], &B[..], false)
+        );
         assert_eq!(c.to_string(), "198.18.0.100 (ifindex 3): 02:00:00:00:00:0a -> 02:00:00:00:00:0b");
         assert_eq!(t.observe(v4(100), 3, Some(&B)), None);
-        assert!(t.observe(v4(100), 3, Some(&A)).is_some(), "failback is a change too");
+        assert!(t.observe(v4(100), 3, Some(&A)).is_some_and(|c| !c.resolved), "failback is a change too");
+    }
+
+    #[test]
+    fn a_change_after_the_entry_lost_its_address_answers_a_resolution() {
+        let mut t = Tracker::new([v4(100)]);
+        t.observe(v4(100), 3, Some(&A));
+        assert!(t.observe(v4(100), 3, Some(&B)).is_some_and(|c| !c.resolved), "an announcement");
+        t.observe(v4(100), 3, None); // deleted, then INCOMPLETE
+        t.observe(v4(100), 3, None);
+        assert!(t.observe(v4(100), 3, Some(&A)).is_some_and(|c| c.resolved), "the resolution's answer");
+        // Resolved to the same address: no change, and the next change is an announcement again.
+        t.observe(v4(100), 3, None);
+        assert_eq!(t.observe(v4(100), 3, Some(&A)), None);
+        assert!(t.observe(v4(100), 3, Some(&B)).is_some_and(|c| !c.resolved));
     }
 
     #[test]

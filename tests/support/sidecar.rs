@@ -116,18 +116,28 @@ impl Blocked {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(b"*3\r\n$5\r\nBLPOP\r\n$7\r\nsomekey\r\n$1\r\n0\r\n").unwrap();
         let (tx, rx) = mpsc::channel();
+        // why: it keeps blocking after each 30 s read timeout (reported as "still blocked after 30s"), so
+        // a scenario of ten minutes sees the session end whenever it does; it stops when the receiver goes.
         std::thread::spawn(move || {
             let mut buf = [0u8; 256];
-            let what = match s.read(&mut buf) {
-                Ok(0) => "eof".to_string(),
-                Ok(n) => format!("data {:?}", String::from_utf8_lossy(&buf[..n])),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".to_string(),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
-                    "still blocked after 30s".to_string()
-                }
-                Err(e) => format!("error {e}"),
-            };
-            let _ = tx.send((Instant::now(), what));
+            loop {
+                let what = match s.read(&mut buf) {
+                    Ok(0) => "eof".to_string(),
+                    Ok(n) => format!("data {:?}", String::from_utf8_lossy(&buf[..n])),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".to_string(),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        if tx.send((Instant::now(), "still blocked after 30s".to_string())).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => format!("error {e}"),
+                };
+                let _ = tx.send((Instant::now(), what));
+                return;
+            }
         });
         Blocked { rx }
     }
