@@ -423,6 +423,28 @@ pub fn not_ready(registry: &Registry) -> Vec<String> {
     reasons
 }
 
+/// A guard service's part of `/status` (null for other services): whether the kernel lets staybound destroy
+/// sockets, and what the last epoch end destroyed.
+fn guard_json(registry: &Registry, name: &str, guard: bool) -> serde_json::Value {
+    if !guard {
+        return serde_json::Value::Null;
+    }
+    let last = registry.guard.last(name).map(|l| {
+        json!({
+            "time": humantime::format_rfc3339_millis(l.at).to_string(),
+            "epoch": l.epoch,
+            "destroyed": l.sweep.destroyed,
+            "failed": l.sweep.failed,
+            "error": l.sweep.error,
+            "seconds": l.took.as_secs_f64(),
+        })
+    });
+    json!({
+        "destroy": registry.guard.ability().map_or("not checked yet".to_string(), |a| a.describe()),
+        "last_epoch_end": last,
+    })
+}
+
 /// The `/status` document.
 pub fn status_json(registry: &Registry) -> serde_json::Value {
     let services = registry.services.load();
@@ -453,6 +475,7 @@ pub fn status_json(registry: &Registry) -> serde_json::Value {
                 "neighbor_watch": &*view.neighbor,
                 "note": view.note.as_deref(),
                 "split_brain": view.split_brain,
+                "guard": guard_json(registry, &entry.name, svc.cfg.guard),
             })
         })
         .collect();

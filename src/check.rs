@@ -29,6 +29,22 @@ pub async fn neighbor_notes(config: &Config) -> std::collections::HashMap<String
 
 /// The report, with a neighbour-watch note per service.
 pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String, String>) -> String {
+    report_full(config, neighbor, None)
+}
+
+/// Whether this host lets staybound destroy sockets (guard mode), when a service is in guard mode: found
+/// out on a socket pair of its own.
+pub fn guard_note(config: &Config) -> Option<String> {
+    config.services.iter().any(|s| s.guard).then(|| crate::guard::probe().describe())
+}
+
+/// The report, with a neighbour-watch note per service and, with guard services, whether the kernel lets
+/// staybound destroy sockets.
+pub fn report_full(
+    config: &Config,
+    neighbor: &std::collections::HashMap<String, String>,
+    guard: Option<&str>,
+) -> String {
     let mut out = String::new();
     let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let _ = writeln!(out, "{}: valid, {} service(s)", config.path.display(), config.services.len());
@@ -65,7 +81,21 @@ pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String,
         let _ = writeln!(out, "\nservice {} ({proto})", s.name);
         let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
         let udp = s.protocol == Protocol::Udp;
-        if udp {
+        if s.guard {
+            let _ = writeln!(
+                out,
+                "  mode            guard: no listener; at an epoch's end this host's established TCP sockets to {} are destroyed (sock_diag)",
+                s.upstream
+            );
+            let _ = writeln!(out, "  destroy         {}", guard.unwrap_or("not checked"));
+            if guard.is_some_and(|g| !g.starts_with("allowed")) {
+                warnings.push(format!(
+                    "service {}: guard mode cannot destroy sockets here ({}): its clients are not told of a failover",
+                    s.name,
+                    guard.unwrap_or("")
+                ));
+            }
+        } else if udp {
             let _ = writeln!(out, "  listen          {}", listen.join(", "));
         } else {
             let _ = writeln!(out, "  listen          {} (backlog {})", listen.join(", "), s.backlog);

@@ -8,6 +8,7 @@
 //! * [`upstream`]: the connector (the only place that dials out), socket options, error classes, retries.
 //! * [`udp`]: `protocol = "udp"` services: flows, replies from the address the client used.
 //! * [`failover`]: the detector of each service: probe session, host state, epochs.
+//! * [`guard`]: guard mode: no listener; at an epoch's end this host's sockets to the upstream are destroyed.
 //! * [`service`]: what a session needs of its service, in one place.
 //! * [`metrics`] and [`admin`]: what operators see; [`admin`]'s guard decides who may ask; [`registry`]:
 //!   what the server shows them of itself.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod failover;
+pub mod guard;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -151,7 +151,8 @@ fn check(args: RunArgs) -> ExitCode {
                 .build()
                 .map(|rt| rt.block_on(staybound::check::neighbor_notes(&config)))
                 .unwrap_or_default();
-            print!("{}", staybound::check::report_with(&config, &notes));
+            let guard = staybound::check::guard_note(&config);
+            print!("{}", staybound::check::report_full(&config, &notes, guard.as_deref()));
             ExitCode::SUCCESS
         }
         Err(code) => code,

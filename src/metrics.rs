@@ -185,6 +185,8 @@ const UPGRADES: &str = "staybound_upgrades_total";
 const LISTEN_OVERFLOWS: &str = "staybound_listen_overflows_total";
 const ADMIN_REFUSED: &str = "staybound_admin_requests_refused_total";
 const SESSION_CAPACITY: &str = "staybound_session_capacity";
+const GUARD_DESTROYED: &str = "staybound_guard_sockets_destroyed_total";
+const GUARD_FAILED: &str = "staybound_guard_destroy_failures_total";
 
 /// The metric registry of one staybound process (or of one test instance).
 #[derive(Clone)]
@@ -342,6 +344,8 @@ impl Telemetry {
             udp_dropped,
             udp_evicted: counter(UDP_EVICTED, None),
             udp_bound: gauge(UDP_BOUND),
+            guard_destroyed: counter(GUARD_DESTROYED, None),
+            guard_failed: counter(GUARD_FAILED, None),
         })
     }
 }
@@ -387,6 +391,12 @@ fn describe(r: &PrometheusRecorder) {
         d(CONFIG_RELOADS, None, "Config reloads on SIGHUP, by result."),
         d(UPGRADES, None, "Upgrades on SIGUSR2 (sockets handed to a new binary), by result."),
         d(ADMIN_REFUSED, None, "Admin requests and connections refused, by reason."),
+        d(GUARD_DESTROYED, None, "Guard mode: this host's sockets to the upstream destroyed at an epoch's end."),
+        d(
+            GUARD_FAILED,
+            None,
+            "Guard mode: sockets to the upstream that could not be destroyed at an epoch's end (not permitted, ...).",
+        ),
         d(
             LISTEN_OVERFLOWS,
             None,
@@ -451,6 +461,10 @@ pub struct ServiceMetrics {
     /// Flows ended to make room for a new client at `max_flows`.
     pub udp_evicted: Counter,
     pub udp_bound: Gauge,
+    /// Guard mode: sockets to the upstream destroyed at epoch ends.
+    pub guard_destroyed: Counter,
+    /// Guard mode: sockets that matched but could not be destroyed.
+    pub guard_failed: Counter,
 }
 
 impl ServiceMetrics {

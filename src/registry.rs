@@ -20,6 +20,8 @@ pub struct Registry {
     /// The admin settings now in force: the hook's token and rate change with a reload, the listen
     /// address only at a restart.
     pub admin: ArcSwap<AdminConfig>,
+    /// Guard mode: whether sockets can be destroyed here, and each guard service's last epoch end.
+    pub guard: crate::guard::Board,
 }
 
 /// One running service as its readers see it.
@@ -44,7 +46,12 @@ impl Entry {
 
 impl Registry {
     pub fn new(telemetry: Telemetry, admin: AdminConfig) -> Registry {
-        Registry { telemetry, services: ArcSwap::from_pointee(Vec::new()), admin: ArcSwap::from_pointee(admin) }
+        Registry {
+            telemetry,
+            services: ArcSwap::from_pointee(Vec::new()),
+            admin: ArcSwap::from_pointee(admin),
+            guard: crate::guard::Board::default(),
+        }
     }
 
     /// The running service named `name`.

@@ -432,6 +432,7 @@ impl Instance {
         self.draining.retain(|_, l| l.counts.active() + l.counts.held() > 0);
 
         // Detectors first (new ones started, kept ones reconfigured in place), so dependencies can be wired.
+        let mut started = Vec::new();
         for s in &config.services {
             let cfg = Arc::new(s.clone());
             if let Some(r) = self.running.get(&s.name) {
@@ -445,6 +446,7 @@ impl Instance {
             let (detector, handle, reconfigure) = Detector::new(cfg.clone(), metrics.clone());
             let stop_detector = CancellationToken::new();
             self.background.spawn(detector.run(stop_detector.clone()));
+            started.push(s.name.clone());
             let lasting = match self.draining.remove(&s.name) {
                 Some(l) => {
                     l.reconfigure(&cfg);
@@ -538,6 +540,16 @@ impl Instance {
         let entries: Vec<Arc<Entry>> =
             config.services.iter().filter_map(|s| self.running.get(&s.name).map(|r| r.entry.clone())).collect();
         self.registry.services.store(Arc::new(entries));
+        // Guard mode: every new TCP service's epochs are watched as long as its name runs, so a reload can turn
+        // guard on or off; whether the kernel allows destroying sockets is found out once, when first needed.
+        if config.services.iter().any(|s| s.guard) {
+            crate::guard::probe_once(&self.registry).await;
+        }
+        for name in started {
+            if let Some(r) = self.running.get(&name).filter(|r| r.cfg.protocol == Protocol::Tcp) {
+                self.background.spawn(crate::guard::watch(name, self.registry.clone(), r.stop_detector.clone()));
+            }
+        }
         Ok(())
     }
 

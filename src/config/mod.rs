@@ -99,6 +99,12 @@ pub struct ServiceConfig {
     /// A session with no bytes either way for this long is closed; `None` (the default) never: legacy
     /// clients keep idle connections in pools on purpose.
     pub idle_timeout: Option<Duration>,
+    /// Transparent mode: this host's outbound TCP to `upstream` is redirected into `listen` (nftables table
+    /// `staybound`), so clients that dial the logical host's address come through staybound unchanged.
+    pub intercept: bool,
+    /// Guard mode: no listener; when an epoch ends, this host's established TCP sockets to `upstream` are
+    /// destroyed (sock_diag), so clients that dial the logical host directly learn of the move at once.
+    pub guard: bool,
     pub keepalive: KeepaliveConfig,
     pub probe: ProbeConfig,
     pub hold: HoldConfig,

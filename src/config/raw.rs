@@ -95,6 +95,8 @@ pub struct RawService {
     pub backlog: Option<S<i64>>,
     pub on_failover: Option<S<String>>,
     pub idle_timeout: Option<S<DurationText>>,
+    pub intercept: Option<S<bool>>,
+    pub guard: Option<S<bool>>,
     pub keepalive: Option<RawKeepalive>,
     pub probe: Option<RawProbe>,
     pub hold: Option<RawHold>,

@@ -372,7 +372,12 @@ fn service(
     let protocol =
         cx.one_of(&svc.protocol, &key("protocol"), Protocol::Tcp, &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)]);
 
+    modes(cx, &svc, protocol_of(&svc), &svc.upstream, label);
+    let guard = svc.guard.as_ref().is_some_and(|b| *b.get_ref());
+    let intercept = svc.intercept.as_ref().is_some_and(|b| *b.get_ref());
     let listen = match &svc.listen {
+        // why: guard mode has no listener: it destroys the sockets clients made themselves.
+        None if guard => Vec::new(),
         None => {
             cx.at(
                 span.clone(),
@@ -470,10 +475,104 @@ fn service(
         backlog,
         on_failover,
         idle_timeout,
+        intercept,
+        guard,
         keepalive,
         probe,
         hold,
         udp,
+    }
+}
+
+/// The protocol as written, when it is one.
+fn protocol_of(svc: &RawService) -> Option<Protocol> {
+    match svc.protocol.as_ref().map(|p| p.get_ref().as_str()) {
+        Some("udp") => Some(Protocol::Udp),
+        _ => Some(Protocol::Tcp),
+    }
+}
+
+/// `guard` and `intercept`: what each needs of the rest of the service, every conflict reported at its key.
+fn modes(cx: &mut Ctx<'_>, svc: &RawService, protocol: Option<Protocol>, upstream: &Option<S<String>>, label: &str) {
+    fn on(v: &Option<S<bool>>) -> Option<&S<bool>> {
+        v.as_ref().filter(|b| *b.get_ref())
+    }
+    let key = |k: &str| format!("{label}.{k}");
+    let protocol = protocol.unwrap_or(Protocol::Tcp);
+    let upstream = upstream.as_ref().and_then(|u| parse_upstream(u.get_ref()).ok());
+    let listen: Vec<SocketAddr> = match svc.listen.as_ref().map(|l| l.get_ref()) {
+        Some(toml::Value::String(a)) => a.parse().into_iter().collect(),
+        Some(toml::Value::Array(items)) => items.iter().filter_map(|i| i.as_str()?.parse().ok()).collect(),
+        _ => Vec::new(),
+    };
+    if let Some(g) = on(&svc.guard) {
+        if on(&svc.intercept).is_some() {
+            cx.at(
+                g.span(),
+                &key("guard"),
+                "true together with intercept = true: guard mode has no listener and stays out of the data path, \
+                 intercept redirects clients into the listener; choose one",
+            );
+        }
+        if protocol == Protocol::Udp {
+            cx.at(
+                g.span(),
+                &key("guard"),
+                "true on a udp service: guard mode destroys TCP sockets; a datagram has no session to end",
+            );
+        }
+        if let Some(l) = &svc.listen {
+            cx.at(l.span(), &key("listen"), "set with guard = true: guard mode has no listener (clients dial the upstream themselves); remove listen");
+        }
+        if let Some(UpstreamAddr::Name { .. }) = upstream
+            && let Some(u) = &svc.upstream
+        {
+            cx.at(
+                u.span(),
+                &key("upstream"),
+                format!(
+                    "{:?} is a name: guard mode finds the sockets to destroy by address, so it needs IP:port",
+                    u.get_ref()
+                ),
+            );
+        }
+    }
+    if let Some(i) = on(&svc.intercept) {
+        if protocol == Protocol::Udp {
+            cx.at(
+                i.span(),
+                &key("intercept"),
+                "true on a udp service: interception redirects TCP connections only (see the README, UDP)",
+            );
+        }
+        match upstream {
+            Some(UpstreamAddr::Name { .. }) => {
+                if let Some(u) = &svc.upstream {
+                    cx.at(
+                        u.span(),
+                        &key("upstream"),
+                        format!(
+                            "{:?} is a name: intercept = true redirects connections to one address, so it needs IP:port",
+                            u.get_ref()
+                        ),
+                    );
+                }
+            }
+            Some(UpstreamAddr::Ip(up))
+                if !listen.is_empty() && !listen.iter().any(|l| l.is_ipv4() == up.is_ipv4() && l.port() != 0) =>
+            {
+                let span = svc.listen.as_ref().map_or(i.span(), |l| l.span());
+                cx.at(
+                    span,
+                    &key("listen"),
+                    format!(
+                        "has no address of the upstream's family ({up}) with a fixed port: intercept = true \
+                         redirects connections to the upstream into such a listen address"
+                    ),
+                );
+            }
+            _ => {}
+        }
     }
 }
 
@@ -1094,6 +1193,49 @@ mod tests {
         let keys: Vec<(usize, &str)> = err.problems().iter().map(|p| (p.line, p.key.as_str())).collect();
         assert_eq!(keys, vec![(7, "service[u].udp.reply_from"), (7, "service[u].udp.reply_from")], "{err}");
         assert!(err.to_string().contains("every address"), "{err}");
+    }
+
+    #[test]
+    fn guard_and_intercept_conflicts_are_each_reported_at_their_key() {
+        let svc = |keys: &str| load(&format!("[[service]]\nname = \"g\"\n{keys}"));
+        let c = svc("upstream = \"198.18.0.100:6379\"\nguard = true\n").unwrap();
+        assert!(c.services[0].guard && c.services[0].listen.is_empty(), "guard needs no listen");
+        let c = svc("listen = \"127.0.0.1:6379\"\nupstream = \"198.18.0.100:6379\"\nintercept = true\n").unwrap();
+        assert!(c.services[0].intercept);
+        let problems = |keys: &str| -> Vec<(usize, String)> {
+            svc(keys).unwrap_err().problems().iter().map(|p| (p.line, p.key.clone())).collect()
+        };
+        assert_eq!(
+            problems("listen = \"127.0.0.1:1\"\nupstream = \"198.18.0.100:6379\"\nguard = true\nintercept = true\n"),
+            vec![(3, "service[g].listen".into()), (5, "service[g].guard".into())]
+        );
+        assert_eq!(
+            problems("protocol = \"udp\"\nupstream = \"198.18.0.100:53\"\nguard = true\n"),
+            vec![(5, "service[g].guard".into())],
+            "guard on udp"
+        );
+        assert_eq!(
+            problems("upstream = \"db.example:5432\"\nguard = true\n"),
+            vec![(3, "service[g].upstream".into())],
+            "guard finds sockets by address"
+        );
+        assert_eq!(
+            problems("listen = \"127.0.0.1:1\"\nupstream = \"db.example:5432\"\nintercept = true\n"),
+            vec![(4, "service[g].upstream".into())]
+        );
+        assert_eq!(
+            problems(
+                "listen = \"127.0.0.1:1\"\nprotocol = \"udp\"\nupstream = \"198.18.0.100:53\"\nintercept = true\n"
+            ),
+            vec![(6, "service[g].intercept".into())]
+        );
+        assert_eq!(
+            problems("listen = [\"[::1]:1\", \"127.0.0.1:0\"]\nupstream = \"198.18.0.100:6379\"\nintercept = true\n"),
+            vec![(3, "service[g].listen".into())],
+            "a listen address of the upstream's family with a fixed port"
+        );
+        let err = svc("upstream = \"198.18.0.100:6379\"\nguard = true\nintercept = true\n").unwrap_err();
+        assert!(err.to_string().contains("t.toml:4:9: service[g].guard: true together with intercept"), "{err}");
     }
 
     #[test]

@@ -31,8 +31,14 @@ pub struct Sidecar<'a> {
 impl<'a> Sidecar<'a> {
     /// Starts staybound with `service_extra` appended to the `redis` service (tables such as `[service.probe]`).
     pub fn start(lab: &'a Lab, service_extra: &str) -> Sidecar<'a> {
+        Sidecar::start_with(lab, &format!("listen = \"{LISTEN}\"\n"), service_extra)
+    }
+
+    /// Starts staybound with the `redis` service's top-level keys `service_keys` (such as its `listen`, or
+    /// `guard = true`) and then `service_extra`.
+    pub fn start_with(lab: &'a Lab, service_keys: &str, service_extra: &str) -> Sidecar<'a> {
         let text = format!(
-            "shutdown_grace = \"1s\"\n[admin]\nlisten = \"{ADMIN}\"\n[[service]]\nname = \"redis\"\nlisten = \"{LISTEN}\"\nupstream = \"{LOGICAL}:{REDIS_PORT}\"\n{service_extra}"
+            "shutdown_grace = \"1s\"\n[admin]\nlisten = \"{ADMIN}\"\n[[service]]\nname = \"redis\"\n{service_keys}upstream = \"{LOGICAL}:{REDIS_PORT}\"\n{service_extra}"
         );
         let path = lab.dir().join("staybound.toml");
         std::fs::write(&path, &text).unwrap();
