@@ -476,6 +476,11 @@ pub fn status_json(registry: &Registry) -> serde_json::Value {
                 "note": view.note.as_deref(),
                 "split_brain": view.split_brain,
                 "guard": guard_json(registry, &entry.name, svc.cfg.guard),
+                "intercept": if svc.cfg.intercept {
+                    json!({ "rules": registry.intercept.rules().unwrap_or_else(|| "not installed yet".into()) })
+                } else {
+                    serde_json::Value::Null
+                },
             })
         })
         .collect();

@@ -100,6 +100,14 @@ pub fn report_full(
         } else {
             let _ = writeln!(out, "  listen          {} (backlog {})", listen.join(", "), s.backlog);
         }
+        if s.intercept {
+            let _ = writeln!(
+                out,
+                "  mode            transparent: this host's TCP to {} is redirected into the listener (nftables table inet {}; needs CAP_NET_ADMIN, or `staybound setup` beforehand)",
+                s.upstream,
+                crate::intercept::TABLE
+            );
+        }
         let kind = match &s.upstream {
             UpstreamAddr::Ip(_) => "address",
             UpstreamAddr::Name { .. } => "name, resolved again on every connect",

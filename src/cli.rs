@@ -1,5 +1,5 @@
-//! The command line: `run` (the default), `check`, `status`, `demo`, `completions`, `man`, and the global
-//! logging flags.
+//! The command line: `run` (the default), `check`, `status`, `cleanup`, `setup`, `demo`, `completions`,
+//! `man`, and the global logging flags.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,12 @@ pub enum Command {
     Check(RunArgs),
     /// Print the state of a running staybound, read from its admin endpoint.
     Status(StatusArgs),
+    /// Remove the interception rules (nftables table `inet staybound`) a killed staybound left; touches no
+    /// other table. Needs CAP_NET_ADMIN.
+    Cleanup,
+    /// Install the interception rules of the config file's `intercept` services and exit, for an init
+    /// container: the long-running staybound then needs no CAP_NET_ADMIN. Needs CAP_NET_ADMIN.
+    Setup(SetupArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions {
         #[arg(value_enum)]
@@ -64,6 +70,16 @@ impl RunArgs {
     pub fn path(&self) -> &Path {
         self.config.as_deref().unwrap_or(Path::new(DEFAULT_CONFIG))
     }
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// The config file whose `intercept` services are redirected [default: /etc/staybound/staybound.toml].
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The user staybound will run as: its sockets are let through (it may not be able to mark them).
+    #[arg(long, value_name = "UID")]
+    pub exempt_uid: Option<u32>,
 }
 
 #[derive(Debug, Args)]

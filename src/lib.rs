@@ -8,6 +8,8 @@
 //! * [`upstream`]: the connector (the only place that dials out), socket options, error classes, retries.
 //! * [`udp`]: `protocol = "udp"` services: flows, replies from the address the client used.
 //! * [`failover`]: the detector of each service: probe session, host state, epochs.
+//! * [`intercept`]: transparent mode: nftables rules send this host's connections to the upstream into the
+//!   listener; the original destination says whether a connection was meant for the service.
 //! * [`guard`]: guard mode: no listener; at an epoch's end this host's sockets to the upstream are destroyed.
 //! * [`service`]: what a session needs of its service, in one place.
 //! * [`metrics`] and [`admin`]: what operators see; [`admin`]'s guard decides who may ask; [`registry`]:
@@ -23,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod failover;
 pub mod guard;
+pub mod intercept;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

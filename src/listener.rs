@@ -1,6 +1,7 @@
 //! Accept loops: one per listen address. Each accepted client takes a permit of its service's
 //! `max_connections` and becomes a session task; a client over the limit is refused at once (RST),
-//! counted and logged. An accept error is logged and the loop goes on.
+//! counted and logged. An accept error is logged and the loop goes on. An intercept service refuses (RST,
+//! counted, logged) a connection whose original destination was neither its upstream nor its listener.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::intercept;
 use crate::metrics::Outcome;
 use crate::service::Service;
 use crate::session;
@@ -26,6 +28,7 @@ pub async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let mut refused = RateLimitedLog::new(Duration::from_secs(1));
+    let mut misdirected = RateLimitedLog::new(Duration::from_secs(1));
     loop {
         let accepted = tokio::select! {
             _ = stop_accept.cancelled() => break,
@@ -34,6 +37,15 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let current = svc.load_full();
+                if current.cfg.intercept && !meant_for(&stream, &current) {
+                    socket::reset_on_close(&stream);
+                    drop(stream);
+                    current.metrics.intercept_refused.increment(1);
+                    if let Some(n) = misdirected.hit() {
+                        warn!(service = %current.cfg.name, client = %peer, refused = n, "connections refused: redirected here, but not meant for this service's upstream");
+                    }
+                    continue;
+                }
                 match current.limit.try_acquire() {
                     Some(permit) => {
                         tracker.spawn(session::serve(stream, peer, current, permit, stop_sessions.clone()));
@@ -61,6 +73,14 @@ pub async fn accept_loop(
             }
         }
     }
+}
+
+/// Whether a connection accepted by an intercept service was meant for it: redirected from its upstream
+/// address, or made to the listen address itself (see `intercept::admit`).
+fn meant_for(stream: &tokio::net::TcpStream, svc: &Service) -> bool {
+    let crate::config::UpstreamAddr::Ip(upstream) = svc.cfg.upstream else { return true };
+    let Ok(local) = stream.local_addr() else { return true };
+    intercept::admit(intercept::original_dst(stream), upstream, local) != intercept::Verdict::Refused
 }
 
 /// Logs the first event, then at most once per period with the count since the last line.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use staybound::cli::{Cli, Command, DEFAULT_CONFIG, LogFormat, RunArgs, StatusArgs};
+use staybound::cli::{Cli, Command, DEFAULT_CONFIG, LogFormat, RunArgs, SetupArgs, StatusArgs};
 use staybound::config::{Config, DEFAULT_ADMIN_LISTEN};
 use staybound::metrics::Telemetry;
 use staybound::server::Instance;
@@ -35,6 +35,17 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(args),
         Some(Command::Check(args)) => check(args),
         Some(Command::Status(args)) => status(args),
+        Some(Command::Cleanup) => match staybound::intercept::remove() {
+            Ok(()) => {
+                println!("nftables table inet {} removed (or there was none)", staybound::intercept::TABLE);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("staybound cleanup: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Setup(args)) => setup(args),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(shell, &mut staybound::cli::command(), "staybound", &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -138,6 +149,39 @@ fn status(args: StatusArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("staybound status: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `staybound setup`: installs the interception rules of the config file and exits (an init container's job).
+fn setup(args: SetupArgs) -> ExitCode {
+    let run = RunArgs { config: args.config, binary: None };
+    let config = match load(&run) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let redirects = staybound::intercept::redirects(&config);
+    if redirects.is_empty() {
+        eprintln!("staybound setup: {} has no service with intercept = true", config.path.display());
+        return ExitCode::from(EX_CONFIG);
+    }
+    let exempt = staybound::intercept::Exempt { uid: args.exempt_uid };
+    match staybound::intercept::install(&redirects, exempt) {
+        Ok(()) => {
+            for r in &redirects {
+                println!("service {}: TCP to {} is redirected to {}", r.service, r.upstream, r.to);
+            }
+            match exempt.uid {
+                Some(uid) => {
+                    println!("exempt: sockets marked {:#x} and every socket of uid {uid}", staybound::intercept::MARK)
+                }
+                None => println!("exempt: sockets marked {:#x}", staybound::intercept::MARK),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("staybound setup: {e}");
             ExitCode::FAILURE
         }
     }

@@ -187,6 +187,7 @@ const ADMIN_REFUSED: &str = "staybound_admin_requests_refused_total";
 const SESSION_CAPACITY: &str = "staybound_session_capacity";
 const GUARD_DESTROYED: &str = "staybound_guard_sockets_destroyed_total";
 const GUARD_FAILED: &str = "staybound_guard_destroy_failures_total";
+const INTERCEPT_REFUSED: &str = "staybound_intercept_refused_total";
 
 /// The metric registry of one staybound process (or of one test instance).
 #[derive(Clone)]
@@ -346,6 +347,7 @@ impl Telemetry {
             udp_bound: gauge(UDP_BOUND),
             guard_destroyed: counter(GUARD_DESTROYED, None),
             guard_failed: counter(GUARD_FAILED, None),
+            intercept_refused: counter(INTERCEPT_REFUSED, None),
         })
     }
 }
@@ -391,6 +393,11 @@ fn describe(r: &PrometheusRecorder) {
         d(CONFIG_RELOADS, None, "Config reloads on SIGHUP, by result."),
         d(UPGRADES, None, "Upgrades on SIGUSR2 (sockets handed to a new binary), by result."),
         d(ADMIN_REFUSED, None, "Admin requests and connections refused, by reason."),
+        d(
+            INTERCEPT_REFUSED,
+            None,
+            "Transparent mode: connections refused because their original destination was not the service's upstream.",
+        ),
         d(GUARD_DESTROYED, None, "Guard mode: this host's sockets to the upstream destroyed at an epoch's end."),
         d(
             GUARD_FAILED,
@@ -465,6 +472,8 @@ pub struct ServiceMetrics {
     pub guard_destroyed: Counter,
     /// Guard mode: sockets that matched but could not be destroyed.
     pub guard_failed: Counter,
+    /// Transparent mode: connections whose original destination was not the upstream, refused.
+    pub intercept_refused: Counter,
 }
 
 impl ServiceMetrics {

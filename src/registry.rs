@@ -22,6 +22,8 @@ pub struct Registry {
     pub admin: ArcSwap<AdminConfig>,
     /// Guard mode: whether sockets can be destroyed here, and each guard service's last epoch end.
     pub guard: crate::guard::Board,
+    /// Transparent mode: whether this process installed the interception rules.
+    pub intercept: crate::intercept::Board,
 }
 
 /// One running service as its readers see it.
@@ -51,6 +53,7 @@ impl Registry {
             services: ArcSwap::from_pointee(Vec::new()),
             admin: ArcSwap::from_pointee(admin),
             guard: crate::guard::Board::default(),
+            intercept: crate::intercept::Board::default(),
         }
     }
 

@@ -13,11 +13,12 @@ use arc_swap::ArcSwap;
 use socket2::SockRef;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminHandle};
 use crate::config::{Config, Protocol, ServiceConfig};
 use crate::failover::{Detector, DetectorHandle, Reconfigure};
+use crate::intercept;
 use crate::listener;
 use crate::metrics::{ServiceMetrics, Telemetry};
 pub use crate::registry::{Entry, Registry};
@@ -181,6 +182,9 @@ pub struct Instance {
     background: TaskTracker,
     stop_sessions: CancellationToken,
     admin: Option<AdminHandle>,
+    /// The interception rules this process installed (nftables table `staybound`), removed at shutdown
+    /// unless an upgrade's new process took them over.
+    rules: Option<Vec<intercept::Redirect>>,
 }
 
 impl Instance {
@@ -214,6 +218,7 @@ impl Instance {
             background: TaskTracker::new(),
             stop_sessions: CancellationToken::new(),
             admin: None,
+            rules: None,
         };
         // why: bound first (or taken from the process this one upgrades), so a busy admin port fails the
         // start before any service says it listens; served after the services, so an admin endpoint that
@@ -297,6 +302,9 @@ impl Instance {
         if let Some(admin) = self.admin.take() {
             admin.stop();
         }
+        // why: the new process replaced the interception table with its own when it started; removing it now
+        // would send its clients past it.
+        self.rules = None;
         self.shutdown(grace).await;
     }
 
@@ -550,11 +558,61 @@ impl Instance {
                 self.background.spawn(crate::guard::watch(name, self.registry.clone(), r.stop_detector.clone()));
             }
         }
+        // Interception rules last, once every listener they send clients to accepts.
+        self.intercept(intercept::redirects(config)).await;
         Ok(())
+    }
+
+    /// Installs, replaces or removes the interception rules so they redirect `want`. A failure is logged
+    /// and shown in `/status`; the services run on (their listen addresses still work).
+    async fn intercept(&mut self, want: Vec<intercept::Redirect>) {
+        if self.rules.as_ref() == Some(&want) || (self.rules.is_none() && want.is_empty()) {
+            return;
+        }
+        if want.is_empty() {
+            self.remove_rules().await;
+            self.registry.intercept.set(None);
+            return;
+        }
+        let redirects = want.clone();
+        let result = tokio::task::spawn_blocking(move || intercept::install(&redirects, intercept::Exempt::default()))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match result {
+            Ok(()) => {
+                for r in &want {
+                    info!(service = %r.service, upstream = %r.upstream, to = %r.to, table = intercept::TABLE, "intercepting: this host's TCP to the upstream is redirected into the listener");
+                }
+                self.registry.intercept.set(Some(format!(
+                    "installed by this process: nftables table inet {}, {} redirect(s)",
+                    intercept::TABLE,
+                    want.len()
+                )));
+                self.rules = Some(want);
+            }
+            Err(e) => {
+                error!(error = %e, "cannot install the interception rules: clients that dial the upstream go past staybound (they can still use the listen address); they need CAP_NET_ADMIN and nft, or `staybound setup` run beforehand with them");
+                self.registry.intercept.set(Some(format!("not installed by this process: {e}")));
+            }
+        }
+    }
+
+    /// Deletes the interception table this process installed, if it did.
+    async fn remove_rules(&mut self) {
+        if self.rules.take().is_none() {
+            return;
+        }
+        match tokio::task::spawn_blocking(intercept::remove).await.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(()) => info!(table = intercept::TABLE, "interception rules removed"),
+            Err(e) => error!(error = %e, "cannot remove the interception rules: run `staybound cleanup`"),
+        }
     }
 
     /// Stops accepting, lets sessions drain for `grace`, then ends the rest and stops every task.
     pub async fn shutdown(mut self, grace: Duration) {
+        // why: first, so a client that dials the upstream from now on goes to it directly instead of to a
+        // listener that no longer accepts; redirected sessions keep their NAT record and drain.
+        self.remove_rules().await;
         for r in self.running.values_mut() {
             r.stop_accept.cancel();
             // The listening sockets close now: a new connect is refused, not queued.

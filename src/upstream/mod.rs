@@ -146,6 +146,9 @@ impl Connector {
         let svc = &self.svc;
         let fail = |source: io::Error| ConnectError { class: classify(&source), target: peer.to_string(), source };
         let socket = socket::upstream_socket(peer, svc.source, svc.freebind, keepalive).map_err(fail)?;
+        if svc.intercept {
+            socket::mark_own(&socket);
+        }
         match tokio::time::timeout(timeout, socket.connect(peer)).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) => Err(fail(e)),

@@ -46,6 +46,19 @@ pub fn upstream_socket(
     Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(socket)))
 }
 
+/// Marks an upstream or probe socket of an intercept service as staybound's own, so the interception rules
+/// let its connection through instead of sending it back to staybound's listener (see `intercept`).
+/// Best-effort: setting a mark needs `CAP_NET_ADMIN`; without it the rules must exempt staybound's user
+/// (`staybound setup --exempt-uid`), which is said once in the log.
+pub fn mark_own(socket: &TcpSocket) {
+    static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Err(e) = SockRef::from(socket).set_mark(crate::intercept::MARK)
+        && !REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(error = %e, "cannot mark upstream sockets as staybound's own (SO_MARK needs CAP_NET_ADMIN): the interception rules must exempt staybound's user (staybound setup --exempt-uid), or its upstream connections come back to it");
+    }
+}
+
 /// TCP keep-alive with the given idle time and the interval and count of `keepalive`.
 pub fn set_keepalive(sock: &SockRef<'_>, idle: Duration, keepalive: &KeepaliveConfig) -> io::Result<()> {
     // why: an idle session never learns that the logical host moved unless something is sent; a

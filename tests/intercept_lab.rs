@@ -1,0 +1,188 @@
+//! Transparent mode in the namespace lab: unmodified clients in the client namespace dial the logical host's
+//! address itself; staybound's nftables rules send them through it. A client blocked in BLPOP learns of a
+//! silent move within the bound `check` computes; a closed-loop client loses nothing through a 2 s
+//! switchover; the server sees the configured `source`; the rules are gone after SIGTERM, replaced after a
+//! SIGKILL and a restart, removed by `staybound cleanup`, and a table of someone else's is never touched.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, SIGTERM, wait_until};
+use support::loadclient::LoadClient;
+use support::sidecar::{BIN, Blocked, Sidecar, margin, runs, two_nodes, wait_blocked};
+
+fn logical() -> SocketAddr {
+    SocketAddr::from((LOGICAL, REDIS_PORT))
+}
+
+/// The relocatable address staybound binds as `source` (a second address of the client host).
+const SOURCE: &str = "198.18.0.20";
+
+const TRANSPARENT: &str = "intercept = true\nsource = \"198.18.0.20\"\n[service.probe]\nneighbor = false\n";
+
+fn with_source(lab: &Lab) {
+    lab.exec(Host::Client, &["ip", "addr", "add", &format!("{SOURCE}/24"), "dev", "eth0"]);
+}
+
+/// The `nft -s list table` (without counter values) of `table` in the client namespace, if it exists.
+fn table(lab: &Lab, family_table: &str) -> Option<String> {
+    let mut args = vec!["nft", "-s", "list", "table"];
+    args.extend(family_table.split(' '));
+    let out = lab.try_exec(Host::Client, &args);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// The addresses node `host`'s redis sees its clients at (the `redis-cli` that asks, at the client's
+/// stationary address, left out).
+fn client_addrs(lab: &Lab, host: Host) -> Vec<String> {
+    let out = lab.redis_cli_at(Host::Client, host.addr(), &["CLIENT", "LIST"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("cmd=client|list"))
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("addr=")).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_client_dialling_the_logical_host_learns_of_a_silent_move_through_the_redirect() {
+    for run in 0..runs() {
+        let Some(lab) = two_nodes("intercept-move") else { return };
+        with_source(&lab);
+        let sc = Sidecar::start(&lab, TRANSPARENT);
+        sc.wait_state("up", Duration::from_secs(5));
+        let st = sc.status();
+        let rules = st["intercept"]["rules"].as_str().unwrap_or("").to_string();
+        assert!(rules.starts_with("installed by this process"), "{st}");
+        // The unmodified client dials the logical host; the rule sends it to staybound.
+        let blocked = Blocked::start(&lab, Host::Client, logical());
+        wait_blocked(&lab, Host::Node1, 1);
+        let seen = client_addrs(&lab, Host::Node1);
+        assert!(
+            seen.iter().all(|a| a.starts_with(&format!("{SOURCE}:"))),
+            "node 1 sees every client (the redirected one and the probe) at the source address: {seen:?}"
+        );
+        assert_eq!(
+            sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")]),
+            1.0
+        );
+        let t0 = Instant::now();
+        lab.move_logical(Host::Node1, Host::Node2, true);
+        let (t1, how) = blocked.ended(Duration::from_secs(10)).expect("the redirected client learned within 10 s");
+        let after = t1.duration_since(t0);
+        let bound = sc.bounds().silent_move.0;
+        eprintln!(
+            "FIGURES transparent silent move run {run}: client dialling {} {how} after {:.3}s (bound {:.1}s)",
+            logical(),
+            after.as_secs_f64(),
+            bound.as_secs_f64()
+        );
+        assert!(after <= bound + margin(), "noticed after {after:?}, bound {bound:?}");
+        assert_eq!(sc.metric("staybound_intercept_refused_total", &[("service", "redis")]), 0.0);
+        // A new connection to the logical host reaches node 2 through staybound.
+        sc.wait_state("up", Duration::from_secs(5));
+        let node2 = lab.redis_run_id(Host::Client, Host::Node2.addr()).unwrap();
+        wait_until("a new client reaches node 2", Duration::from_secs(5), || {
+            lab.redis_run_id(Host::Client, LOGICAL).as_deref() == Some(node2.as_str())
+        });
+        assert!(
+            sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")]) >= 2.0
+        );
+    }
+}
+
+/// A 2 s switchover from `from` to `to` (whose service is stopped) ridden by a closed-loop client dialling
+/// the logical host: `from`'s service stops, the address moves, `to`'s service starts 2 s later.
+fn ride(lab: &Lab, from: Host, to: Host, tag: &'static str) -> support::loadclient::Stats {
+    let load = LoadClient::start(lab, Host::Client, logical(), Duration::from_secs(5), tag);
+    wait_until("the closed-loop client runs", Duration::from_secs(5), || load.ok_so_far() >= 100);
+    let t0 = Instant::now();
+    lab.stop_redis(from);
+    lab.move_logical(from, to, true);
+    // why: the scenario: the new node's service starts 2 s after its address.
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
+    lab.start_redis(to);
+    let before = load.ok_so_far();
+    wait_until("the closed-loop client is served by the new node", Duration::from_secs(10), || {
+        load.ok_so_far() >= before + 100
+    });
+    load.finish()
+}
+
+#[test]
+fn a_closed_loop_client_dialling_the_logical_host_loses_nothing_through_a_two_second_switchover() {
+    for run in 0..runs() {
+        let Some(lab) = two_nodes("intercept-switch") else { return };
+        with_source(&lab);
+        lab.stop_redis(Host::Node2);
+        // First without staybound: the same client, the same switchover, straight to the logical host.
+        let direct = ride(&lab, Host::Node1, Host::Node2, "direct");
+        // Then through the redirect, back to node 1.
+        let sc = Sidecar::start(&lab, TRANSPARENT);
+        sc.wait_state("up", Duration::from_secs(5));
+        let stats = ride(&lab, Host::Node2, Host::Node1, "transparent");
+        eprintln!(
+            "FIGURES 2 s switchover run {run}: transparent {} answered, {} lost, longest stall {:.2}s; direct {} \
+             answered, {} lost, longest stall {:.2}s",
+            stats.ok,
+            stats.lost,
+            stats.longest_stall().as_secs_f64(),
+            direct.ok,
+            direct.lost,
+            direct.longest_stall().as_secs_f64()
+        );
+        assert_eq!(stats.lost, 0, "no request lost through the switchover");
+        let seen = client_addrs(&lab, Host::Node1);
+        assert!(seen.iter().all(|a| a.starts_with(&format!("{SOURCE}:"))), "{seen:?}");
+    }
+}
+
+#[test]
+fn the_rules_go_with_staybound_and_leave_other_tables_alone() {
+    let Some(lab) = two_nodes("intercept-rules") else { return };
+    with_source(&lab);
+    // Someone else's table, made first: it must come through untouched.
+    lab.exec(Host::Client, &["nft", "add", "table", "inet", "unrelated"]);
+    lab.exec(
+        Host::Client,
+        &["nft", "add", "chain", "inet", "unrelated", "out", "{ type filter hook output priority 0 ; }"],
+    );
+    lab.exec(Host::Client, &["nft", "add", "rule", "inet", "unrelated", "out", "tcp", "dport", "6379", "counter"]);
+    let unrelated = table(&lab, "inet unrelated").expect("the unrelated table");
+
+    // SIGTERM: no rule of staybound's remains.
+    let sc = Sidecar::start(&lab, TRANSPARENT);
+    sc.wait_state("up", Duration::from_secs(5));
+    let ours = table(&lab, "inet staybound").expect("staybound's table is installed");
+    assert!(ours.contains(&format!("staybound pid {}", sc.pid)), "{ours}");
+    assert!(ours.contains("198.18.0.100") && ours.contains("dnat"), "{ours}");
+    lab.signal(sc.pid, SIGTERM);
+    assert!(lab.wait_exit(sc.pid, Duration::from_secs(10)).success());
+    assert_eq!(table(&lab, "inet staybound"), None, "removed on SIGTERM");
+    let ruleset = String::from_utf8_lossy(&lab.exec(Host::Client, &["nft", "list", "ruleset"]).stdout).to_string();
+    assert!(!ruleset.contains("staybound"), "nothing of staybound's is left:\n{ruleset}");
+
+    // SIGKILL leaves the table; the next start replaces it (one copy, the new process's).
+    let killed = Sidecar::start(&lab, TRANSPARENT);
+    killed.wait_state("up", Duration::from_secs(5));
+    lab.kill_hard(killed.pid);
+    let left = table(&lab, "inet staybound").expect("a SIGKILL leaves the rules");
+    assert!(left.contains(&format!("staybound pid {}", killed.pid)));
+    let again = Sidecar::start(&lab, TRANSPARENT);
+    again.wait_state("up", Duration::from_secs(5));
+    let now = table(&lab, "inet staybound").expect("installed again");
+    assert!(!now.contains(&format!("staybound pid {}", killed.pid)), "the leftovers are replaced:\n{now}");
+    assert_eq!(now.matches("dnat").count(), 1, "one redirect, not two:\n{now}");
+    assert_eq!(now.matches(&format!("staybound pid {}", again.pid)).count(), 2, "{now}");
+    lab.kill_hard(again.pid);
+
+    // `staybound cleanup` removes what a killed staybound left, and only that.
+    assert!(table(&lab, "inet staybound").is_some());
+    let out = lab.exec(Host::Client, &[BIN, "cleanup"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(table(&lab, "inet staybound"), None, "removed by cleanup");
+    let out = lab.exec(Host::Client, &[BIN, "cleanup"]);
+    assert!(out.status.success(), "cleanup with nothing to remove is no error");
+    assert_eq!(table(&lab, "inet unrelated").as_deref(), Some(unrelated.as_str()), "the unrelated table is intact");
+}
