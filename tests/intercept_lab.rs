@@ -186,3 +186,43 @@ fn the_rules_go_with_staybound_and_leave_other_tables_alone() {
     assert!(out.status.success(), "cleanup with nothing to remove is no error");
     assert_eq!(table(&lab, "inet unrelated").as_deref(), Some(unrelated.as_str()), "the unrelated table is intact");
 }
+
+#[test]
+fn rules_set_up_beforehand_serve_a_proxy_without_capabilities() {
+    let Some(lab) = two_nodes("intercept-init") else { return };
+    with_source(&lab);
+    // The init container's step: install the rules, exempting the user the proxy runs as, and exit.
+    std::fs::write(
+        lab.dir().join("setup.toml"),
+        format!("[[service]]\nname = \"redis\"\nlisten = \"127.0.0.1:6379\"\nupstream = \"{LOGICAL}:{REDIS_PORT}\"\nintercept = true\n"),
+    )
+    .unwrap();
+    let setup = lab.dir().join("setup.toml");
+    let out = lab.exec(Host::Client, &[BIN, "setup", "--config", setup.to_str().unwrap(), "--exempt-uid", "65532"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rules = table(&lab, "inet staybound").expect("installed by setup");
+    assert!(rules.contains("skuid 65532"), "{rules}");
+    // The long-running proxy: user 65532, no capability at all. It can neither mark its sockets nor touch
+    // the rules; its own connections pass by its user.
+    let unprivileged =
+        ["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"];
+    let sc = Sidecar::start_as(&lab, &unprivileged, "listen = \"127.0.0.1:6379\"\n", TRANSPARENT);
+    sc.wait_state("up", Duration::from_secs(5));
+    let st = sc.status();
+    assert!(st["intercept"]["rules"].as_str().unwrap_or("").starts_with("not installed by this process"), "{st}");
+    let blocked = Blocked::start(&lab, Host::Client, logical());
+    wait_blocked(&lab, Host::Node1, 1);
+    assert_eq!(sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")]), 1.0);
+    let t0 = Instant::now();
+    lab.move_logical(Host::Node1, Host::Node2, true);
+    let (t1, how) = blocked.ended(Duration::from_secs(10)).expect("the redirected client learned within 10 s");
+    eprintln!(
+        "FIGURES transparent, rules set up beforehand, proxy without capabilities: {how} after {:.3}s",
+        t1.duration_since(t0).as_secs_f64()
+    );
+    assert!(t1.duration_since(t0) <= sc.bounds().silent_move.0 + margin());
+    // The proxy cannot remove the rules: they stay for the namespace's life (or `staybound cleanup`).
+    lab.signal(sc.pid, SIGTERM);
+    assert!(lab.wait_exit(sc.pid, Duration::from_secs(10)).success());
+    assert!(table(&lab, "inet staybound").is_some(), "left in place for the next proxy");
+}

@@ -37,6 +37,11 @@ impl<'a> Sidecar<'a> {
     /// Starts staybound with the `redis` service's top-level keys `service_keys` (such as its `listen`, or
     /// `guard = true`) and then `service_extra`.
     pub fn start_with(lab: &'a Lab, service_keys: &str, service_extra: &str) -> Sidecar<'a> {
+        Sidecar::start_as(lab, &[], service_keys, service_extra)
+    }
+
+    /// As `start_with`, with `wrapper` (such as `setpriv` and its arguments) in front of staybound's command.
+    pub fn start_as(lab: &'a Lab, wrapper: &[&str], service_keys: &str, service_extra: &str) -> Sidecar<'a> {
         let text = format!(
             "shutdown_grace = \"1s\"\n[admin]\nlisten = \"{ADMIN}\"\n[[service]]\nname = \"redis\"\n{service_keys}upstream = \"{LOGICAL}:{REDIS_PORT}\"\n{service_extra}"
         );
@@ -45,10 +50,9 @@ impl<'a> Sidecar<'a> {
         let config = Config::from_toml_str(&text, Path::new("staybound.toml")).unwrap_or_else(|e| panic!("{e}"));
         let path_s = path.to_str().unwrap().to_string();
         let bin = bin();
-        let pid = lab.spawn(
-            Host::Client,
-            &["env", "RUST_LOG=staybound=debug", &bin, "--log-format", "json", "run", "--config", &path_s],
-        );
+        let mut argv = wrapper.to_vec();
+        argv.extend(["env", "RUST_LOG=staybound=debug", &bin, "--log-format", "json", "run", "--config", &path_s]);
+        let pid = lab.spawn(Host::Client, &argv);
         let sc = Sidecar { lab, pid, config };
         // The admin endpoint answers before the services are registered: wait for them in /status.
         wait_until("staybound's services are registered", Duration::from_secs(10), || {
