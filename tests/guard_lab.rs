@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use support::lab::{Host, LOGICAL, REDIS_PORT, wait_until};
+use support::loadclient::{LoadClient, switchover};
 use support::sidecar::{Blocked, Sidecar, margin, runs, two_nodes, wait_blocked};
 
 fn logical() -> SocketAddr {
@@ -93,4 +94,52 @@ fn without_guard_the_same_direct_client_stays_blocked() {
     eprintln!("FIGURES guard off: direct client {ended:?} 1.5 s after the failover decision");
     assert!(ended.is_none(), "a direct client without keep-alive hangs: {ended:?}");
     assert_eq!(sc.status()["guard"], serde_json::Value::Null);
+}
+
+/// A silent move from `from` to `to` (both services running) ridden by a closed-loop client dialling the
+/// logical host directly.
+fn silent_move(lab: &support::lab::Lab, from: Host, to: Host, tag: &'static str) -> support::loadclient::Stats {
+    let load = LoadClient::start(lab, Host::Client, logical(), Duration::from_secs(5), tag);
+    wait_until("the closed-loop client runs", Duration::from_secs(5), || load.ok_so_far() >= 100);
+    lab.move_logical(from, to, true);
+    let before = load.ok_so_far();
+    // Past the silent-move bound, so a guard's sweep has come and gone.
+    wait_until("the closed-loop client goes on", Duration::from_secs(10), || load.ok_so_far() >= before + 300);
+    load.finish()
+}
+
+#[test]
+fn a_closed_loop_client_reconnects_by_itself_and_loses_no_more_than_direct() {
+    for run in 0..runs() {
+        let Some(lab) = two_nodes("guard-loop") else { return };
+        // The same client and move without staybound, then with staybound guarding it.
+        let direct_move = silent_move(&lab, Host::Node1, Host::Node2, "direct");
+        let sc = Sidecar::start_with(&lab, "guard = true\n", "[service.probe]\nneighbor = false\n");
+        sc.wait_state("up", Duration::from_secs(5));
+        let guarded_move = silent_move(&lab, Host::Node2, Host::Node1, "guarded");
+        wait_until("the move was a failover", Duration::from_secs(5), || sc.epoch() >= 2);
+        // And a 2 s switchover (the service stops, its address moves, the new node's starts 2 s later).
+        lab.stop_redis(Host::Node2);
+        let guarded_switch = switchover(&lab, logical(), Host::Node1, Host::Node2, "guarded");
+        sc.wait_state("up", Duration::from_secs(5));
+        lab.kill(sc.pid);
+        let direct_switch = switchover(&lab, logical(), Host::Node2, Host::Node1, "direct");
+        let f = |s: &support::loadclient::Stats| {
+            format!("{} answered, {} lost, longest stall {:.2}s", s.ok, s.lost, s.longest_stall().as_secs_f64())
+        };
+        eprintln!(
+            "FIGURES guard run {run}: silent move: guarded {}; direct {}. 2 s switchover: guarded {}; direct {}",
+            f(&guarded_move),
+            f(&direct_move),
+            f(&guarded_switch),
+            f(&direct_switch)
+        );
+        // The client's own reconnect rides a destroyed socket as it rides the new node's RST.
+        assert!(
+            guarded_move.lost <= direct_move.lost + 1,
+            "guarded {} lost, direct {}",
+            guarded_move.lost,
+            direct_move.lost
+        );
+    }
 }
