@@ -98,12 +98,35 @@ pub fn table(json: &str) -> Result<String, String> {
     for n in notes {
         out.push_str(&format!("\nnote: {n}\n"));
     }
+    for s in list {
+        let name = s.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+        if let Some(destroy) = s.pointer("/guard/destroy").and_then(|d| d.as_str()) {
+            let last = s.pointer("/guard/last_epoch_end").filter(|l| l.is_object()).map_or(String::new(), |l| {
+                format!("; last epoch end (epoch {}): {} destroyed, {} failed", l["epoch"], l["destroyed"], l["failed"])
+            });
+            out.push_str(&format!("\nguard: {name}: destroying sockets {destroy}{last}\n"));
+        }
+        if let Some(rules) = s.pointer("/intercept/rules").and_then(|r| r.as_str()) {
+            out.push_str(&format!("\nintercept: {name}: rules {rules}\n"));
+        }
+    }
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guard_and_intercept_services_get_a_line_each() {
+        let json = r#"[{"name":"g","state":"up","epoch":2,"guard":{"destroy":"allowed (sock_diag SOCK_DESTROY works here)","last_epoch_end":{"epoch":1,"destroyed":3,"failed":0}},"intercept":null},
+                      {"name":"t","state":"up","epoch":1,"guard":null,"intercept":{"rules":"installed by this process: nftables table inet staybound, 1 redirect(s)"}},
+                      {"name":"p","state":"up","epoch":1,"guard":null,"intercept":null}]"#;
+        let t = table(json).unwrap();
+        assert!(t.contains("guard: g: destroying sockets allowed (sock_diag SOCK_DESTROY works here); last epoch end (epoch 1): 3 destroyed, 0 failed"), "{t}");
+        assert!(t.contains("intercept: t: rules installed by this process"), "{t}");
+        assert!(!t.contains("guard: p") && !t.contains("intercept: p"), "{t}");
+    }
 
     #[test]
     fn a_wildcard_admin_address_is_reached_through_loopback() {
