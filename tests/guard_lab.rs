@@ -66,7 +66,9 @@ fn a_silent_move_aborts_the_direct_clients_sockets_at_the_epoch_s_end() {
             );
             assert!(how.contains("abort") || how == "reset" || how == "eof", "an error at once: {how}");
             assert!(after_move <= bound + margin(), "noticed after {after_move:?}, bound {bound:?}");
-            assert!(after_decision <= AFTER_DECISION, "{after_decision:?} after the decision");
+            // As the neighbour lab: half the loaded-machine margin on top (CI shares its cores).
+            let limit = AFTER_DECISION + margin() / 2;
+            assert!(after_decision <= limit, "{after_decision:?} after the decision, limit {limit:?}");
         }
         assert!(sweep["destroyed"].as_u64().unwrap_or(0) >= 2, "both clients' sockets destroyed: {st}");
         assert_eq!(sweep["failed"].as_u64(), Some(0), "{st}");
