@@ -1,7 +1,7 @@
 //! Transparent mode in the namespace lab: unmodified clients in the client namespace dial the logical host's
 //! address itself; staybound's nftables rules send them through it. A client blocked in BLPOP learns of a
 //! silent move within the bound `check` computes; a closed-loop client loses nothing through a 2 s
-//! switchover; the server sees the configured `source`; the rules are gone after SIGTERM, replaced after a
+//! switchover; the server sees the configured `source`; the rules are gone after SIGTERM and SIGINT, replaced after a
 //! SIGKILL and a restart, removed by `staybound cleanup`, and a table of someone else's is never touched.
 
 mod support;
@@ -144,6 +144,15 @@ fn the_rules_go_with_staybound_and_leave_other_tables_alone() {
     assert_eq!(table(&lab, "inet staybound"), None, "removed on SIGTERM");
     let ruleset = String::from_utf8_lossy(&lab.exec(Host::Client, &["nft", "list", "ruleset"]).stdout).to_string();
     assert!(!ruleset.contains("staybound"), "nothing of staybound's is left:\n{ruleset}");
+
+    // SIGINT (stop at once) removes them too.
+    let interrupted = Sidecar::start(&lab, TRANSPARENT);
+    interrupted.wait_state("up", Duration::from_secs(5));
+    assert!(table(&lab, "inet staybound").is_some());
+    const SIGINT: i32 = 2;
+    lab.signal(interrupted.pid, SIGINT);
+    assert!(lab.wait_exit(interrupted.pid, Duration::from_secs(10)).success());
+    assert_eq!(table(&lab, "inet staybound"), None, "removed on SIGINT");
 
     // SIGKILL leaves the table; the next start replaces it (one copy, the new process's).
     let killed = Sidecar::start(&lab, TRANSPARENT);
