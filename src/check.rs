@@ -88,6 +88,13 @@ pub fn report_full(
                 s.upstream
             );
             let _ = writeln!(out, "  destroy         {}", guard.unwrap_or("not checked"));
+            if s.probe.mode == ProbeMode::Off {
+                warnings.push(format!(
+                    "service {}: guard mode with probe mode \"off\": no traffic goes through staybound and the neighbour \
+                     watch needs the probe, so only POST /failover can end an epoch",
+                    s.name
+                ));
+            }
             if guard.is_some_and(|g| !g.starts_with("allowed")) {
                 warnings.push(format!(
                     "service {}: guard mode cannot destroy sockets here ({}): its clients are not told of a failover",
