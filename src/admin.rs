@@ -472,6 +472,8 @@ pub fn status_json(registry: &Registry) -> serde_json::Value {
                 "upstream": svc.cfg.upstream.to_string(),
                 "listen": entry.bound().iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "probe": svc.cfg.probe.mode.as_str(),
+                "preset": svc.cfg.probe.preset.as_ref().map(|p| p.kind.as_str()),
+                "role": view.role.as_deref(),
                 "neighbor_watch": &*view.neighbor,
                 "note": view.note.as_deref(),
                 "split_brain": view.split_brain,

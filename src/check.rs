@@ -169,8 +169,27 @@ pub fn report_full(
             p.fall,
             p.rise
         );
-        if p.mode == ProbeMode::SendExpect {
-            let _ = write!(probe, ", send \"{}\", expect \"{}\"", escape_bytes(&p.send), escape_bytes(&p.expect));
+        match &p.preset {
+            Some(preset) => {
+                let _ = write!(probe, ", preset {}, role {}", preset.kind.as_str(), preset.role.as_str());
+                if !preset.user.is_empty() {
+                    let _ = write!(probe, ", user {}", preset.user);
+                }
+                if !preset.database.is_empty() {
+                    let _ = write!(probe, ", database {}", preset.database);
+                }
+                // why: only whether a password is set, and where it comes from; never the password.
+                if let Some(file) = &preset.password_file {
+                    let _ = write!(probe, ", password set (from {})", file.display());
+                }
+                if let Some(ca) = &preset.tls {
+                    let _ = write!(probe, ", tls verified against {}", ca.file.display());
+                }
+            }
+            None if p.mode == ProbeMode::SendExpect => {
+                let _ = write!(probe, ", send \"{}\", expect \"{}\"", escape_bytes(&p.send), escape_bytes(&p.expect));
+            }
+            None => {}
         }
         if let Some(re) = &p.identity {
             let _ = write!(probe, ", identity /{}/", re.as_str());

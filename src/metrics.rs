@@ -22,10 +22,13 @@ pub enum Signal {
     Admin,
     /// A reload gave the service another upstream address.
     Reload,
+    /// The node serving the epoch answers in another role than the probe's preset requires (a primary
+    /// demoted to a replica or standby).
+    Role,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 7] = [
+    pub const ALL: [Signal; 8] = [
         Signal::Probe,
         Signal::Identity,
         Signal::SessionReset,
@@ -33,6 +36,7 @@ impl Signal {
         Signal::Neighbor,
         Signal::Admin,
         Signal::Reload,
+        Signal::Role,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -43,6 +47,7 @@ impl Signal {
             Signal::Neighbor => "neighbor",
             Signal::Admin => "admin",
             Signal::Reload => "reload",
+            Signal::Role => "role",
         }
     }
 }
@@ -447,7 +452,7 @@ pub struct ServiceMetrics {
     /// 1 while the node answers but its probe reply lacks `expect`.
     pub upstream_not_ready: Gauge,
     pub epoch: Gauge,
-    failovers: [Counter; 7],
+    failovers: [Counter; 8],
     pub detection_seconds: Histogram,
     resets: [Counter; 4],
     /// Neighbour entries of the upstream the detector forced to be resolved anew.

@@ -255,7 +255,7 @@ fn drop_all(lab: &Lab) -> impl Drop + '_ {
 }
 
 fn failovers(sc: &Sidecar<'_>) -> f64 {
-    ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload"]
+    ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload", "role"]
         .iter()
         // why: an older build (STAYBOUND_BIN) may lack a signal's series; it counted none of those.
         .map(|s| sc.metric_or_nan("staybound_failovers_total", &[("service", "redis"), ("signal", s)]))

@@ -171,7 +171,7 @@ fn every_series_is_there_from_the_start() {
         let base = name.trim_end_matches("_bucket");
         assert!(text.contains(&format!("# HELP {base} ")), "{base} has HELP text");
     }
-    for signal in ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload"] {
+    for signal in ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload", "role"] {
         assert!(
             text.contains(&format!("staybound_failovers_total{{service=\"fresh\",signal=\"{signal}\"}} 0")),
             "{signal}"

@@ -388,7 +388,7 @@ async fn a_node_that_accepts_before_it_is_ready_holds_clients_and_is_one_failove
     let pongs: Vec<Instant> = replies.iter().filter(|(_, r)| r == "+PONG").map(|(t, _)| *t).collect();
     let stall = pongs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
     let first_after = pongs.iter().find(|t| **t > ready_at).map(|t| *t - ready_at);
-    let failovers: f64 = ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload"]
+    let failovers: f64 = ["probe", "identity", "session_reset", "keepalive", "neighbor", "admin", "reload", "role"]
         .iter()
         .map(|s| proxy.metric("staybound_failovers_total", &[("service", "ready"), ("signal", s)]))
         .sum();

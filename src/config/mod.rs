@@ -192,6 +192,94 @@ pub struct ProbeConfig {
     /// How long a split brain (the address flapping between two link-layer addresses) damps epochs, and
     /// how far back a flap is looked for; zero: never damped.
     pub split_brain_window: Duration,
+    /// An application keep-alive that speaks the service's protocol (`preset`); the mode is then
+    /// `send-expect`, with the preset's exchange instead of `send` and `expect`.
+    pub preset: Option<Preset>,
+}
+
+/// The protocols a probe preset speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresetKind {
+    Redis,
+    Postgres,
+}
+
+impl PresetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresetKind::Redis => "redis",
+            PresetKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// The role a node must have to be ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Any node that answers the preset's exchange is ready.
+    Any,
+    /// Only a primary (redis `ROLE` says `master`; PostgreSQL is not in recovery) is ready.
+    Primary,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Any => "any",
+            Role::Primary => "primary",
+        }
+    }
+}
+
+/// A probe preset: the protocol, the role required, and how to log in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preset {
+    pub kind: PresetKind,
+    pub role: Role,
+    /// The login (PostgreSQL user; redis ACL user); empty: redis's default user, PostgreSQL `postgres`.
+    pub user: String,
+    /// The password, read from `password_file`.
+    pub password: Option<Secret>,
+    /// Where `password` was read from (for `check`).
+    pub password_file: Option<PathBuf>,
+    /// The PostgreSQL database; empty: the user's name.
+    pub database: String,
+    /// TLS for the probe connection, verified against `tls_ca_file`.
+    pub tls: Option<TlsCa>,
+}
+
+/// A CA to verify a server against: where it was read from, and its certificates (DER).
+#[derive(Clone, PartialEq)]
+pub struct TlsCa {
+    pub file: PathBuf,
+    pub certs: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsCa({}, {} certificate(s))", self.file.display(), self.certs.len())
+    }
+}
+
+/// A password. Its `Debug` says only that it is set, so no config dump or log line carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub(crate) fn new(secret: String) -> Secret {
+        Secret(secret)
+    }
+
+    /// The secret itself, for the login exchange only.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(set)")
+    }
 }
 
 impl PartialEq for ProbeConfig {
@@ -206,6 +294,7 @@ impl PartialEq for ProbeConfig {
             && self.rise == other.rise
             && self.neighbor == other.neighbor
             && self.split_brain_window == other.split_brain_window
+            && self.preset == other.preset
     }
 }
 

@@ -126,6 +126,13 @@ pub struct RawProbe {
     pub rise: Option<S<i64>>,
     pub neighbor: Option<S<bool>>,
     pub split_brain_window: Option<S<DurationText>>,
+    pub preset: Option<S<String>>,
+    pub role: Option<S<String>>,
+    pub user: Option<S<String>>,
+    pub password_file: Option<S<String>>,
+    pub database: Option<S<String>>,
+    pub tls: Option<S<bool>>,
+    pub tls_ca_file: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,7 +175,25 @@ macro_rules! inherit_keys {
 }
 
 inherit_keys!(RawKeepalive { idle, interval, count, user_timeout, client_idle });
-inherit_keys!(RawProbe { mode, interval, timeout, send, expect, identity, fall, rise, neighbor, split_brain_window });
+inherit_keys!(RawProbe {
+    mode,
+    interval,
+    timeout,
+    send,
+    expect,
+    identity,
+    fall,
+    rise,
+    neighbor,
+    split_brain_window,
+    preset,
+    role,
+    user,
+    password_file,
+    database,
+    tls,
+    tls_ca_file
+});
 inherit_keys!(RawHold {
     deadline,
     connect_timeout,

@@ -61,6 +61,8 @@ impl fmt::Display for Problem {
 /// Collects problems against the text they point into.
 struct Ctx<'a> {
     text: &'a str,
+    /// The config file: relative paths in it (`password_file`, `tls_ca_file`) are taken from its directory.
+    path: &'a Path,
     problems: Vec<Problem>,
     /// Keys whose value was of the wrong type and was taken out: already reported, so a "missing" that
     /// follows from taking it out is not.
@@ -196,7 +198,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let mut cx = Ctx { text, problems: Vec::new(), taken: HashSet::new() };
+    let mut cx = Ctx { text, path, problems: Vec::new(), taken: HashSet::new() };
     let (raw, shape) = super::parse::parse(text);
     for p in shape {
         let (line, column) = line_col(text, p.span.start);
@@ -303,18 +305,37 @@ const TOKEN_FILE_LIMIT: u64 = 4096;
 
 /// Reads a token file: a regular file of at most [`TOKEN_FILE_LIMIT`] bytes holding one token.
 fn read_token(file: &Path) -> Result<String, String> {
+    token_from_text(&read_small(file, TOKEN_FILE_LIMIT, "a token file holds one token")?)
+}
+
+/// Reads a regular file of at most `limit` bytes as text (a path such as /dev/zero must not hang a check).
+/// The messages never quote the content: it may be a secret.
+fn read_small(file: &Path, limit: u64, what: &str) -> Result<String, String> {
     use std::io::Read;
     let f = std::fs::File::open(file).map_err(|e| format!("cannot be read: {e}"))?;
     let meta = f.metadata().map_err(|e| format!("cannot be read: {e}"))?;
     if !meta.is_file() {
         return Err("is not a regular file".into());
     }
-    let mut text = String::new();
-    f.take(TOKEN_FILE_LIMIT + 1).read_to_string(&mut text).map_err(|e| format!("cannot be read: {e}"))?;
-    if text.len() as u64 > TOKEN_FILE_LIMIT {
-        return Err(format!("is larger than {TOKEN_FILE_LIMIT} bytes: a token file holds one token"));
+    let mut bytes = Vec::new();
+    f.take(limit + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot be read: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("is larger than {limit} bytes: {what}"));
     }
-    token_from_text(&text)
+    String::from_utf8(bytes).map_err(|_| "is not UTF-8 text".to_string())
+}
+
+/// The password in a password file's text: the file's one line, without its line end. The messages never
+/// quote the text: it is a secret.
+pub(crate) fn password_from_text(text: &str) -> Result<String, String> {
+    let password = text.strip_suffix('\n').map_or(text, |t| t.strip_suffix('\r').unwrap_or(t));
+    if password.is_empty() {
+        return Err("is empty: it must hold the probe's password on one line".into());
+    }
+    if password.contains(['\n', '\r', '\0']) {
+        return Err("holds more than one line (or a NUL): it must hold the probe's password on one line".into());
+    }
+    Ok(password.to_string())
 }
 
 /// The shortest token accepted: anything shorter could be guessed.
@@ -455,6 +476,15 @@ fn service(
             ),
             None => probe.mode = ProbeMode::Off,
         }
+    }
+    if protocol == Protocol::Udp
+        && let Some(preset) = &probe.preset
+    {
+        cx.at(
+            span.clone(),
+            &key("probe.preset"),
+            format!("{:?} is a TCP protocol; a udp service probes with send-expect over UDP", preset.kind.as_str()),
+        );
     }
     let hold = hold(cx, RawHold::inherit(svc.hold, defaults.hold.as_ref()), &key("hold"));
     let own_udp = svc.udp.is_some();
@@ -662,6 +692,18 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
     };
     let send = bytes(cx, &p.send, "send");
     let expect = bytes(cx, &p.expect, "expect");
+    let preset = preset(cx, &p, &key(""));
+    if preset.is_some() {
+        // why: the preset's exchange is the probe; it holds a session and asks every interval.
+        return ProbeConfig {
+            mode: ProbeMode::SendExpect,
+            send: Vec::new(),
+            expect: Vec::new(),
+            identity: None,
+            preset,
+            ..pacing(cx, &p, &key(""))
+        };
+    }
     if mode == ProbeMode::SendExpect && send.is_empty() {
         let span = p.mode.as_ref().map(|m| m.span()).unwrap_or(0..0);
         cx.at(
@@ -714,8 +756,14 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
         },
         _ => None,
     };
+    ProbeConfig { mode, send, expect, identity, preset: None, ..pacing(cx, &p, &key("")) }
+}
+
+/// The probe's pacing keys (`interval`, `timeout`, `fall`, `rise`, `neighbor`) with the rest defaulted.
+fn pacing(cx: &mut Ctx<'_>, p: &RawProbe, prefix: &str) -> ProbeConfig {
+    let key = |k: &str| format!("{prefix}{k}");
     ProbeConfig {
-        mode,
+        mode: ProbeMode::Hold,
         interval: cx.duration(
             &p.interval,
             &key("interval"),
@@ -728,9 +776,9 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
             Duration::from_secs(1),
             (Duration::from_millis(10), Duration::from_secs(3600)),
         ),
-        send,
-        expect,
-        identity,
+        send: Vec::new(),
+        expect: Vec::new(),
+        identity: None,
         fall: cx.int(&p.fall, &key("fall"), 1, (1, 100)) as u32,
         rise: cx.int(&p.rise, &key("rise"), 1, (1, 100)) as u32,
         neighbor: p.neighbor.as_ref().is_none_or(|b| *b.get_ref()),
@@ -740,6 +788,138 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
             super::DEFAULT_SPLIT_BRAIN_WINDOW,
             (Duration::ZERO, Duration::from_secs(3600)),
         ),
+        preset: None,
+    }
+}
+
+/// The largest password file read: it holds one password.
+const PASSWORD_FILE_LIMIT: u64 = 4096;
+
+/// `preset` and its keys. Without a preset its keys are errors; with one, `send`, `expect` and `identity`
+/// are (the preset's exchange replaces them) and `mode` may only be `send-expect` (what a preset does).
+fn preset(cx: &mut Ctx<'_>, p: &RawProbe, prefix: &str) -> Option<Preset> {
+    let key = |k: &str| format!("{prefix}{k}");
+    let kind = match &p.preset {
+        Some(v) if !v.get_ref().is_empty() => Some(cx.one_of(
+            &p.preset,
+            &key("preset"),
+            PresetKind::Redis,
+            &[("redis", PresetKind::Redis), ("postgres", PresetKind::Postgres)],
+        )),
+        _ => None,
+    };
+    fn text(v: &Option<S<String>>) -> &str {
+        v.as_ref().map_or("", |v| v.get_ref().as_str())
+    }
+    let Some(kind) = kind else {
+        let keyed: [(Option<Range<usize>>, &str); 6] = [
+            (p.role.as_ref().filter(|v| v.get_ref() != "any").map(|v| v.span()), "role"),
+            (p.user.as_ref().filter(|v| !v.get_ref().is_empty()).map(|v| v.span()), "user"),
+            (p.password_file.as_ref().filter(|v| !v.get_ref().is_empty()).map(|v| v.span()), "password_file"),
+            (p.database.as_ref().filter(|v| !v.get_ref().is_empty()).map(|v| v.span()), "database"),
+            (p.tls.as_ref().filter(|v| *v.get_ref()).map(|v| v.span()), "tls"),
+            (p.tls_ca_file.as_ref().filter(|v| !v.get_ref().is_empty()).map(|v| v.span()), "tls_ca_file"),
+        ];
+        for (span, k) in keyed.into_iter().filter_map(|(span, k)| Some((span?, k))) {
+            cx.at(span, &key(k), "is used only with a preset (preset = \"redis\" or \"postgres\")");
+        }
+        let _ = cx.one_of(&p.role, &key("role"), Role::Any, &[("any", Role::Any), ("primary", Role::Primary)]);
+        return None;
+    };
+    if let Some(m) = &p.mode
+        && m.get_ref() != "send-expect"
+    {
+        cx.at(
+            m.span(),
+            &key("mode"),
+            format!(
+                "{:?} with preset = {:?}: a preset holds a session and asks every interval (\"send-expect\"); \
+                 leave mode unset",
+                m.get_ref(),
+                kind.as_str()
+            ),
+        );
+    }
+    for (v, k) in [(&p.send, "send"), (&p.expect, "expect"), (&p.identity, "identity")] {
+        if let Some(v) = v
+            && !v.get_ref().is_empty()
+        {
+            cx.at(
+                v.span(),
+                &key(k),
+                format!("must be empty with preset = {:?}: the preset's exchange replaces it", kind.as_str()),
+            );
+        }
+    }
+    let role = cx.one_of(&p.role, &key("role"), Role::Any, &[("any", Role::Any), ("primary", Role::Primary)]);
+    if let Some(v) = &p.database
+        && !v.get_ref().is_empty()
+        && kind != PresetKind::Postgres
+    {
+        cx.at(
+            v.span(),
+            &key("database"),
+            format!("is used only with preset = \"postgres\" (it is {:?})", kind.as_str()),
+        );
+    }
+    let (password, password_file) = match &p.password_file {
+        Some(v) if !v.get_ref().is_empty() => {
+            let file = token_path(cx.path, v.get_ref());
+            let read = read_small(&file, PASSWORD_FILE_LIMIT, "a password file holds one password")
+                .and_then(|t| password_from_text(&t));
+            match read {
+                Ok(pw) => (Some(Secret::new(pw)), Some(file)),
+                Err(e) => {
+                    cx.at(v.span(), &key("password_file"), format!("{:?} {e}", v.get_ref()));
+                    (None, Some(file))
+                }
+            }
+        }
+        _ => (None, None),
+    };
+    if let Some(v) = &p.user
+        && v.get_ref().contains(['\0', '\r', '\n', ' '])
+    {
+        cx.at(v.span(), &key("user"), format!("{:?} may not hold spaces, line ends or NUL", v.get_ref()));
+    }
+    if kind == PresetKind::Redis && !text(&p.user).is_empty() && password.is_none() && p.password_file.is_none() {
+        let span = p.user.as_ref().map(|v| v.span()).unwrap_or(0..0);
+        cx.at(span, &key("password_file"), "missing: a redis ACL user logs in with a password (AUTH user password)");
+    }
+    let tls = tls(cx, p, prefix);
+    Some(Preset {
+        kind,
+        role,
+        user: text(&p.user).to_string(),
+        password,
+        password_file,
+        database: text(&p.database).to_string(),
+        tls,
+    })
+}
+
+/// `tls` and `tls_ca_file`: TLS for the probe connection, verified against the CA in the file.
+fn tls(cx: &mut Ctx<'_>, p: &RawProbe, prefix: &str) -> Option<TlsCa> {
+    let key = |k: &str| format!("{prefix}{k}");
+    let on = p.tls.as_ref().is_some_and(|v| *v.get_ref());
+    let ca = p.tls_ca_file.as_ref().filter(|v| !v.get_ref().is_empty());
+    match (on, ca) {
+        (false, None) => None,
+        (false, Some(v)) => {
+            cx.at(v.span(), &key("tls_ca_file"), "is used only with tls = true");
+            None
+        }
+        (true, None) => {
+            let span = p.tls.as_ref().map(|v| v.span()).unwrap_or(0..0);
+            cx.at(span, &key("tls_ca_file"), "missing: tls = true verifies the server against a CA file (PEM)");
+            None
+        }
+        (true, Some(v)) => {
+            let span = p.tls.as_ref().map(|v| v.span()).unwrap_or(0..0);
+            cx.at(span, &key("tls"), "TLS for the probe is not available in this build yet");
+            let _ = v;
+            None
+        }
     }
 }
 
@@ -996,6 +1176,84 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         validate(text, Path::new("t.toml"))
+    }
+
+    fn with_probe(probe: &str) -> String {
+        format!(
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n[service.probe]\n{probe}"
+        )
+    }
+
+    #[test]
+    fn a_preset_reads_its_password_from_a_file_beside_the_config_and_never_shows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("redis.pw"), "s3cret-pass\n").unwrap();
+        let path = dir.path().join("staybound.toml");
+        let text =
+            with_probe("preset = \"redis\"\nrole = \"primary\"\nuser = \"probe\"\npassword_file = \"redis.pw\"\n");
+        let c = validate(&text, &path).unwrap();
+        let p = &c.services[0].probe;
+        assert_eq!(p.mode, ProbeMode::SendExpect);
+        let preset = p.preset.as_ref().unwrap();
+        assert_eq!((preset.kind, preset.role, preset.user.as_str()), (PresetKind::Redis, Role::Primary, "probe"));
+        assert_eq!(preset.password.as_ref().map(Secret::expose), Some("s3cret-pass"));
+        assert_eq!(preset.password_file.as_deref(), Some(dir.path().join("redis.pw").as_path()));
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug carries no secret");
+        let report = crate::check::report(&c);
+        assert!(report.contains("preset redis, role primary, user probe, password set (from "), "{report}");
+        assert!(!report.contains("s3cret"));
+        // A file that cannot be used: named, its content never quoted.
+        std::fs::write(dir.path().join("two.pw"), "s3cret\nmore\n").unwrap();
+        std::fs::write(dir.path().join("empty.pw"), "\n").unwrap();
+        for (file, says) in [("two.pw", "more than one line"), ("empty.pw", "is empty"), ("none.pw", "cannot be read")]
+        {
+            let text = with_probe(&format!("preset = \"postgres\"\npassword_file = \"{file}\"\n"));
+            let err = validate(&text, &path).unwrap_err();
+            let p = &err.problems()[0];
+            assert_eq!((p.line, p.key.as_str()), (7, "service[a].probe.password_file"), "{err}");
+            assert!(p.message.contains(file) && p.message.contains(says), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn preset_keys_are_checked_in_one_pass() {
+        let ok = load(&with_probe("preset = \"postgres\"\nuser = \"probe\"\ndatabase = \"app\"\n")).unwrap();
+        let preset = ok.services[0].probe.preset.clone().unwrap();
+        assert_eq!((preset.kind, preset.role, preset.database.as_str()), (PresetKind::Postgres, Role::Any, "app"));
+        assert!(load(&with_probe("preset = \"redis\"\nmode = \"send-expect\"\n")).is_ok());
+        assert!(load(&with_probe("preset = \"\"\nrole = \"any\"\n")).unwrap().services[0].probe.preset.is_none());
+        let err = load(&with_probe(
+            "preset = \"redis\"\nmode = \"hold\"\nsend = \"PING\"\nexpect = \"PONG\"\nidentity = \"(x)\"\nrole = \"leader\"\ndatabase = \"d\"\nuser = \"u\"\n",
+        ))
+        .unwrap_err();
+        let keys: Vec<(usize, &str)> = err.problems().iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                (7, "service[a].probe.mode"),
+                (8, "service[a].probe.send"),
+                (9, "service[a].probe.expect"),
+                (10, "service[a].probe.identity"),
+                (11, "service[a].probe.role"),
+                (12, "service[a].probe.database"),
+                (13, "service[a].probe.password_file"),
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"leader\" is not one of \"any\", \"primary\""), "{err}");
+        // Without a preset its keys are errors; so are a bad preset name and a preset on a udp service.
+        let err = load(&with_probe("role = \"primary\"\nuser = \"u\"\ntls = true\n")).unwrap_err();
+        assert_eq!(err.problems().len(), 3, "{err}");
+        assert!(err.problems().iter().all(|p| p.message.contains("only with a preset")), "{err}");
+        let err = load(&with_probe("preset = \"mysql\"\n")).unwrap_err();
+        assert!(err.to_string().contains("\"mysql\" is not one of \"redis\", \"postgres\""), "{err}");
+        let udp = "[[service]]\nname = \"u\"\nprotocol = \"udp\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n[service.probe]\npreset = \"redis\"\n";
+        let err = load(udp).unwrap_err();
+        assert!(err.problems().iter().any(|p| p.key == "service[u].probe.preset"), "{err}");
+        // [defaults.probe] may hold a preset: every service inherits it key by key.
+        let c = load("[defaults.probe]\npreset = \"redis\"\nrole = \"primary\"\n[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n").unwrap();
+        assert_eq!(c.services[0].probe.preset.as_ref().map(|p| p.role), Some(Role::Primary));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod bounds;
 mod flaps;
 mod knock;
 pub mod neighbor;
+pub mod preset;
 pub mod probe;
 pub mod reconfig;
 #[cfg(test)]
@@ -37,7 +38,8 @@ use crate::config::{KeepaliveConfig, ProbeMode, Protocol, ServiceConfig};
 use crate::metrics::{ServiceMetrics, Signal};
 use crate::upstream::retry::Backoff;
 use crate::upstream::{ConnectClass, Connector, socket};
-use probe::{ExchangeError, HeldEvent};
+use preset::Answer;
+use probe::{ExchangeError, HeldEvent, ProbeStream};
 pub use state::{Evidence, Failover, HostState, Join, Machine, Reach};
 
 /// How late a keep-alive's ACK may be and still count as on time.
@@ -91,6 +93,8 @@ pub struct HostView {
     pub note: Option<Arc<str>>,
     /// The upstream address flaps between two link-layer addresses (two nodes claim it): epochs are damped.
     pub split_brain: bool,
+    /// The role the node said it has when a preset asked (`primary`, `replica`, `standby`).
+    pub role: Option<Arc<str>>,
 }
 
 impl HostView {
@@ -204,7 +208,7 @@ pub struct Detector {
     machine: Machine,
     view: watch::Sender<HostView>,
     signs: mpsc::Receiver<Sign>,
-    held: Option<TcpStream>,
+    held: Option<ProbeStream>,
     probe_keepalive: KeepaliveConfig,
     next_check: Instant,
     backoff: Backoff,
@@ -266,6 +270,7 @@ impl Detector {
             neighbor: Arc::from("starting"),
             note: None,
             split_brain: false,
+            role: None,
         };
         let (view_tx, view_rx) = watch::channel(view);
         let (sign_tx, sign_rx) = mpsc::channel(256);
@@ -320,7 +325,7 @@ impl Detector {
                 // A closed channel (the server let go of the sender) disables the branch; it never spins.
                 Ok(()) = self.settings.changed() => Event::Settings,
                 Some(sign) = self.signs.recv() => Event::Sign(sign),
-                ev = probe::watch_held(self.held.as_ref()) => Event::Held(ev),
+                ev = probe::watch_held(self.held.as_mut(), self.svc.probe.preset.is_some()) => Event::Held(ev),
                 _ = async { match check_at { Some(t) => sleep_until(t).await, None => std::future::pending().await } } => Event::Check,
             };
             let silent_before = self.machine.state() == HostState::Down;
@@ -373,7 +378,7 @@ impl Detector {
         }
         if change.retune
             && let Some(held) = &self.held
-            && let Err(e) = socket::retune(held, &self.probe_keepalive)
+            && let Err(e) = socket::retune(held.tcp(), &self.probe_keepalive)
         {
             warn!(service = %new.name, error = %e, "reload: could not retune the held probe session; making it anew");
             self.held = None;
@@ -542,6 +547,7 @@ impl Detector {
                     && self
                         .held
                         .as_ref()
+                        .map(ProbeStream::tcp)
                         .and_then(socket::last_ack_age)
                         .is_some_and(|age| now.checked_sub(age).is_some_and(|acked| acked > deleted))
                 {
@@ -587,7 +593,12 @@ impl Detector {
         let held_confirms = self.svc.protocol == Protocol::Tcp
             && matches!(self.svc.probe.mode, ProbeMode::Hold | ProbeMode::SendExpect)
             && self.machine.state() == HostState::Up;
-        let acked = self.held.as_ref().and_then(socket::last_ack_age).map(|age| now.checked_sub(age).unwrap_or(now));
+        let acked = self
+            .held
+            .as_ref()
+            .map(ProbeStream::tcp)
+            .and_then(socket::last_ack_age)
+            .map(|age| now.checked_sub(age).unwrap_or(now));
         match (held_confirms, acked) {
             (true, Some(acked)) => {
                 self.observe(Evidence::Sign { signal: Signal::Neighbor });
@@ -615,7 +626,7 @@ impl Detector {
         if self.knock_refused {
             return;
         }
-        let (Ok(local), Ok(peer)) = (held.local_addr(), held.peer_addr()) else { return };
+        let (Ok(local), Ok(peer)) = (held.tcp().local_addr(), held.tcp().peer_addr()) else { return };
         match knock::knock(local, peer) {
             Ok(()) => self.metrics.knocks.increment(1),
             Err(knock::KnockError::NotPermitted(e)) => {
@@ -655,7 +666,7 @@ impl Detector {
             self.confirming = None;
             return false;
         }
-        let Some(age) = self.held.as_ref().and_then(socket::last_ack_age) else { return false };
+        let Some(age) = self.held.as_ref().map(ProbeStream::tcp).and_then(socket::last_ack_age) else { return false };
         let acked = now.checked_sub(age).unwrap_or(now);
         // why: TCP_INFO dates the last ACK in jiffies; a later reading of the same ACK can look a few
         // milliseconds younger, a real new one is a round trip after the knock at most, and after the last.
@@ -706,7 +717,7 @@ impl Detector {
 
     /// Dates the last good sign of the epoch by the held session's last ACK.
     fn date_last_ack(&mut self) {
-        if let Some(age) = self.held.as_ref().and_then(socket::last_ack_age) {
+        if let Some(age) = self.held.as_ref().and_then(|h| socket::last_ack_age(h.tcp())) {
             let now = Instant::now();
             self.machine.good_sign(now.checked_sub(age).unwrap_or(now));
         }
@@ -722,7 +733,7 @@ impl Detector {
             ProbeMode::Off => {}
             ProbeMode::Hold => match &self.held {
                 Some(held) => {
-                    if let Some(age) = socket::last_ack_age(held) {
+                    if let Some(age) = socket::last_ack_age(held.tcp()) {
                         self.check_held_silence(now, age).await;
                     }
                 }
@@ -730,16 +741,16 @@ impl Detector {
             },
             ProbeMode::SendExpect if self.svc.protocol == Protocol::Udp => self.check_udp().await,
             ProbeMode::SendExpect => {
-                let Some(held) = self.held.as_mut() else {
+                if self.held.is_none() {
                     // why: a connect alone is not readiness: the exchange on the new session decides.
                     let (reach, identity) = self.confirm().await;
                     self.observe(evidence_of(reach, identity));
                     return;
-                };
-                match probe::exchange(held, &self.svc.probe).await {
-                    Ok(reply) => {
-                        let identity = probe::identity_of(&self.svc.probe, &reply);
-                        self.observe(Evidence::Ok { at: Instant::now(), identity });
+                }
+                match self.ask(false).await {
+                    Ok(answer) => {
+                        let (reach, identity) = self.reach_of(answer);
+                        self.observe(evidence_of(reach, identity));
                     }
                     Err(ExchangeError::Timeout) => {
                         self.held = None;
@@ -892,9 +903,8 @@ impl Detector {
         if class != ConnectClass::Ok || self.svc.probe.mode != ProbeMode::SendExpect {
             return (Reach::from(class), identity);
         }
-        let Some(held) = self.held.as_mut() else { return (Reach::Silent, None) };
-        let reach = match probe::exchange(held, &self.svc.probe).await {
-            Ok(reply) => return (Reach::Ready, probe::identity_of(&self.svc.probe, &reply)),
+        let reach = match self.ask(true).await {
+            Ok(answer) => return self.reach_of(answer),
             Err(ExchangeError::Mismatch(reply)) => {
                 self.not_ready_because(lacks_expect(&reply));
                 Reach::NotReady
@@ -914,6 +924,51 @@ impl Detector {
         };
         self.held = None;
         (reach, None)
+    }
+
+    /// One exchange on the held session: the preset's (logging in first on a `fresh` session), else `send`
+    /// and `expect`.
+    async fn ask(&mut self, fresh: bool) -> Result<Answer, ExchangeError> {
+        let Some(held) = self.held.as_mut() else { return Err(ExchangeError::Eof) };
+        match &self.svc.probe.preset {
+            Some(preset) => preset::exchange(held, preset, self.svc.probe.timeout, fresh).await,
+            None => {
+                let reply = probe::exchange(held, &self.svc.probe).await?;
+                Ok(Answer::Ready { identity: probe::identity_of(&self.svc.probe, &reply), role: None })
+            }
+        }
+    }
+
+    /// What an answer means for the host: how it was reached, and the identity it gave. A node that is not
+    /// ready loses the held session (the next check logs in anew); one in another role keeps it, and is
+    /// asked again on it.
+    fn reach_of(&mut self, answer: Answer) -> (Reach, Option<String>) {
+        match answer {
+            Answer::Ready { identity, role } => {
+                self.saw_role(role);
+                (Reach::Ready, identity)
+            }
+            Answer::WrongRole { role } => {
+                self.not_ready_because(format!("it answers as a {role}, and probe.role = \"primary\""));
+                self.saw_role(Some(role));
+                (Reach::NotPrimary, None)
+            }
+            Answer::NotReady(why) => {
+                self.not_ready_because(why);
+                self.held = None;
+                (Reach::NotReady, None)
+            }
+        }
+    }
+
+    /// The role the node last said it has, for `/status`.
+    fn saw_role(&mut self, role: Option<String>) {
+        let role = role.map(Arc::<str>::from);
+        self.view.send_if_modified(|v| {
+            let changed = v.role != role;
+            v.role = role;
+            changed
+        });
     }
 
     /// The held session was reset: the epoch ends and new clients are held at once, before the confirming
@@ -963,7 +1018,7 @@ impl Detector {
                     }
                     _ => None,
                 };
-                self.held = Some(stream);
+                self.held = Some(ProbeStream::new(stream));
                 (ConnectClass::Ok, identity)
             }
             Err(e) => {
@@ -1102,6 +1157,7 @@ fn evidence_of(reach: Reach, identity: Option<String>) -> Evidence {
     match reach {
         Reach::Ready => Evidence::Ok { at: Instant::now(), identity },
         Reach::NotReady => Evidence::NotReady,
+        Reach::NotPrimary => Evidence::NotPrimary,
         Reach::Refused => Evidence::Refused,
         Reach::Silent => Evidence::Silent { signal: Signal::Probe },
     }

@@ -2,13 +2,56 @@
 //! a node identity is read from a reply. Decisions are the state machine's; this only observes.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::{KeepaliveConfig, ProbeConfig};
 use crate::upstream::{ConnectClass, classify};
+
+/// The held probe session: a TCP connection, and what a preset's protocol sent between two exchanges.
+#[derive(Debug)]
+pub struct ProbeStream {
+    tcp: TcpStream,
+    /// With a preset: bytes that arrived while no exchange was under way (a server's notice), read so
+    /// that a reset or close is still seen at once; the next exchange reads them first.
+    pub(crate) unread: Vec<u8>,
+}
+
+impl ProbeStream {
+    pub fn new(tcp: TcpStream) -> ProbeStream {
+        ProbeStream { tcp, unread: Vec::new() }
+    }
+
+    /// The TCP connection under it (keep-alive, TCP_INFO).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+}
+
+impl AsyncRead for ProbeStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ProbeStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// The most a preset keeps of what arrives between exchanges; more is no notice.
+const UNREAD_LIMIT: usize = 64 * 1024;
 
 /// What happened on a held probe connection.
 #[derive(Debug)]
@@ -21,18 +64,18 @@ pub enum HeldEvent {
     Failed(ConnectClass, io::Error),
 }
 
-/// Waits for the next event on a held connection; never returns when there is none.
-pub async fn watch_held(held: Option<&TcpStream>) -> HeldEvent {
+/// Waits for the next event on a held connection; never returns when there is none. With `keep` (a preset,
+/// whose protocol may send between exchanges) the bytes are kept for the next exchange instead of returned.
+pub async fn watch_held(held: Option<&mut ProbeStream>, keep: bool) -> HeldEvent {
     let Some(stream) = held else { return std::future::pending().await };
     let mut buf = [0u8; 2048];
     loop {
-        if let Err(e) = stream.readable().await {
-            return HeldEvent::Failed(classify(&e), e);
-        }
-        match stream.try_read(&mut buf) {
+        // why: `read` is cancel-safe: when another event wins, nothing read is lost.
+        match stream.read(&mut buf).await {
             Ok(0) => return HeldEvent::Eof,
+            Ok(n) if keep && stream.unread.len() + n <= UNREAD_LIMIT => stream.unread.extend_from_slice(&buf[..n]),
             Ok(n) => return HeldEvent::Data(buf[..n].to_vec()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return HeldEvent::Eof,
             Err(e) => return HeldEvent::Failed(classify(&e), e),
         }
     }
@@ -57,7 +100,7 @@ const REPLY_PAUSE: Duration = Duration::from_millis(100);
 ///
 /// # Errors
 /// Timeout, a reply without `expect` (once it pauses for `REPLY_PAUSE`), EOF, or an I/O error.
-pub async fn exchange(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<Vec<u8>, ExchangeError> {
+pub async fn exchange(stream: &mut ProbeStream, probe: &ProbeConfig) -> Result<Vec<u8>, ExchangeError> {
     let mut reply = Vec::new();
     let work = async {
         stream.write_all(&probe.send).await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
@@ -65,17 +108,16 @@ pub async fn exchange(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<Vec
         loop {
             // why: a node that answers "not ready" is known as soon as its reply ends, not at the timeout;
             // the probe's pace while it loads then sees it ready within a check.
-            let readable = stream.readable();
-            let more = if reply.is_empty() {
-                readable.await
+            let read = stream.read(&mut buf);
+            let got = if reply.is_empty() {
+                read.await
             } else {
-                match tokio::time::timeout(REPLY_PAUSE, readable).await {
+                match tokio::time::timeout(REPLY_PAUSE, read).await {
                     Ok(r) => r,
                     Err(_) => return Err(ExchangeError::Mismatch(Vec::new())),
                 }
             };
-            more.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
-            match stream.try_read(&mut buf) {
+            match got {
                 Ok(0) => return Err(ExchangeError::Eof),
                 Ok(n) => {
                     reply.extend_from_slice(&buf[..n]);
@@ -86,7 +128,6 @@ pub async fn exchange(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<Vec
                         return Err(ExchangeError::Mismatch(Vec::new()));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(ExchangeError::Failed(classify(&e), e)),
             }
         }
@@ -165,7 +206,7 @@ mod tests {
             // Keeps the connection open, silent.
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut stream = ProbeStream::new(TcpStream::connect(addr).await.unwrap());
         let probe = ProbeConfig {
             mode: ProbeMode::SendExpect,
             interval: Duration::from_secs(1),
@@ -177,6 +218,7 @@ mod tests {
             rise: 1,
             neighbor: false,
             split_brain_window: crate::config::DEFAULT_SPLIT_BRAIN_WINDOW,
+            preset: None,
         };
         let t = std::time::Instant::now();
         let r = exchange(&mut stream, &probe).await;
@@ -200,6 +242,7 @@ mod tests {
             rise: 1,
             neighbor: true,
             split_brain_window: crate::config::DEFAULT_SPLIT_BRAIN_WINDOW,
+            preset: None,
         };
         let reply = b"$100\r\n# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n";
         assert!(contains(reply, &probe.expect));

@@ -26,6 +26,7 @@ struct ProbePath<'a> {
     send: &'a [u8],
     expect: &'a [u8],
     identity: Option<&'a str>,
+    preset: Option<&'a crate::config::Preset>,
     keepalive: &'a KeepaliveConfig,
     udp: &'a UdpConfig,
 }
@@ -43,6 +44,7 @@ fn probe_path(s: &ServiceConfig) -> ProbePath<'_> {
         rise: _,
         neighbor: _,
         split_brain_window: _,
+        preset,
     } = &s.probe;
     ProbePath {
         target: Target { upstream: &s.upstream, source: s.source, freebind: s.freebind, protocol: s.protocol },
@@ -50,6 +52,7 @@ fn probe_path(s: &ServiceConfig) -> ProbePath<'_> {
         send,
         expect,
         identity: identity.as_ref().map(|r| r.as_str()),
+        preset: preset.as_ref(),
         keepalive: &s.keepalive,
         udp: &s.udp,
     }

@@ -40,6 +40,7 @@ impl Shell {
             neighbor: Arc::from("off"),
             note: None,
             split_brain: false,
+            role: None,
         };
         Shell { machine: Machine::new(fall, rise, now), view, linked: Vec::new() }
     }
@@ -110,6 +111,8 @@ fn is_move(ev: &Evidence) -> bool {
         Evidence::Ok { .. } => true,
         Evidence::Closed { confirm, .. } => *confirm == Reach::Ready,
         Evidence::Silent { .. } | Evidence::Refused | Evidence::NotReady | Evidence::Sign { .. } => false,
+        // A node in the wrong role is the same node, not a new one.
+        Evidence::NotPrimary => false,
         Evidence::Reload => false,
     }
 }
@@ -189,7 +192,7 @@ impl Run {
     }
 
     fn reach(&mut self) -> Reach {
-        [Reach::Ready, Reach::NotReady, Reach::Refused, Reach::Silent][self.rng.usize(0..4)]
+        [Reach::Ready, Reach::NotReady, Reach::NotPrimary, Reach::Refused, Reach::Silent][self.rng.usize(0..5)]
     }
 
     fn signal(&mut self) -> Signal {
@@ -213,7 +216,8 @@ impl Run {
             }
             2 => Action::Evidence(Evidence::Silent { signal: self.signal() }),
             3 => Action::Evidence(Evidence::Refused),
-            4 => Action::Evidence(Evidence::NotReady),
+            4 if self.rng.bool() => Action::Evidence(Evidence::NotReady),
+            4 => Action::Evidence(Evidence::NotPrimary),
             5 => Action::Evidence(Evidence::Reset { signal: self.signal() }),
             6 => {
                 let (signal, confirm, identity) = (self.signal(), self.reach(), self.identity());

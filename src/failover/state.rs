@@ -51,6 +51,8 @@ pub enum Reach {
     Ready,
     /// Connected, but the reply lacked `expect` (or none came, or the node closed): there, not ready.
     NotReady,
+    /// Connected and answered the preset's exchange, in another role than required (a replica, a standby).
+    NotPrimary,
     /// The address answered with RST: up on some node, the service not.
     Refused,
     /// Nothing answered.
@@ -88,6 +90,10 @@ pub enum Evidence {
     /// A status exchange got a reply without `expect`: the node is there and not ready. Never a failover by
     /// itself: the readiness of a node is not a move.
     NotReady,
+    /// The preset's exchange says the node is in another role than required: not ready, and when the
+    /// sessions of the epoch are on it (it was the primary they were made to), the epoch ends (signal
+    /// `role`): every write on them would fail.
+    NotPrimary,
     /// A sign from outside the probe (a reset session, a failed client connect): suspect, do not decide.
     Sign { signal: Signal },
     /// The cluster manager declared a failover.
@@ -301,10 +307,12 @@ impl Machine {
                 // why: a server that closes idle connections is not a failover; the identity still decides.
                 Reach::Ready => self.ok(now, now, identity),
                 Reach::NotReady => self.not_ready(),
+                Reach::NotPrimary => self.not_primary(now),
                 Reach::Refused => self.fail(now, Signal::Probe, HostState::FailingOver),
                 Reach::Silent => self.fail(now, Signal::Probe, HostState::Down),
             },
             Evidence::NotReady => self.not_ready(),
+            Evidence::NotPrimary => self.not_primary(now),
             Evidence::Reset { signal } => {
                 let signal = self.suspect.map_or(signal, |s| s.signal);
                 let ended = if self.live() && self.may_end(now) { Some(self.end_epoch(now, signal)) } else { None };
@@ -435,6 +443,22 @@ impl Machine {
         None
     }
 
+    /// The node answers in another role than required: if the sessions of this epoch are on it, they end
+    /// (signal `role`); either way clients are held until `rise` exchanges find it in the role again.
+    fn not_primary(&mut self, now: Instant) -> Option<Failover> {
+        // why: in a split brain the two nodes may answer in turn in two roles: damped like any detection.
+        let ended = if self.live() && self.may_end(now) {
+            // why: sessions made while a move was suspected reached this node too: a node in the wrong role
+            // is no new node to hand them to, so they end with the epoch.
+            self.suspect = None;
+            Some(self.end_epoch(now, Signal::Role))
+        } else {
+            None
+        };
+        self.not_ready();
+        ended
+    }
+
     /// Whether sessions of the current epoch may be live on the host: it is up, or it was up in this epoch
     /// and has since stopped being ready.
     fn live(&self) -> bool {
@@ -457,7 +481,7 @@ impl Machine {
                     self.serving = true;
                 }
             }
-            Reach::NotReady => self.state = HostState::NotReady,
+            Reach::NotReady | Reach::NotPrimary => self.state = HostState::NotReady,
             Reach::Refused => self.state = HostState::FailingOver,
             Reach::Silent => self.state = HostState::Down,
         }
@@ -614,6 +638,67 @@ mod tests {
         m.observe(Instant::now(), ok(Instant::now()));
         assert!(!m.damping(Instant::now()));
         assert_eq!(m.observe(Instant::now(), reset()).map(|f| f.epoch), Some(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_primary_that_becomes_a_replica_ends_its_epoch_once_and_holds_until_it_is_primary_again() {
+        let mut m = Machine::new(1, 2, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        tokio::time::advance(S).await;
+        let f = m.observe(Instant::now(), Evidence::NotPrimary).expect("the sessions were made to the primary");
+        assert_eq!((f.epoch, f.signal, f.detection), (2, Signal::Role, S));
+        assert_eq!(m.state(), HostState::NotReady);
+        assert!(!m.state().connectable(), "new clients are held");
+        for _ in 0..10 {
+            assert_eq!(m.observe(Instant::now(), Evidence::NotPrimary), None, "still a replica: no second failover");
+            assert_eq!(m.state(), HostState::NotReady);
+        }
+        // rise = 2: primary again after two exchanges, in the epoch the demotion began.
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!(m.state(), HostState::NotReady);
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::Up, 2));
+        // Demoted again: the sessions of epoch 2 end.
+        assert_eq!(
+            m.observe(Instant::now(), Evidence::NotPrimary).map(|f| (f.epoch, f.signal)),
+            Some((3, Signal::Role))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_since_start_or_after_a_move_is_no_role_failover() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        assert_eq!(m.observe(Instant::now(), Evidence::NotPrimary), None, "nothing was made to it");
+        assert_eq!((m.state(), m.epoch()), (HostState::NotReady, 1));
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None, "promoted: served, no failover");
+        assert_eq!((m.state(), m.epoch()), (HostState::Up, 1));
+        // A silent move to a standby: the move ends the epoch; the standby found by the confirmation holds
+        // clients and ends nothing more; its promotion serves them in the new epoch.
+        let moved = Evidence::Moved { signal: Signal::Probe, confirm: Reach::NotPrimary, identity: None };
+        assert_eq!(m.observe(Instant::now(), moved).map(|f| (f.epoch, f.signal)), Some((2, Signal::Probe)));
+        assert_eq!(m.state(), HostState::NotReady);
+        assert_eq!(m.observe(Instant::now(), Evidence::NotPrimary), None);
+        let f = m.observe(Instant::now(), Evidence::Reset { signal: Signal::Probe });
+        assert_eq!(f, None, "a reset of a session to a node that served nothing ends nothing");
+        assert_eq!(m.observe(Instant::now(), Evidence::Closed { confirm: Reach::NotPrimary, identity: None }), None);
+        assert_eq!(m.observe(Instant::now(), ok(Instant::now())), None);
+        assert_eq!((m.state(), m.epoch()), (HostState::Up, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_role_failover_ends_the_sessions_made_while_a_move_was_suspected() {
+        let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset });
+        assert_eq!(m.join(), Join::Next);
+        let f = m.observe(Instant::now(), Evidence::NotPrimary).expect("demoted");
+        assert_eq!(f.signal, Signal::Role);
+        assert!(!f.takes_provisional, "they reached the demoted node too");
+        // The server closing the held session of a node that then answers as a replica is the same.
+        let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), ok(Instant::now()));
+        let f = m.observe(Instant::now(), Evidence::Closed { confirm: Reach::NotPrimary, identity: None });
+        assert_eq!(f.map(|f| (f.epoch, f.signal)), Some((2, Signal::Role)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -646,6 +646,11 @@ impl Lab {
     /// pid and log files under `dir()/redis-ROLE/`, and waits (bounded)
     /// until it accepts on the host's stationary address. Returns its pid.
     pub fn start_redis(&self, host: Host) -> u32 {
+        self.start_redis_with(host, &[])
+    }
+
+    /// [`Lab::start_redis`] with more `redis-server` arguments (such as `--requirepass`).
+    pub fn start_redis_with(&self, host: Host, extra: &[&str]) -> u32 {
         require_tool("redis-server", "redis-server");
         assert!(!lock(&self.redis).contains_key(&host), "redis already running on {}", host.role());
         let rdir = self.dir.join(format!("redis-{}", host.role()));
@@ -658,6 +663,7 @@ impl Lab {
         );
         let mut args: Vec<&str> = fixed.split_whitespace().collect();
         args.extend(["--save", "", "--dir", &rdir_s, "--pidfile", &pidfile, "--logfile", &logfile]);
+        args.extend_from_slice(extra);
         let pid = self.spawn(host, &args);
         lock(&self.redis).insert(host, pid);
         let to = SocketAddr::V4(SocketAddrV4::new(host.addr(), REDIS_PORT));

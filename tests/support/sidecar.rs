@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +33,13 @@ impl<'a> Sidecar<'a> {
         Sidecar::start_with(lab, &format!("listen = \"{LISTEN}\"\n"), service_extra)
     }
 
+    /// [`Sidecar::start`] with the logical host's `port` as upstream (the service is still named `redis`,
+    /// and listens on [`LISTEN`]). The config file is written in the lab's directory, so relative paths in
+    /// it (a password file) are taken from there.
+    pub fn start_to(lab: &'a Lab, port: u16, service_extra: &str) -> Sidecar<'a> {
+        Sidecar::start_full(lab, &[], &format!("listen = \"{LISTEN}\"\n"), port, service_extra)
+    }
+
     /// Starts staybound with the `redis` service's top-level keys `service_keys` (such as its `listen`, or
     /// `guard = true`) and then `service_extra`.
     pub fn start_with(lab: &'a Lab, service_keys: &str, service_extra: &str) -> Sidecar<'a> {
@@ -42,12 +48,16 @@ impl<'a> Sidecar<'a> {
 
     /// As `start_with`, with `wrapper` (such as `setpriv` and its arguments) in front of staybound's command.
     pub fn start_as(lab: &'a Lab, wrapper: &[&str], service_keys: &str, service_extra: &str) -> Sidecar<'a> {
+        Sidecar::start_full(lab, wrapper, service_keys, REDIS_PORT, service_extra)
+    }
+
+    fn start_full(lab: &'a Lab, wrapper: &[&str], service_keys: &str, port: u16, service_extra: &str) -> Sidecar<'a> {
         let text = format!(
-            "shutdown_grace = \"1s\"\n[admin]\nlisten = \"{ADMIN}\"\n[[service]]\nname = \"redis\"\n{service_keys}upstream = \"{LOGICAL}:{REDIS_PORT}\"\n{service_extra}"
+            "shutdown_grace = \"1s\"\n[admin]\nlisten = \"{ADMIN}\"\n[[service]]\nname = \"redis\"\n{service_keys}upstream = \"{LOGICAL}:{port}\"\n{service_extra}"
         );
         let path = lab.dir().join("staybound.toml");
         std::fs::write(&path, &text).unwrap();
-        let config = Config::from_toml_str(&text, Path::new("staybound.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let config = Config::from_toml_str(&text, &path).unwrap_or_else(|e| panic!("{e}"));
         let path_s = path.to_str().unwrap().to_string();
         let bin = bin();
         let mut argv = wrapper.to_vec();

@@ -1,0 +1,124 @@
+//! Probe presets: application keep-alives that speak the service's own protocol on the held probe
+//! session, log in with a password read from a file, and say whether the node is ready in the role
+//! required. The protocols' decisions (parsing a reply, mapping it to an `Answer`) are pure functions in
+//! `redis`; this is the I/O around them: write the request, read until the replies are whole, within the
+//! probe timeout.
+
+pub(crate) mod redis;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::{Preset, PresetKind};
+use crate::upstream::classify;
+
+use super::probe::{ExchangeError, ProbeStream};
+
+/// What one exchange of a preset found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Ready in the role required: `identity` names the node (redis `run_id`), `role` is the role it said
+    /// when the preset asked (`primary`).
+    Ready { identity: Option<String>, role: Option<String> },
+    /// It answers in another role than required (`replica`, `standby`).
+    WrongRole { role: String },
+    /// It answers, but is not ready or does not let the probe in; why, for `/status` and the log (never
+    /// a secret).
+    NotReady(String),
+}
+
+/// The most read for one exchange's replies: `INFO server` is about 1.5 KiB.
+const REPLY_LIMIT: usize = 64 * 1024;
+
+/// One exchange of the preset on the held session, logging in first when it is `fresh` (just connected);
+/// each step within `timeout`.
+///
+/// # Errors
+/// No reply in time (`Timeout`), the server closed (`Eof`), or an I/O error; a reply that is not the
+/// protocol's is an `Answer::NotReady`.
+pub async fn exchange(
+    stream: &mut ProbeStream,
+    preset: &Preset,
+    timeout: Duration,
+    fresh: bool,
+) -> Result<Answer, ExchangeError> {
+    match preset.kind {
+        PresetKind::Redis => redis_exchange(stream, preset, timeout, fresh).await,
+        PresetKind::Postgres => Ok(Answer::NotReady("the postgres preset is not available in this build".into())),
+    }
+}
+
+async fn redis_exchange(
+    stream: &mut ProbeStream,
+    preset: &Preset,
+    timeout: Duration,
+    fresh: bool,
+) -> Result<Answer, ExchangeError> {
+    if fresh && let Some(password) = &preset.password {
+        let replies = within(timeout, ask_redis(stream, &redis::auth(&preset.user, password.expose()), 1)).await?;
+        match replies {
+            Err(why) => return Ok(Answer::NotReady(why)),
+            Ok(replies) => {
+                if let Err(why) = replies.first().map_or(Err("no reply to AUTH".into()), redis::login) {
+                    return Ok(Answer::NotReady(why));
+                }
+            }
+        }
+    }
+    let (request, count) = redis::request(preset.role);
+    match within(timeout, ask_redis(stream, &request, count)).await? {
+        Ok(replies) => Ok(redis::verdict(preset.role, &replies)),
+        Err(why) => Ok(Answer::NotReady(why)),
+    }
+}
+
+/// Runs one step within `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    step: impl Future<Output = Result<T, ExchangeError>>,
+) -> Result<T, ExchangeError> {
+    tokio::time::timeout(timeout, step).await.unwrap_or(Err(ExchangeError::Timeout))
+}
+
+/// Sends `request` and reads `count` replies; `Ok(Err(why))` when what came back is not redis's.
+async fn ask_redis(
+    stream: &mut ProbeStream,
+    request: &[u8],
+    count: usize,
+) -> Result<Result<Vec<redis::Value>, String>, ExchangeError> {
+    stream.write_all(request).await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
+    let mut buf = std::mem::take(&mut stream.unread);
+    let mut replies = Vec::with_capacity(count);
+    let mut at = 0;
+    let mut chunk = [0u8; 4096];
+    loop {
+        while replies.len() < count {
+            match redis::parse(&buf[at..]) {
+                Ok(Some((value, used))) => {
+                    replies.push(value);
+                    at += used;
+                }
+                Ok(None) => break,
+                Err(e) => return Ok(Err(format!("the reply is not redis's ({e}): \"{}\"", shown(&buf)))),
+            }
+        }
+        if replies.len() == count {
+            stream.unread = buf.split_off(at);
+            return Ok(Ok(replies));
+        }
+        if buf.len() > REPLY_LIMIT {
+            return Ok(Err(format!("the reply is larger than {} KiB", REPLY_LIMIT / 1024)));
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err(ExchangeError::Eof),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(ExchangeError::Failed(classify(&e), e)),
+        }
+    }
+}
+
+/// The start of a reply, for a message (lossy UTF-8, escaped, at most 120 bytes).
+fn shown(reply: &[u8]) -> String {
+    String::from_utf8_lossy(&reply[..reply.len().min(120)]).escape_debug().collect()
+}
