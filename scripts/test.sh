@@ -10,6 +10,8 @@ for pair in redis-server:redis-server redis-cli:redis-tools redis-benchmark:redi
             arping:arping ip:iproute2 curl:curl promtool:prometheus nft:nftables; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
+# The postgres preset's lab runs Debian's server binaries, which are not on PATH.
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "installing: ${need[*]}"

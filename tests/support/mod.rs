@@ -3,6 +3,7 @@
 
 pub mod lab;
 pub mod loadclient;
+pub mod pg;
 pub mod process;
 pub mod proxy;
 pub mod sidecar;

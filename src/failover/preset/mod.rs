@@ -1,13 +1,16 @@
 //! Probe presets: application keep-alives that speak the service's own protocol on the held probe
 //! session, log in with a password read from a file, and say whether the node is ready in the role
-//! required. The protocols' decisions (parsing a reply, mapping it to an `Answer`) are pure functions in
-//! `redis`; this is the I/O around them: write the request, read until the replies are whole, within the
-//! probe timeout.
+//! required. The protocols' decisions (parsing a reply, the login's next step, mapping a reply to an
+//! `Answer`) are pure functions in `redis` and `postgres`; this is the I/O around them: write the request,
+//! read until the replies are whole, within the probe timeout.
 
+pub(crate) mod postgres;
 pub(crate) mod redis;
 
 use std::time::Duration;
 
+use bytes::BytesMut;
+use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{Preset, PresetKind};
@@ -28,7 +31,7 @@ pub enum Answer {
     NotReady(String),
 }
 
-/// The most read for one exchange's replies: `INFO server` is about 1.5 KiB.
+/// The most read for one exchange's replies (`INFO server` is about 1.5 KiB), or for one postgres message.
 const REPLY_LIMIT: usize = 64 * 1024;
 
 /// One exchange of the preset on the held session, logging in first when it is `fresh` (just connected);
@@ -45,8 +48,104 @@ pub async fn exchange(
 ) -> Result<Answer, ExchangeError> {
     match preset.kind {
         PresetKind::Redis => redis_exchange(stream, preset, timeout, fresh).await,
-        PresetKind::Postgres => Ok(Answer::NotReady("the postgres preset is not available in this build".into())),
+        PresetKind::Postgres => postgres_exchange(stream, preset, timeout, fresh).await,
     }
+}
+
+async fn postgres_exchange(
+    stream: &mut ProbeStream,
+    preset: &Preset,
+    timeout: Duration,
+    fresh: bool,
+) -> Result<Answer, ExchangeError> {
+    let mut buf = BytesMut::from(&std::mem::take(&mut stream.unread)[..]);
+    if fresh && let Err(why) = within(timeout, postgres_login(stream, &mut buf, preset)).await? {
+        return Ok(Answer::NotReady(why));
+    }
+    let answer = within(timeout, postgres_query(stream, &mut buf, preset)).await?;
+    stream.unread = buf.to_vec();
+    Ok(answer.unwrap_or_else(Answer::NotReady))
+}
+
+/// The startup message and the login the server asks for, until it is ready for a query.
+async fn postgres_login(
+    stream: &mut ProbeStream,
+    buf: &mut BytesMut,
+    preset: &Preset,
+) -> Result<Result<(), String>, ExchangeError> {
+    write(stream, &postgres::startup(&preset.user, &preset.database)).await?;
+    let mut login = postgres::Login::new(&preset.user, preset.password.as_ref().map(|p| p.expose()));
+    // why: a login is a handful of messages (SCRAM: 3 from the server, then parameters); a server that
+    // keeps talking without ever being ready is no server to probe.
+    for _ in 0..64 {
+        let msg = match read_message(stream, buf).await? {
+            Ok(msg) => msg,
+            Err(why) => return Ok(Err(why)),
+        };
+        match login.step(msg) {
+            Ok(postgres::Step::Send(out)) => write(stream, &out).await?,
+            Ok(postgres::Step::Wait) => {}
+            Ok(postgres::Step::Ready) => return Ok(Ok(())),
+            Err(why) => return Ok(Err(why)),
+        }
+    }
+    Ok(Err("the login did not end within 64 messages".into()))
+}
+
+/// The query of every interval, and what its row says.
+async fn postgres_query(
+    stream: &mut ProbeStream,
+    buf: &mut BytesMut,
+    preset: &Preset,
+) -> Result<Result<Answer, String>, ExchangeError> {
+    write(stream, &postgres::query()).await?;
+    let mut row = None;
+    for _ in 0..64 {
+        let msg = match read_message(stream, buf).await? {
+            Ok(msg) => msg,
+            Err(why) => return Ok(Err(why)),
+        };
+        match msg {
+            Message::DataRow(body) => match postgres::row_values(&body) {
+                Ok(values) => row = Some(values),
+                Err(e) => return Ok(Err(format!("the reply is not postgres's ({e})"))),
+            },
+            Message::ErrorResponse(body) => return Ok(Err(postgres::error_text(body.fields()))),
+            Message::ReadyForQuery(_) => {
+                return Ok(match row {
+                    Some(values) => Ok(postgres::verdict(preset.role, &values)),
+                    None => Err("the query returned no row".into()),
+                });
+            }
+            // RowDescription, CommandComplete, and what the server may say at any time.
+            _ => {}
+        }
+    }
+    Ok(Err("the query's reply did not end within 64 messages".into()))
+}
+
+/// The next whole backend message; `Ok(Err(why))` when the bytes are not postgres's.
+async fn read_message(stream: &mut ProbeStream, buf: &mut BytesMut) -> Result<Result<Message, String>, ExchangeError> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match Message::parse(buf) {
+            Ok(Some(msg)) => return Ok(Ok(msg)),
+            Ok(None) => {}
+            Err(e) => return Ok(Err(format!("the reply is not postgres's ({e}): \"{}\"", shown(buf)))),
+        }
+        if buf.len() > REPLY_LIMIT {
+            return Ok(Err(format!("a message larger than {} KiB", REPLY_LIMIT / 1024)));
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err(ExchangeError::Eof),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(ExchangeError::Failed(classify(&e), e)),
+        }
+    }
+}
+
+async fn write(stream: &mut ProbeStream, bytes: &[u8]) -> Result<(), ExchangeError> {
+    stream.write_all(bytes).await.map_err(|e| ExchangeError::Failed(classify(&e), e))
 }
 
 async fn redis_exchange(
@@ -87,7 +186,7 @@ async fn ask_redis(
     request: &[u8],
     count: usize,
 ) -> Result<Result<Vec<redis::Value>, String>, ExchangeError> {
-    stream.write_all(request).await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
+    write(stream, request).await?;
     let mut buf = std::mem::take(&mut stream.unread);
     let mut replies = Vec::with_capacity(count);
     let mut at = 0;
