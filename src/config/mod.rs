@@ -246,6 +246,8 @@ pub struct Preset {
     pub database: String,
     /// TLS for the probe connection, verified against `tls_ca_file`.
     pub tls: Option<TlsCa>,
+    /// The name the server's certificate must carry: the upstream's host (an IP address or a DNS name).
+    pub tls_name: String,
 }
 
 /// A CA to verify a server against: where it was read from, and its certificates (DER).

@@ -477,6 +477,12 @@ fn service(
             None => probe.mode = ProbeMode::Off,
         }
     }
+    if let Some(preset) = &mut probe.preset {
+        preset.tls_name = match &upstream {
+            UpstreamAddr::Ip(addr) => addr.ip().to_string(),
+            UpstreamAddr::Name { host, .. } => host.clone(),
+        };
+    }
     if protocol == Protocol::Udp
         && let Some(preset) = &probe.preset
     {
@@ -895,6 +901,7 @@ fn preset(cx: &mut Ctx<'_>, p: &RawProbe, prefix: &str) -> Option<Preset> {
         password_file,
         database: text(&p.database).to_string(),
         tls,
+        tls_name: String::new(),
     })
 }
 
@@ -915,12 +922,42 @@ fn tls(cx: &mut Ctx<'_>, p: &RawProbe, prefix: &str) -> Option<TlsCa> {
             None
         }
         (true, Some(v)) => {
-            let span = p.tls.as_ref().map(|v| v.span()).unwrap_or(0..0);
-            cx.at(span, &key("tls"), "TLS for the probe is not available in this build yet");
-            let _ = v;
-            None
+            let file = token_path(cx.path, v.get_ref());
+            match read_ca(&file) {
+                Ok(certs) => Some(TlsCa { file, certs }),
+                Err(e) => {
+                    cx.at(v.span(), &key("tls_ca_file"), format!("{:?} {e}", v.get_ref()));
+                    None
+                }
+            }
         }
     }
+}
+
+/// The largest CA file read: a bundle of a few certificates.
+const CA_FILE_LIMIT: u64 = 1024 * 1024;
+
+/// The certificates (DER) of a PEM CA file; at least one.
+fn read_ca(file: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let text = read_small(file, CA_FILE_LIMIT, "a CA file holds a few certificates")?;
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no certificate (PEM, -----BEGIN CERTIFICATE-----)".into());
+    }
+    // why: a certificate that cannot be a trust anchor would make every probe fail its handshake; said
+    // here, it is a config error at the key.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for der in &certs {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| format!("holds a certificate that cannot be a root: {e}"))?;
+    }
+    Ok(certs)
 }
 
 fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> HoldConfig {
@@ -1213,6 +1250,47 @@ mod tests {
             assert_eq!((p.line, p.key.as_str()), (7, "service[a].probe.password_file"), "{err}");
             assert!(p.message.contains(file) && p.message.contains(says), "{err}");
             assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_needs_a_ca_file_of_pem_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("staybound.toml");
+        // A self-signed CA certificate (P-256, valid until 2126).
+        let pem = "-----BEGIN CERTIFICATE-----\n\
+                   MIIBjzCCATWgAwIBAgIUKNXvtz26AnkDArzHo2DdBt6ertowCgYIKoZIzj0EAwIw\n\
+                   HDEaMBgGA1UEAwwRc3RheWJvdW5kIHRlc3QgQ0EwIBcNMjYxMTI4MDkxMzQwWhgP\n\
+                   MjEyNjExMDQwOTEzNDBaMBwxGjAYBgNVBAMMEXN0YXlib3VuZCB0ZXN0IENBMFkw\n\
+                   EwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEThJ/IHQqkZ2U0LieJh6KES/a9tYgOlfs\n\
+                   FY3f3+EUuc45p2/bF9zc2FqNmIn8RtqBHSoPBe8VZSeV24rs43W/MKNTMFEwHQYD\n\
+                   VR0OBBYEFJT2YEzBJcdaVpIiBtVLIl2JCTfEMB8GA1UdIwQYMBaAFJT2YEzBJcda\n\
+                   VpIiBtVLIl2JCTfEMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIh\n\
+                   APVeRLFb58TY46LFpzc1M+58O9p3wSuFWYFAgvoCxhJ7AiBnYNzjcklRlYna013r\n\
+                   qNXCmWtHdH94MeciuzqXkO7tdA==\n\
+                   -----END CERTIFICATE-----\n";
+        let bad = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ0Zq\n-----END CERTIFICATE-----\n";
+        std::fs::write(dir.path().join("bad.crt"), bad).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), pem).unwrap();
+        std::fs::write(dir.path().join("empty.crt"), "# nothing here\n").unwrap();
+        let text = with_probe("preset = \"postgres\"\ntls = true\ntls_ca_file = \"ca.crt\"\n");
+        let c = validate(&text, &path).unwrap();
+        let preset = c.services[0].probe.preset.as_ref().unwrap();
+        let ca = preset.tls.as_ref().unwrap();
+        assert_eq!((ca.file.as_path(), ca.certs.len()), (dir.path().join("ca.crt").as_path(), 1));
+        assert_eq!(preset.tls_name, "127.0.0.1", "the upstream's host is the name verified");
+        assert!(crate::check::report(&c).contains("tls verified against "));
+        for (probe, key, says) in [
+            ("tls = true\n", "service[a].probe.tls_ca_file", "missing"),
+            ("tls_ca_file = \"ca.crt\"\n", "service[a].probe.tls_ca_file", "only with tls = true"),
+            ("tls = true\ntls_ca_file = \"empty.crt\"\n", "service[a].probe.tls_ca_file", "no certificate"),
+            ("tls = true\ntls_ca_file = \"none.crt\"\n", "service[a].probe.tls_ca_file", "cannot be read"),
+            ("tls = true\ntls_ca_file = \"bad.crt\"\n", "service[a].probe.tls_ca_file", "cannot be a root"),
+        ] {
+            let err = validate(&with_probe(&format!("preset = \"redis\"\n{probe}")), &path).unwrap_err();
+            let p = &err.problems()[0];
+            assert_eq!(p.key, key, "{err}");
+            assert!(p.message.contains(says), "{err}");
         }
     }
 

@@ -378,7 +378,8 @@ impl Detector {
         }
         if change.retune
             && let Some(held) = &self.held
-            && let Err(e) = socket::retune(held.tcp(), &self.probe_keepalive)
+            && let Some(tcp) = held.tcp()
+            && let Err(e) = socket::retune(tcp, &self.probe_keepalive)
         {
             warn!(service = %new.name, error = %e, "reload: could not retune the held probe session; making it anew");
             self.held = None;
@@ -547,7 +548,7 @@ impl Detector {
                     && self
                         .held
                         .as_ref()
-                        .map(ProbeStream::tcp)
+                        .and_then(ProbeStream::tcp)
                         .and_then(socket::last_ack_age)
                         .is_some_and(|age| now.checked_sub(age).is_some_and(|acked| acked > deleted))
                 {
@@ -596,7 +597,7 @@ impl Detector {
         let acked = self
             .held
             .as_ref()
-            .map(ProbeStream::tcp)
+            .and_then(ProbeStream::tcp)
             .and_then(socket::last_ack_age)
             .map(|age| now.checked_sub(age).unwrap_or(now));
         match (held_confirms, acked) {
@@ -622,11 +623,11 @@ impl Detector {
 
     /// Sends a knock on the held probe session (`knock`); a refusal is said once.
     fn knock(&mut self) {
-        let Some(held) = &self.held else { return };
+        let Some(tcp) = self.held.as_ref().and_then(ProbeStream::tcp) else { return };
         if self.knock_refused {
             return;
         }
-        let (Ok(local), Ok(peer)) = (held.tcp().local_addr(), held.tcp().peer_addr()) else { return };
+        let (Ok(local), Ok(peer)) = (tcp.local_addr(), tcp.peer_addr()) else { return };
         match knock::knock(local, peer) {
             Ok(()) => self.metrics.knocks.increment(1),
             Err(knock::KnockError::NotPermitted(e)) => {
@@ -666,7 +667,9 @@ impl Detector {
             self.confirming = None;
             return false;
         }
-        let Some(age) = self.held.as_ref().map(ProbeStream::tcp).and_then(socket::last_ack_age) else { return false };
+        let Some(age) = self.held.as_ref().and_then(ProbeStream::tcp).and_then(socket::last_ack_age) else {
+            return false;
+        };
         let acked = now.checked_sub(age).unwrap_or(now);
         // why: TCP_INFO dates the last ACK in jiffies; a later reading of the same ACK can look a few
         // milliseconds younger, a real new one is a round trip after the knock at most, and after the last.
@@ -717,7 +720,7 @@ impl Detector {
 
     /// Dates the last good sign of the epoch by the held session's last ACK.
     fn date_last_ack(&mut self) {
-        if let Some(age) = self.held.as_ref().and_then(|h| socket::last_ack_age(h.tcp())) {
+        if let Some(age) = self.held.as_ref().and_then(ProbeStream::tcp).and_then(socket::last_ack_age) {
             let now = Instant::now();
             self.machine.good_sign(now.checked_sub(age).unwrap_or(now));
         }
@@ -733,7 +736,7 @@ impl Detector {
             ProbeMode::Off => {}
             ProbeMode::Hold => match &self.held {
                 Some(held) => {
-                    if let Some(age) = socket::last_ack_age(held.tcp()) {
+                    if let Some(age) = held.tcp().and_then(socket::last_ack_age) {
                         self.check_held_silence(now, age).await;
                     }
                 }

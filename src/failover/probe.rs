@@ -12,41 +12,98 @@ use tokio::net::TcpStream;
 use crate::config::{KeepaliveConfig, ProbeConfig};
 use crate::upstream::{ConnectClass, classify};
 
-/// The held probe session: a TCP connection, and what a preset's protocol sent between two exchanges.
+/// The held probe session: a TCP connection (with a preset's `tls`, TLS over it), and what a preset's
+/// protocol sent between two exchanges.
 #[derive(Debug)]
 pub struct ProbeStream {
-    tcp: TcpStream,
+    io: Io,
     /// With a preset: bytes that arrived while no exchange was under way (a server's notice), read so
     /// that a reset or close is still seen at once; the next exchange reads them first.
     pub(crate) unread: Vec<u8>,
 }
 
+#[derive(Debug)]
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// A TLS handshake that failed took the connection with it.
+    Gone,
+}
+
 impl ProbeStream {
     pub fn new(tcp: TcpStream) -> ProbeStream {
-        ProbeStream { tcp, unread: Vec::new() }
+        ProbeStream { io: Io::Plain(tcp), unread: Vec::new() }
     }
 
-    /// The TCP connection under it (keep-alive, TCP_INFO).
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
+    /// The TCP connection under it (keep-alive, TCP_INFO); none after a failed TLS handshake.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match &self.io {
+            Io::Plain(tcp) => Some(tcp),
+            Io::Tls(tls) => Some(tls.get_ref().0),
+            Io::Gone => None,
+        }
     }
+
+    /// Whether the session runs TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.io, Io::Tls(_))
+    }
+
+    /// Makes the plain session a TLS one: the handshake, with the server's certificate verified by
+    /// `config` for `name`. A failed handshake leaves the session unusable.
+    ///
+    /// # Errors
+    /// The handshake failed (the certificate did not verify, the server does not speak TLS), or the
+    /// session was not plain.
+    pub(crate) async fn start_tls(
+        &mut self,
+        config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+        name: rustls_pki_types::ServerName<'static>,
+    ) -> io::Result<()> {
+        let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Gone) else {
+            return Err(io::Error::other("TLS over a session that is not plain"));
+        };
+        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+        self.io = Io::Tls(Box::new(tls));
+        Ok(())
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the probe session's TLS handshake failed")
 }
 
 impl AsyncRead for ProbeStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        match &mut self.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+            Io::Gone => Poll::Ready(Err(gone())),
+        }
     }
 }
 
 impl AsyncWrite for ProbeStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        match &mut self.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            Io::Gone => Poll::Ready(Err(gone())),
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        match &mut self.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            Io::Gone => Poll::Ready(Err(gone())),
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        match &mut self.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            Io::Gone => Poll::Ready(Err(gone())),
+        }
     }
 }
 

@@ -101,6 +101,21 @@ impl<'a> Pg<'a> {
         data
     }
 
+    /// Turns TLS on for the cluster in `data` with the certificate and key in PEM (copied into it, owned
+    /// by the postgres user; the key 0600 as postgres requires).
+    pub fn ssl(&self, data: &str, cert_pem: &Path, key_pem: &Path) {
+        for (from, to) in [(cert_pem, "server.crt"), (key_pem, "server.key")] {
+            let dest = format!("{data}/{to}");
+            std::fs::copy(from, &dest).unwrap();
+            self.lab.exec(Host::Client, &["chown", "postgres:postgres", &dest]);
+            self.lab.exec(Host::Client, &["chmod", "0600", &dest]);
+        }
+        append(
+            &format!("{data}/postgresql.conf"),
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        );
+    }
+
     /// A standby of the server at `primary` made with `pg_basebackup -R` (streaming replication,
     /// `standby.signal`).
     pub fn basebackup(&self, host: Host, name: &str, primary: std::net::Ipv4Addr) -> String {
@@ -162,4 +177,49 @@ fn append(path: &str, text: &str) {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
+}
+
+/// A CA and a server certificate it signed for `ips` (subject alternative names), made with `openssl` in
+/// `dir`: returns (CA certificate, server certificate, server key), PEM files.
+pub fn make_certs(dir: &Path, name: &str, ips: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let (ca_key, ca, key, csr, crt, ext) =
+        (p("ca.key"), p("ca.crt"), p("server.key"), p("server.csr"), p("server.crt"), p("ext.cnf"));
+    let san: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
+    std::fs::write(&ext, format!("subjectAltName = {}\n", san.join(","))).unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let subj_ca = format!("/CN={name} lab CA");
+    let mut a = vec!["req", "-x509", "-days", "2", "-subj", &subj_ca];
+    let (ca_key_s, ca_s) = (s(&ca_key), s(&ca));
+    a.extend(ec);
+    a.extend(["-keyout", &ca_key_s, "-out", &ca_s]);
+    run(&a);
+    let (key_s, csr_s, crt_s, ext_s) = (s(&key), s(&csr), s(&crt), s(&ext));
+    let mut a = vec!["req", "-new", "-subj", "/CN=staybound lab server"];
+    a.extend(ec);
+    a.extend(["-keyout", &key_s, "-out", &csr_s]);
+    run(&a);
+    run(&[
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        &csr_s,
+        "-CA",
+        &ca_s,
+        "-CAkey",
+        &ca_key_s,
+        "-CAcreateserial",
+        "-out",
+        &crt_s,
+        "-extfile",
+        &ext_s,
+    ]);
+    (ca, crt, key)
 }

@@ -13,7 +13,11 @@ use bytes::BytesMut;
 use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{Preset, PresetKind};
+use std::sync::Arc;
+
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+use crate::config::{Preset, PresetKind, TlsCa};
 use crate::upstream::classify;
 
 use super::probe::{ExchangeError, ProbeStream};
@@ -58,6 +62,9 @@ async fn postgres_exchange(
     timeout: Duration,
     fresh: bool,
 ) -> Result<Answer, ExchangeError> {
+    if fresh && let Err(why) = within(timeout, start_tls(stream, preset)).await? {
+        return Ok(Answer::NotReady(why));
+    }
     let mut buf = BytesMut::from(&std::mem::take(&mut stream.unread)[..]);
     if fresh && let Err(why) = within(timeout, postgres_login(stream, &mut buf, preset)).await? {
         return Ok(Answer::NotReady(why));
@@ -145,7 +152,70 @@ async fn read_message(stream: &mut ProbeStream, buf: &mut BytesMut) -> Result<Re
 }
 
 async fn write(stream: &mut ProbeStream, bytes: &[u8]) -> Result<(), ExchangeError> {
-    stream.write_all(bytes).await.map_err(|e| ExchangeError::Failed(classify(&e), e))
+    // why: over TLS, written bytes may wait in the session until flushed.
+    stream.write_all(bytes).await.map_err(|e| ExchangeError::Failed(classify(&e), e))?;
+    stream.flush().await.map_err(|e| ExchangeError::Failed(classify(&e), e))
+}
+
+/// Starts TLS on a fresh session when the preset asks for it; `Ok(Err(why))` when the server cannot be
+/// verified or does not speak TLS (the node is there: not ready).
+async fn start_tls(stream: &mut ProbeStream, preset: &Preset) -> Result<Result<(), String>, ExchangeError> {
+    let Some(ca) = &preset.tls else { return Ok(Ok(())) };
+    if stream.is_tls() {
+        return Ok(Ok(()));
+    }
+    if preset.kind == PresetKind::Postgres {
+        // why: a postgres server speaks TLS only after it has said yes to an SSLRequest.
+        let mut request = BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut request);
+        write(stream, &request).await?;
+        let mut yes = [0u8; 1];
+        match stream.read(&mut yes).await {
+            Ok(0) => return Err(ExchangeError::Eof),
+            Ok(_) if yes[0] == b'S' => {}
+            Ok(_) if yes[0] == b'N' => {
+                return Ok(Err("the server does not accept TLS (it answered N to the SSLRequest)".into()));
+            }
+            Ok(_) => return Ok(Err(format!("the server answered {:?} to the SSLRequest", char::from(yes[0])))),
+            Err(e) => return Err(ExchangeError::Failed(classify(&e), e)),
+        }
+    }
+    let config = match tls_config(ca) {
+        Ok(c) => c,
+        Err(why) => return Ok(Err(why)),
+    };
+    let name = match preset.tls_name.parse::<std::net::IpAddr>() {
+        Ok(ip) => rustls_pki_types::ServerName::from(ip),
+        Err(_) => match rustls_pki_types::ServerName::try_from(preset.tls_name.clone()) {
+            Ok(name) => name,
+            Err(e) => return Ok(Err(format!("{:?} is no name a certificate can carry: {e}", preset.tls_name))),
+        },
+    };
+    match stream.start_tls(config, name).await {
+        Ok(()) => Ok(Ok(())),
+        // why: a reset or a close during the handshake is the address's answer, as on a plain session.
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted) => {
+            Err(ExchangeError::Failed(classify(&e), e))
+        }
+        Err(e) => Ok(Err(format!("TLS: {e}"))),
+    }
+}
+
+/// The TLS client settings: the server's certificate must chain to a certificate of the CA file.
+fn tls_config(ca: &TlsCa) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    for der in &ca.certs {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(der.clone()))
+            .map_err(|e| format!("a certificate of {} cannot be a root: {e}", ca.file.display()))?;
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 async fn redis_exchange(
@@ -154,6 +224,9 @@ async fn redis_exchange(
     timeout: Duration,
     fresh: bool,
 ) -> Result<Answer, ExchangeError> {
+    if fresh && let Err(why) = within(timeout, start_tls(stream, preset)).await? {
+        return Ok(Answer::NotReady(why));
+    }
     if fresh && let Some(password) = &preset.password {
         let replies = within(timeout, ask_redis(stream, &redis::auth(&preset.user, password.expose()), 1)).await?;
         match replies {
