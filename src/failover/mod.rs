@@ -2,6 +2,10 @@
 //! probe session (`probe`), takes signs from the data path and the admin hook, and publishes a `HostView`
 //! on a watch channel. The data path only reads the view: nothing on it decides a failover.
 //!
+//! With a probe preset (`preset`) the exchange on the held probe session speaks the service's protocol
+//! (logging in once per session, over TLS when asked) and says whether the node is ready in the role
+//! required; a node serving the epoch that answers in another role ends it (signal `role`).
+//!
 //! When the upstream goes silent and the neighbour watch is on, the detector also forces the upstream's
 //! neighbour entry to be resolved anew (`neighbor::resolve_again`), at most once per probe interval: a
 //! takeover whose gratuitous ARP was lost is then found at once instead of after the kernel's own timers.

@@ -36,7 +36,7 @@ impl ProbeStream {
     }
 
     /// The TCP connection under it (keep-alive, TCP_INFO); none after a failed TLS handshake.
-    pub fn tcp(&self) -> Option<&TcpStream> {
+    pub(crate) fn tcp(&self) -> Option<&TcpStream> {
         match &self.io {
             Io::Plain(tcp) => Some(tcp),
             Io::Tls(tls) => Some(tls.get_ref().0),
@@ -45,7 +45,7 @@ impl ProbeStream {
     }
 
     /// Whether the session runs TLS.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self.io, Io::Tls(_))
     }
 
