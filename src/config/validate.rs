@@ -312,6 +312,10 @@ fn read_token(file: &Path) -> Result<String, String> {
 /// The messages never quote the content: it may be a secret.
 fn read_small(file: &Path, limit: u64, what: &str) -> Result<String, String> {
     use std::io::Read;
+    // why: opening a FIFO waits for a writer; a path that is not a regular file is refused before it is opened.
+    if std::fs::metadata(file).is_ok_and(|m| !m.is_file()) {
+        return Err("is not a regular file".into());
+    }
     let f = std::fs::File::open(file).map_err(|e| format!("cannot be read: {e}"))?;
     let meta = f.metadata().map_err(|e| format!("cannot be read: {e}"))?;
     if !meta.is_file() {
@@ -1242,8 +1246,14 @@ mod tests {
         // A file that cannot be used: named, its content never quoted.
         std::fs::write(dir.path().join("two.pw"), "s3cret\nmore\n").unwrap();
         std::fs::write(dir.path().join("empty.pw"), "\n").unwrap();
-        for (file, says) in [("two.pw", "more than one line"), ("empty.pw", "is empty"), ("none.pw", "cannot be read")]
-        {
+        let fifo = std::process::Command::new("mkfifo").arg(dir.path().join("fifo.pw")).status();
+        assert!(fifo.is_ok_and(|s| s.success()), "mkfifo");
+        for (file, says) in [
+            ("two.pw", "more than one line"),
+            ("empty.pw", "is empty"),
+            ("none.pw", "cannot be read"),
+            ("fifo.pw", "not a regular file"),
+        ] {
             let text = with_probe(&format!("preset = \"postgres\"\npassword_file = \"{file}\"\n"));
             let err = validate(&text, &path).unwrap_err();
             let p = &err.problems()[0];
