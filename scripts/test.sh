@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in redis-server:redis-server redis-cli:redis-tools redis-benchmark:redis-tools haproxy:haproxy \
-            arping:arping ip:iproute2 curl:curl promtool:prometheus nft:nftables; do
+            arping:arping ip:iproute2 curl:curl promtool:prometheus nft:nftables openssl:openssl; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 # The postgres preset's lab runs Debian's server binaries, which are not on PATH.
