@@ -519,18 +519,23 @@ fn loading_node(lab: &Lab, host: Host, ready: std::sync::Arc<std::sync::Mutex<Op
     });
 }
 
-/// One PING through staybound on a new connection (a legacy client that connects per request): the reply.
-fn ping_once(lab: &Lab, to: SocketAddr) -> String {
-    let Ok(mut s) = lab.connect_tcp(Host::Client, to, Duration::from_secs(5)) else { return "(connect failed)".into() };
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    if s.write_all(b"PING\r\n").is_err() {
-        return "(write failed)".into();
-    }
-    let mut buf = [0u8; 128];
-    match s.read(&mut buf) {
-        Ok(n) => String::from_utf8_lossy(&buf[..n]).trim().to_string(),
-        Err(e) => format!("({e})"),
-    }
+/// One PING on a new connection from the namespace `ns` (a legacy client that connects per request): the
+/// reply, or what went wrong in brackets.
+fn ping_once(ns: &str, to: SocketAddr) -> String {
+    support::lab::in_named_ns(ns, || {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
+            return "(connect failed)".to_string();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        if s.write_all(b"PING\r\n").is_err() {
+            return "(write failed)".into();
+        }
+        let mut buf = [0u8; 128];
+        match s.read(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+            Err(e) => format!("({e})"),
+        }
+    })
 }
 
 #[test]
@@ -556,21 +561,7 @@ fn a_takeover_onto_a_node_that_is_loading_is_one_failover_and_holds_clients_unti
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let reply = support::lab::in_named_ns(&lab_ns, || {
-                        let Ok(mut s) = std::net::TcpStream::connect_timeout(&listen, Duration::from_secs(5)) else {
-                            return "(connect failed)".to_string();
-                        };
-                        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                        if s.write_all(b"PING\r\n").is_err() {
-                            return "(write failed)".into();
-                        }
-                        let mut buf = [0u8; 128];
-                        match s.read(&mut buf) {
-                            Ok(n) => String::from_utf8_lossy(&buf[..n]).trim().to_string(),
-                            Err(e) => format!("({e})"),
-                        }
-                    });
-                    replies.push((Instant::now(), reply));
+                    replies.push((Instant::now(), ping_once(&lab_ns, listen)));
                     // why: the client's own pace, 20 requests a second.
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -586,7 +577,7 @@ fn a_takeover_onto_a_node_that_is_loading_is_one_failover_and_holds_clients_unti
         lab.stop_redis(Host::Node1);
         lab.move_logical(Host::Node1, Host::Node2, true);
         wait_until("the client is served by the ready node", Duration::from_secs(20), || {
-            Instant::now() > moved + Duration::from_secs(5) && ping_once(&lab, listen) == "+PONG"
+            Instant::now() > moved + Duration::from_secs(5) && ping_once(lab.ns_name(Host::Client), listen) == "+PONG"
         });
         let served_again =
             sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")]);
