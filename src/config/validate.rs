@@ -887,10 +887,13 @@ fn preset(cx: &mut Ctx<'_>, p: &RawProbe, prefix: &str) -> Option<Preset> {
         }
         _ => (None, None),
     };
-    if let Some(v) = &p.user
-        && v.get_ref().contains(['\0', '\r', '\n', ' '])
-    {
-        cx.at(v.span(), &key("user"), format!("{:?} may not hold spaces, line ends or NUL", v.get_ref()));
+    // why: both go into the postgres startup message as C strings, and the user into redis' AUTH line.
+    for (v, name) in [(&p.user, "user"), (&p.database, "database")] {
+        if let Some(v) = v
+            && v.get_ref().contains(['\0', '\r', '\n', ' '])
+        {
+            cx.at(v.span(), &key(name), format!("{:?} may not hold spaces, line ends or NUL", v.get_ref()));
+        }
     }
     if kind == PresetKind::Redis && !text(&p.user).is_empty() && password.is_none() && p.password_file.is_none() {
         let span = p.user.as_ref().map(|v| v.span()).unwrap_or(0..0);
@@ -1302,6 +1305,14 @@ mod tests {
             assert_eq!(p.key, key, "{err}");
             assert!(p.message.contains(says), "{err}");
         }
+    }
+
+    #[test]
+    fn a_nul_in_the_postgres_user_or_database_is_a_config_error_not_a_probe_panic() {
+        let err =
+            load(&with_probe("preset = \"postgres\"\nuser = \"a\\u0000b\"\ndatabase = \"c\\u0000d\"\n")).unwrap_err();
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["service[a].probe.user", "service[a].probe.database"], "{err}");
     }
 
     #[test]

@@ -80,7 +80,11 @@ async fn postgres_login(
     buf: &mut BytesMut,
     preset: &Preset,
 ) -> Result<Result<(), String>, ExchangeError> {
-    write(stream, &postgres::startup(&preset.user, &preset.database)).await?;
+    let startup = match postgres::startup(&preset.user, &preset.database) {
+        Ok(startup) => startup,
+        Err(e) => return Ok(Err(format!("cannot write the startup message: {e}"))),
+    };
+    write(stream, &startup).await?;
     let mut login = postgres::Login::new(&preset.user, preset.password.as_ref().map(|p| p.expose()));
     // why: a login is a handful of messages (SCRAM: 3 from the server, then parameters); a server that
     // keeps talking without ever being ready is no server to probe.

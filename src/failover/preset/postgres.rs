@@ -21,13 +21,16 @@ pub(crate) const QUERY: &str = "SELECT pg_is_in_recovery(), (SELECT system_ident
                                 inet_server_addr(), inet_server_port()";
 
 /// The startup message: protocol 3.0, the user, the database (the user's name when empty), and who asks.
-pub(crate) fn startup(user: &str, database: &str) -> BytesMut {
+///
+/// # Errors
+/// A user or database holding a NUL (the config refuses one; this is the error if it ever gets through).
+pub(crate) fn startup(user: &str, database: &str) -> std::io::Result<BytesMut> {
     let user = if user.is_empty() { DEFAULT_USER } else { user };
     let database = if database.is_empty() { user } else { database };
     let mut buf = BytesMut::new();
     let params = [("user", user), ("database", database), ("application_name", "staybound-probe")];
-    frontend::startup_message(params, &mut buf).expect("no NUL: the config refuses one in user");
-    buf
+    frontend::startup_message(params, &mut buf)?;
+    Ok(buf)
 }
 
 /// The query of every interval, as a simple-query message.
@@ -201,13 +204,13 @@ mod tests {
 
     #[test]
     fn startup_names_user_database_and_the_probe() {
-        let s = startup("", "");
+        let s = startup("", "").unwrap();
         let text = String::from_utf8_lossy(&s[8..]).into_owned();
         assert_eq!(text, "user\0postgres\0database\0postgres\0application_name\0staybound-probe\0\0");
         assert_eq!(&s[4..8], &[0, 3, 0, 0], "protocol 3.0");
-        let s = startup("probe", "");
+        let s = startup("probe", "").unwrap();
         assert!(s.windows(15).any(|w| w == b"database\0probe\0"), "the database defaults to the user's name");
-        let s = startup("probe", "app");
+        let s = startup("probe", "app").unwrap();
         assert!(s.windows(13).any(|w| w == b"database\0app\0"));
         assert_eq!(query()[0], b'Q');
     }
