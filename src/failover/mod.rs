@@ -675,9 +675,7 @@ impl Detector {
             return false;
         };
         let acked = now.checked_sub(age).unwrap_or(now);
-        // why: TCP_INFO dates the last ACK in jiffies; a later reading of the same ACK can look a few
-        // milliseconds younger, a real new one is a round trip after the knock at most, and after the last.
-        if acked > c.acked + Duration::from_millis(10) && acked + Duration::from_millis(10) >= c.seen {
+        if answered_since(c, acked) {
             self.confirming = None;
             debug!(service = %self.svc.name, "the held session answers after the neighbour change: nothing moved");
             self.observe(Evidence::Ok { at: now, identity: None });
@@ -1159,6 +1157,15 @@ fn note(
     }
 }
 
+/// Whether the held session's last ACK, dated `acked` now, came after the neighbour change `c` was seen.
+/// why: TCP_INFO dates the last ACK in jiffies, so a later reading of the same ACK can look a few
+/// milliseconds younger; a new one is later than the one read at the change by more than that, and no
+/// older than the change itself (give or take the same rounding).
+fn answered_since(c: Confirming, acked: Instant) -> bool {
+    const JIFFY_SLACK: Duration = Duration::from_millis(10);
+    acked > c.acked + JIFFY_SLACK && acked + JIFFY_SLACK >= c.seen
+}
+
 /// A probe's reach as evidence: a reach alone (no sign before it) ends no epoch unless the machine says so.
 fn evidence_of(reach: Reach, identity: Option<String>) -> Evidence {
     match reach {
@@ -1235,6 +1242,23 @@ async fn race_connect(
 mod tests {
     use super::sim::Shell;
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn only_an_ack_newer_than_the_change_confirms_nothing_moved() {
+        let t = Instant::now() + Duration::from_secs(10);
+        let ms = Duration::from_millis;
+        // The last ACK read at the change came 400 ms before it.
+        let c = Confirming { seen: t, acked: t - ms(400), resolved: false };
+        assert!(!answered_since(c, t - ms(400)), "the same ACK");
+        assert!(!answered_since(c, t - ms(392)), "the same ACK, read a jiffy or two younger");
+        assert!(!answered_since(c, t - ms(200)), "an ACK between the last one and the change");
+        assert!(answered_since(c, t + ms(1)), "the knock's answer");
+        assert!(answered_since(c, t - ms(5)), "an answer dated a jiffy early");
+        // The last ACK read at the change was a moment before it: a new one must still be newer than that.
+        let c = Confirming { seen: t, acked: t - ms(2), resolved: false };
+        assert!(!answered_since(c, t + ms(5)));
+        assert!(answered_since(c, t + ms(20)));
+    }
 
     fn ok(at: Instant) -> Evidence {
         Evidence::Ok { at, identity: None }

@@ -50,6 +50,10 @@ pub async fn exchange(
     timeout: Duration,
     fresh: bool,
 ) -> Result<Answer, ExchangeError> {
+    // why: a fresh session starts TLS before the protocol's own login, whichever protocol it is.
+    if fresh && let Err(why) = within(timeout, start_tls(stream, preset)).await? {
+        return Ok(Answer::NotReady(why));
+    }
     match preset.kind {
         PresetKind::Redis => redis_exchange(stream, preset, timeout, fresh).await,
         PresetKind::Postgres => postgres_exchange(stream, preset, timeout, fresh).await,
@@ -62,9 +66,6 @@ async fn postgres_exchange(
     timeout: Duration,
     fresh: bool,
 ) -> Result<Answer, ExchangeError> {
-    if fresh && let Err(why) = within(timeout, start_tls(stream, preset)).await? {
-        return Ok(Answer::NotReady(why));
-    }
     let mut buf = BytesMut::from(&std::mem::take(&mut stream.unread)[..]);
     if fresh && let Err(why) = within(timeout, postgres_login(stream, &mut buf, preset)).await? {
         return Ok(Answer::NotReady(why));
@@ -228,9 +229,6 @@ async fn redis_exchange(
     timeout: Duration,
     fresh: bool,
 ) -> Result<Answer, ExchangeError> {
-    if fresh && let Err(why) = within(timeout, start_tls(stream, preset)).await? {
-        return Ok(Answer::NotReady(why));
-    }
     if fresh && let Some(password) = &preset.password {
         let replies = within(timeout, ask_redis(stream, &redis::auth(&preset.user, password.expose()), 1)).await?;
         match replies {
