@@ -56,7 +56,7 @@ impl Lasting {
     pub fn reconfigure(&self, cfg: &Arc<ServiceConfig>) {
         self.limit.resize(cfg.max_connections);
         self.budget.reconfigure(&cfg.hold);
-        self.connector.store(Arc::new(Connector::new(cfg.clone())));
+        self.connector.store(Arc::new(self.connector.load().reloaded(cfg.clone())));
     }
 }
 

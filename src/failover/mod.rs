@@ -364,7 +364,7 @@ impl Detector {
         let change = reconfig::Change::between(&self.svc, &new);
         let old_upstream = self.svc.upstream.clone();
         self.svc = new.clone();
-        self.connector = Connector::new(new.clone());
+        self.connector = self.connector.reloaded(new.clone());
         self.machine.set_thresholds(new.probe.fall, new.probe.rise);
         self.probe_keepalive = probe::probe_keepalive(&new.probe, &new.keepalive);
         self.backoff = Backoff::new(new.hold.backoff_initial, new.probe.interval.min(new.hold.backoff_max));

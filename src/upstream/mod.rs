@@ -48,6 +48,19 @@ impl Connector {
         Connector { svc, name, preferred: Arc::default() }
     }
 
+    /// The connector for a reload's settings: with the same upstream name it keeps the name's cached
+    /// answer and the address that last took a connection, so a reload costs no lookup and no dead record
+    /// is tried first again.
+    pub fn reloaded(&self, svc: Arc<ServiceConfig>) -> Connector {
+        let same = self.svc.upstream == svc.upstream;
+        let mut next = Connector::new(svc);
+        if same && self.name.is_some() {
+            next.name = self.name.clone();
+            next.preferred = self.preferred.clone();
+        }
+        next
+    }
+
     pub fn config(&self) -> &ServiceConfig {
         &self.svc
     }
@@ -157,6 +170,32 @@ impl Connector {
                 target: peer.to_string(),
                 source: io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(upstream: &str) -> Arc<ServiceConfig> {
+        let text = format!("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"{upstream}\"\n");
+        let c = crate::config::Config::from_toml_str(&text, std::path::Path::new("t.toml")).unwrap();
+        Arc::new(c.services[0].clone())
+    }
+
+    #[test]
+    fn a_reload_keeps_the_names_answer_and_the_address_that_worked() {
+        let old = Connector::new(svc("db.example:5432"));
+        *old.preferred.lock().unwrap() = Some("198.18.0.2:5432".parse().unwrap());
+        let same = old.reloaded(svc("db.example:5432"));
+        assert!(Arc::ptr_eq(same.name.as_ref().unwrap(), old.name.as_ref().unwrap()), "the cached answer stays");
+        assert_eq!(*same.preferred.lock().unwrap(), Some("198.18.0.2:5432".parse().unwrap()));
+        // Another name, or another port: nothing of the old one applies.
+        for other in ["other.example:5432", "db.example:5433"] {
+            let next = old.reloaded(svc(other));
+            assert!(!Arc::ptr_eq(next.name.as_ref().unwrap(), old.name.as_ref().unwrap()));
+            assert_eq!(*next.preferred.lock().unwrap(), None);
         }
     }
 }
