@@ -238,7 +238,7 @@ pub fn report_full(
 fn report_udp(out: &mut String, s: &crate::config::ServiceConfig, warnings: &mut Vec<String>) {
     let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let p = &s.probe;
-    match crate::udp::follows(s) {
+    match s.follows() {
         Some(dep) => {
             let _ = writeln!(out, "  probe           off: the host state is service {dep}'s (first of depends_on)");
         }

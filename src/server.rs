@@ -508,7 +508,7 @@ impl Instance {
                 .filter_map(|d| self.running.get(&d).map(|r| (d.clone(), r.detector.view.clone())))
                 .collect();
             // A UDP service without a probe of its own takes its host state from the service it follows.
-            let followed = udp::follows(s).and_then(|d| self.running.get(d)).map(|d| d.detector.clone());
+            let followed = s.follows().and_then(|d| self.running.get(d)).map(|d| d.detector.clone());
             let Some(r) = self.running.get_mut(&s.name) else { continue };
             let detector = followed.unwrap_or_else(|| r.detector.clone());
             let service = Service::new(cfg.clone(), r.metrics.clone(), detector, deps, &r.lasting);

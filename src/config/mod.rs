@@ -111,6 +111,18 @@ pub struct ServiceConfig {
     pub udp: UdpConfig,
 }
 
+impl ServiceConfig {
+    /// The service a UDP service takes its host state from: the first of its `depends_on`, when its own
+    /// probe is off. The server gives such a service that dependency's detector.
+    pub fn follows(&self) -> Option<&str> {
+        if self.protocol == Protocol::Udp && self.probe.mode == ProbeMode::Off {
+            self.depends_on.first().map(String::as_str)
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Tcp,

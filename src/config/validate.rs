@@ -1146,9 +1146,9 @@ fn cross_checks(cx: &mut Ctx<'_>, services: &[ServiceConfig], spans: &[(Range<us
     for (i, s) in services.iter().enumerate() {
         // A UDP service without a probe takes its host state from the first of its depends_on; that one must
         // have a detector of its own.
-        let followed = crate::udp::follows(s).and_then(|d| services.iter().find(|o| o.name == d));
+        let followed = s.follows().and_then(|d| services.iter().find(|o| o.name == d));
         if let Some(dep) = followed
-            && crate::udp::follows(dep).is_some()
+            && dep.follows().is_some()
         {
             let span = spans[i].1.first().cloned().unwrap_or(spans[i].0.clone());
             cx.at(

@@ -18,7 +18,7 @@
 //! What it leaves to others: the failover state. A datagram has no session to reset, so nothing happens here
 //! on a new epoch: flows stay, and replies simply come from the new node. A UDP service's host state is that
 //! of the service named first in its `depends_on` (a TCP service on the same logical host, whose detector
-//! holds a probe session) when its own probe is off ([`follows`]), or its own detector's when its probe is
+//! holds a probe session) when its own probe is off ([`ServiceConfig::follows`]), or its own detector's when its probe is
 //! `send-expect` (sent over UDP). Datagrams are relayed whatever that state: holding them would only delay
 //! what the client's own retries already cover.
 
@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{ProbeMode, Protocol, ServiceConfig};
+use crate::config::ServiceConfig;
 use crate::listener::RateLimitedLog;
 use crate::metrics::{ServiceMetrics, UdpDrop};
 use crate::service::Service;
@@ -66,16 +66,6 @@ pub struct ListenError {
     pub addr: SocketAddr,
     #[source]
     pub source: io::Error,
-}
-
-/// The service a UDP service takes its host state from: the first of its `depends_on`, when its own probe
-/// is off. The server gives such a service that dependency's detector.
-pub fn follows(cfg: &ServiceConfig) -> Option<&str> {
-    if cfg.protocol == Protocol::Udp && cfg.probe.mode == ProbeMode::Off {
-        cfg.depends_on.first().map(String::as_str)
-    } else {
-        None
-    }
 }
 
 /// The listen addresses of a UDP service as bound so far (ports resolved), in `listen` order; `None` for an
