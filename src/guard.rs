@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::UpstreamAddr;
+use crate::oserror::{self, OsError};
 use crate::registry::Registry;
 
 // why: without the `netlink` feature nothing lists sockets, but the decision stays built and tested.
@@ -86,9 +87,9 @@ impl Ability {
 
     #[cfg_attr(not(feature = "netlink"), allow(dead_code))]
     fn from_error(e: &std::io::Error) -> Ability {
-        match e.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES) => Ability::NotPermitted,
-            Some(libc::EOPNOTSUPP) => Ability::NotInKernel,
+        match oserror::kind(e) {
+            OsError::NotPermitted => Ability::NotPermitted,
+            OsError::NotSupported => Ability::NotInKernel,
             _ => Ability::Unavailable(e.to_string()),
         }
     }
@@ -134,7 +135,7 @@ pub fn sweep(upstream: SocketAddr) -> std::io::Result<Sweep> {
                 }
                 match diag::destroy(*v4, id) {
                     Ok(()) => out.destroyed += 1,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) if oserror::kind(&e) == OsError::NotFound => {}
                     Err(e) => {
                         out.failed += 1;
                         out.error.get_or_insert_with(|| e.to_string());
@@ -374,7 +375,7 @@ mod diag {
             client.set_read_timeout(Some(ANSWER_WITHIN))?;
             let mut buf = [0u8; 1];
             match std::io::Read::read(&mut &client, &mut buf) {
-                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(Ability::Allowed),
+                Err(e) if crate::oserror::kind(&e) == crate::oserror::OsError::Aborted => Ok(Ability::Allowed),
                 other => Ok(Ability::Unavailable(format!(
                     "a destroyed socket of staybound's own did not report the abort ({other:?})"
                 ))),

@@ -29,6 +29,7 @@ pub mod intercept;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod oserror;
 pub mod registry;
 pub mod server;
 pub mod service;

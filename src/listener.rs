@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::intercept;
 use crate::metrics::Outcome;
+use crate::oserror::{self, OsError};
 use crate::service::Service;
 use crate::session;
 use crate::upstream::socket;
@@ -64,7 +65,7 @@ pub async fn accept_loop(
             Err(e) => {
                 warn!(error = %e, "accept failed");
                 // why: out of file descriptors, accept fails at once again; pause instead of spinning.
-                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) {
+                if oserror::kind(&e) == OsError::Exhausted {
                     tokio::select! {
                         _ = stop_accept.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(50)) => {}

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use socket2::SockRef;
 use staybound::config::KeepaliveConfig;
-use staybound::upstream::{ConnectClass, socket};
+use staybound::oserror::ConnectClass;
+use staybound::upstream::socket;
 use support::proxy::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -181,7 +182,7 @@ async fn a_source_not_on_this_host_needs_freebind() {
     let foreign: IpAddr = "198.18.0.250".parse().unwrap();
     let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let err = socket::upstream_socket(peer, Some(foreign), false, &ka).unwrap_err();
-    assert_eq!(staybound::upstream::classify(&err), ConnectClass::AddrUnavailable);
+    assert_eq!(staybound::oserror::classify(&err), ConnectClass::AddrUnavailable);
     let sock = socket::upstream_socket(peer, Some(foreign), true, &ka).expect("freebind lets the bind happen");
     assert_eq!(sock.local_addr().unwrap().ip(), foreign);
 

@@ -17,6 +17,8 @@ use std::net::{IpAddr, SocketAddr};
 use etherparse::TcpHeader;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::oserror::{self, OsError};
+
 /// The receive window advertised in the knock; any value does.
 const WINDOW: u16 = 1024;
 
@@ -51,8 +53,8 @@ pub(crate) fn knock(local: SocketAddr, peer: SocketAddr) -> Result<(), KnockErro
     let domain = if peer.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     // why: a raw TCP socket receives a copy of every TCP segment the host gets while it is open; it lives
     // for one send and is closed when this returns.
-    let raw = Socket::new(domain, Type::RAW, Some(Protocol::TCP)).map_err(|e| match e.kind() {
-        io::ErrorKind::PermissionDenied => KnockError::NotPermitted(e),
+    let raw = Socket::new(domain, Type::RAW, Some(Protocol::TCP)).map_err(|e| match oserror::kind(&e) {
+        OsError::NotPermitted => KnockError::NotPermitted(e),
         _ => KnockError::Failed(e),
     })?;
     // The kernel writes the IP header; binding picks the session's own source address for it.

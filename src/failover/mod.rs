@@ -40,8 +40,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{KeepaliveConfig, ProbeMode, Protocol, ServiceConfig};
 use crate::metrics::{ServiceMetrics, Signal};
+use crate::oserror::ConnectClass;
 use crate::upstream::retry::Backoff;
-use crate::upstream::{ConnectClass, Connector, socket};
+use crate::upstream::{Connector, socket};
 use preset::Answer;
 use probe::{ExchangeError, HeldEvent, ProbeStream};
 pub use state::{Evidence, Failover, HostState, Join, Machine, Reach};

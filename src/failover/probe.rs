@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::{KeepaliveConfig, ProbeConfig};
-use crate::upstream::{ConnectClass, classify};
+use crate::oserror::{ConnectClass, classify};
 
 /// The held probe session: a TCP connection (with a preset's `tls`, TLS over it), and what a preset's
 /// protocol sent between two exchanges.

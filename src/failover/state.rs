@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::metrics::Signal;
-use crate::upstream::ConnectClass;
+use crate::oserror::ConnectClass;
 
 /// What the data path may do with the logical host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::failover::{HostState, HostView, Sign};
+use crate::oserror::ConnectClass;
 use crate::service::{CountGuard, Service};
 use crate::upstream::retry::Backoff;
-use crate::upstream::{ConnectClass, ConnectError, Connector};
+use crate::upstream::{ConnectError, Connector};
 
 /// Why a held client was let go without an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

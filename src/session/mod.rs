@@ -18,8 +18,9 @@ use tracing::{debug, info};
 use crate::config::OnFailover;
 use crate::failover::Sign;
 use crate::metrics::{Outcome, ResetReason};
+use crate::oserror::{ConnectClass, classify};
 use crate::service::{Permit, Service};
-use crate::upstream::{ConnectClass, classify, socket};
+use crate::upstream::socket;
 use hold::Refusal;
 use relay::{RelayError, Side};
 

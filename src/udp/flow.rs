@@ -21,6 +21,7 @@ use super::Shared;
 use super::pktinfo::{ClientSocket, MAX_DATAGRAM};
 use crate::config::IpNet;
 use crate::metrics::UdpDrop;
+use crate::oserror::{self, OsError};
 use crate::service::CountGuard;
 use crate::upstream::socket::set_freebind;
 
@@ -263,9 +264,9 @@ async fn send_pending(
 }
 
 fn client_send_failed(flow: &Flow, shared: &Shared, e: &io::Error) {
-    let hint = match e.raw_os_error() {
-        Some(libc::EINVAL) => "the address the client used is no longer on this host",
-        Some(libc::EMSGSIZE) => "the reply is larger than the path allows",
+    let hint = match oserror::kind(e) {
+        OsError::Invalid => "the address the client used is no longer on this host",
+        OsError::TooLarge => "the reply is larger than the path allows",
         _ => "",
     };
     shared.dropped(UdpDrop::SendError, |n| {

@@ -21,7 +21,8 @@ use super::pktinfo::{ClientSocket, MAX_DATAGRAM};
 use super::table::{Admit, LruTable};
 use crate::config::UpstreamAddr;
 use crate::metrics::UdpDrop;
-use crate::upstream::{ConnectClass, Connector};
+use crate::oserror::ConnectClass;
+use crate::upstream::Connector;
 
 /// Datagrams taken per receive call (recvmmsg) when GRO is off.
 const BATCH: usize = 8;
@@ -270,7 +271,7 @@ impl Listener {
                 shared.source_available();
                 s
             }
-            Err(e) if crate::upstream::classify(&e) == ConnectClass::AddrUnavailable && target.source.is_some() => {
+            Err(e) if crate::oserror::classify(&e) == ConnectClass::AddrUnavailable && target.source.is_some() => {
                 shared.source_unavailable(target.source, &e);
                 shared.dropped(UdpDrop::NoFlow, no_source);
                 return None;

@@ -49,6 +49,7 @@ use tracing::{info, warn};
 use crate::config::ServiceConfig;
 use crate::listener::RateLimitedLog;
 use crate::metrics::{ServiceMetrics, UdpDrop};
+use crate::oserror::{self, OsError};
 use crate::service::Service;
 use crate::upstream::retry::Backoff;
 use flow::FlowSlot;
@@ -142,7 +143,7 @@ pub fn bind(
                 sockets.add(*addr, s.clone());
                 bound.push(s);
             }
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            Err(e) if oserror::kind(&e) == OsError::AddrUnavailable => {
                 warn!(service = %cfg.name, listen = %addr, "UDP listen address not on this host (yet): it is bound as soon as it appears (set freebind = true to bind it at once)");
                 addrs.push(None);
                 pending.push((i, *addr));
@@ -252,7 +253,7 @@ async fn bind_when_present(
         }
         match ClientSocket::bind(addr, freebind) {
             Ok(s) => return Some(s),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => last_error = None,
+            Err(e) if oserror::kind(&e) == OsError::AddrUnavailable => last_error = None,
             Err(e) => {
                 // The address is here now, but something else is wrong (in use, ...): say so once per kind.
                 if last_error != Some(e.kind()) {

@@ -7,7 +7,8 @@ use std::io;
 
 use crate::config::ServiceConfig;
 use crate::failover::probe::{ExchangeError, contains};
-use crate::upstream::{Connector, classify};
+use crate::oserror::classify;
+use crate::upstream::Connector;
 
 use super::flow::{is_reply, upstream_socket};
 

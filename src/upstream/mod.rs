@@ -3,7 +3,6 @@
 //! addresses in order (the last one that worked first), creates the socket with `socket`'s options, binds
 //! the relocatable source, and connects, all within the attempt's timeout.
 
-pub mod classify;
 mod resolve;
 pub mod retry;
 pub mod socket;
@@ -15,9 +14,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-pub use classify::{ConnectClass, classify};
-
 use crate::config::{KeepaliveConfig, ServiceConfig, UpstreamAddr};
+use crate::oserror::{ConnectClass, classify};
 
 /// A failed connect attempt, classified.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::config::{Preset, PresetKind, TlsCa};
-use crate::upstream::classify;
+use crate::oserror::classify;
 
 use super::probe::{ExchangeError, ProbeStream};
 
