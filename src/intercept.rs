@@ -25,13 +25,12 @@ use nftables::stmt::{Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use crate::config::{Config, ServiceConfig, UpstreamAddr};
+use crate::sockopt::MARK;
 
 /// The nftables table staybound owns (family `inet`): the only one it creates, replaces or deletes.
 pub const TABLE: &str = "staybound";
 /// Its one chain.
 const CHAIN: &str = "output";
-/// The socket mark of staybound's own upstream and probe sockets: their connections are not redirected.
-pub const MARK: u32 = 0x5342;
 /// The nat priority of the output hook's destination NAT (`dstnat`).
 const DSTNAT: i32 = -100;
 
@@ -222,22 +221,6 @@ pub fn admit(original: Option<SocketAddr>, upstream: SocketAddr, local: SocketAd
         Some(o) if o == canon(upstream) => Verdict::Redirected,
         Some(o) if o == canon(local) => Verdict::Direct,
         Some(_) => Verdict::Refused,
-    }
-}
-
-/// The original destination of an accepted connection (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST), `None` when
-/// the connection has no NAT record.
-pub fn original_dst(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
-    use nix::sys::socket::{getsockopt, sockopt};
-    match stream.local_addr().ok()? {
-        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).ok().map(|a| {
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            SocketAddr::from((ip, u16::from_be(a.sin_port)))
-        }),
-        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst).ok().map(|a| {
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            SocketAddr::from((ip, u16::from_be(a.sin6_port)))
-        }),
     }
 }
 

@@ -34,6 +34,7 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod sockopt;
 pub mod status;
 pub mod udp;
 pub mod upgrade;

@@ -18,7 +18,7 @@ use crate::metrics::Outcome;
 use crate::oserror::{self, OsError};
 use crate::service::Service;
 use crate::session;
-use crate::upstream::socket;
+use crate::sockopt;
 
 /// Accepts until `stop_accept`; sessions end on `stop_sessions`.
 pub async fn accept_loop(
@@ -39,7 +39,7 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 let current = svc.load_full();
                 if current.cfg.intercept && !meant_for(&stream, &current) {
-                    socket::reset_on_close(&stream);
+                    sockopt::reset_on_close(&stream);
                     drop(stream);
                     current.metrics.intercept_refused.increment(1);
                     if let Some(n) = misdirected.hit() {
@@ -52,7 +52,7 @@ pub async fn accept_loop(
                         tracker.spawn(session::serve(stream, peer, current, permit, stop_sessions.clone()));
                     }
                     None => {
-                        socket::reset_on_close(&stream);
+                        sockopt::reset_on_close(&stream);
                         drop(stream);
                         current.metrics.outcome(Outcome::RefusedLimit).increment(1);
                         debug!(service = %current.cfg.name, client = %peer, "client refused: max_connections reached");
@@ -81,7 +81,7 @@ pub async fn accept_loop(
 fn meant_for(stream: &tokio::net::TcpStream, svc: &Service) -> bool {
     let crate::config::UpstreamAddr::Ip(upstream) = svc.cfg.upstream else { return true };
     let Ok(local) = stream.local_addr() else { return true };
-    intercept::admit(intercept::original_dst(stream), upstream, local) != intercept::Verdict::Refused
+    intercept::admit(sockopt::original_dst(stream), upstream, local) != intercept::Verdict::Refused
 }
 
 /// Logs the first event, then at most once per period with the count since the last line.

@@ -174,9 +174,9 @@ fn setup(args: SetupArgs) -> ExitCode {
             }
             match exempt.uid {
                 Some(uid) => {
-                    println!("exempt: sockets marked {:#x} and every socket of uid {uid}", staybound::intercept::MARK)
+                    println!("exempt: sockets marked {:#x} and every socket of uid {uid}", staybound::sockopt::MARK)
                 }
-                None => println!("exempt: sockets marked {:#x}", staybound::intercept::MARK),
+                None => println!("exempt: sockets marked {:#x}", staybound::sockopt::MARK),
             }
             ExitCode::SUCCESS
         }

@@ -23,9 +23,9 @@ use crate::listener;
 use crate::metrics::{ServiceMetrics, Telemetry};
 pub use crate::registry::{Entry, Registry};
 use crate::service::{Lasting, Service};
+use crate::sockopt;
 use crate::udp;
 use crate::upgrade::{Handed, Kind};
-use crate::upstream::socket;
 
 /// One listening socket of a running service.
 #[derive(Debug)]
@@ -164,7 +164,7 @@ fn same_address(addr: SocketAddr, configured: SocketAddr, local: Option<SocketAd
 /// Applies `backlog` (TCP) and `freebind` to a kept listening socket; a failure is logged, the socket stays.
 fn retune(service: &str, sock: &SockRef<'_>, local: Option<SocketAddr>, backlog: Option<u32>, freebind: bool) {
     let Some(local) = local else { return };
-    if let Err(e) = socket::retune_listener(sock, local.ip(), backlog, freebind) {
+    if let Err(e) = sockopt::retune_listener(sock, local.ip(), backlog, freebind) {
         warn!(service, listen = %local, error = %e, "could not apply backlog or freebind to a kept listener: it keeps the ones it had");
     }
 }
@@ -382,7 +382,7 @@ impl Instance {
                             listeners.push((*addr, l));
                             continue;
                         }
-                        let l = socket::tcp_listener(*addr, s.backlog, s.freebind)
+                        let l = sockopt::tcp_listener(*addr, s.backlog, s.freebind)
                             .map_err(|source| StartError::Listen { service: s.name.clone(), addr: *addr, source })?;
                         listeners.push((*addr, Arc::new(l)));
                     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use socket2::SockRef;
 use staybound::config::KeepaliveConfig;
 use staybound::oserror::ConnectClass;
-use staybound::upstream::socket;
+use staybound::sockopt;
 use support::proxy::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -181,9 +181,9 @@ async fn a_source_not_on_this_host_needs_freebind() {
     // 198.18.0.250 is on no interface here. No packet is sent: only bind() is tried.
     let foreign: IpAddr = "198.18.0.250".parse().unwrap();
     let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let err = socket::upstream_socket(peer, Some(foreign), false, &ka).unwrap_err();
+    let err = sockopt::tcp_upstream_socket(peer, Some(foreign), false, &ka).unwrap_err();
     assert_eq!(staybound::oserror::classify(&err), ConnectClass::AddrUnavailable);
-    let sock = socket::upstream_socket(peer, Some(foreign), true, &ka).expect("freebind lets the bind happen");
+    let sock = sockopt::tcp_upstream_socket(peer, Some(foreign), true, &ka).expect("freebind lets the bind happen");
     assert_eq!(sock.local_addr().unwrap().ip(), foreign);
 
     // Through a running service, the class is counted.
@@ -211,10 +211,10 @@ async fn socket_options_are_really_set() {
     let cfg = std::sync::Arc::new(config.services[0].clone());
     let connector = staybound::upstream::Connector::new(cfg.clone());
     let upstream = connector.connect(Duration::from_secs(1)).await.unwrap();
-    let got = socket::read_back(&SockRef::from(&upstream)).unwrap();
+    let got = sockopt::read_back(&SockRef::from(&upstream)).unwrap();
     assert_eq!(
         got,
-        socket::ReadBack {
+        sockopt::ReadBack {
             keepalive: true,
             idle: Duration::from_secs(7),
             interval: Duration::from_secs(3),
@@ -225,8 +225,8 @@ async fn socket_options_are_really_set() {
     );
     // An accepted client socket, tuned as the listener tunes it.
     let (accepted, _) = listener.accept().await.unwrap();
-    socket::tune_client(&accepted, &cfg.keepalive);
-    let got = socket::read_back(&SockRef::from(&accepted)).unwrap();
+    sockopt::tune_client(&accepted, &cfg.keepalive);
+    let got = sockopt::read_back(&SockRef::from(&accepted)).unwrap();
     assert!(got.keepalive && got.nodelay);
     assert_eq!((got.idle, got.interval, got.count), (Duration::from_secs(11), Duration::from_secs(3), 4));
 }

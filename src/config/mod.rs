@@ -363,6 +363,15 @@ pub struct UdpConfig {
     pub max_flows_per_source: usize,
 }
 
+impl UdpConfig {
+    /// A datagram from `from` counts as the upstream's reply when it comes from the upstream address `peer`
+    /// itself or from an address in `reply_from` (any port: a node answering from its stationary address
+    /// keeps the port).
+    pub fn is_reply(&self, from: SocketAddr, peer: SocketAddr) -> bool {
+        from == peer || self.reply_from.iter().any(|net| net.contains(from.ip()))
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     ///
@@ -384,5 +393,29 @@ impl Config {
 
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_from_the_upstream_or_reply_from_only() -> Result<(), std::net::AddrParseError> {
+        let peer: SocketAddr = "198.18.0.100:53".parse()?;
+        let udp = |reply_from| UdpConfig {
+            reply_from,
+            flow_idle: Duration::from_secs(1),
+            max_flows: 1,
+            max_flows_per_source: 1,
+        };
+        let (none, nets) = (udp(vec![]), udp(vec![IpNet { addr: "198.18.0.0".parse()?, prefix: 24 }]));
+        assert!(none.is_reply(peer, peer));
+        assert!(!none.is_reply("198.18.0.100:54".parse()?, peer), "another port of the upstream");
+        assert!(!none.is_reply("198.18.0.1:53".parse()?, peer));
+        assert!(nets.is_reply("198.18.0.1:53".parse()?, peer));
+        assert!(!nets.is_reply("198.18.1.1:53".parse()?, peer));
+        assert!(!nets.is_reply("[::ffff:198.18.0.1]:53".parse()?, peer), "families never mix");
+        Ok(())
     }
 }

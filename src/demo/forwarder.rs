@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::node;
-use crate::upstream::socket::reset_on_close;
+use crate::sockopt::reset_on_close;
 
 /// Where new sessions go, and the token that drops the current node's sessions.
 struct Route {

@@ -24,6 +24,7 @@ mod knock;
 pub mod neighbor;
 pub mod preset;
 pub mod probe;
+mod probe_udp;
 pub mod reconfig;
 #[cfg(test)]
 mod sim;
@@ -41,8 +42,9 @@ use tracing::{debug, info, warn};
 use crate::config::{KeepaliveConfig, ProbeMode, Protocol, ServiceConfig};
 use crate::metrics::{ServiceMetrics, Signal};
 use crate::oserror::ConnectClass;
+use crate::sockopt;
+use crate::upstream::Connector;
 use crate::upstream::retry::Backoff;
-use crate::upstream::{Connector, socket};
 use preset::Answer;
 use probe::{ExchangeError, HeldEvent, ProbeStream};
 pub use state::{Evidence, Failover, HostState, Join, Machine, Reach};
@@ -384,7 +386,7 @@ impl Detector {
         if change.retune
             && let Some(held) = &self.held
             && let Some(tcp) = held.tcp()
-            && let Err(e) = socket::retune(tcp, &self.probe_keepalive)
+            && let Err(e) = sockopt::retune(tcp, &self.probe_keepalive)
         {
             warn!(service = %new.name, error = %e, "reload: could not retune the held probe session; making it anew");
             self.held = None;
@@ -554,7 +556,7 @@ impl Detector {
                         .held
                         .as_ref()
                         .and_then(ProbeStream::tcp)
-                        .and_then(socket::last_ack_age)
+                        .and_then(sockopt::last_ack_age)
                         .is_some_and(|age| now.checked_sub(age).is_some_and(|acked| acked > deleted))
                 {
                     debug!(service = %self.svc.name, "neighbour change answers a re-resolution the held session already answered through: ignored");
@@ -603,7 +605,7 @@ impl Detector {
             .held
             .as_ref()
             .and_then(ProbeStream::tcp)
-            .and_then(socket::last_ack_age)
+            .and_then(sockopt::last_ack_age)
             .map(|age| now.checked_sub(age).unwrap_or(now));
         match (held_confirms, acked) {
             (true, Some(acked)) => {
@@ -672,7 +674,7 @@ impl Detector {
             self.confirming = None;
             return false;
         }
-        let Some(age) = self.held.as_ref().and_then(ProbeStream::tcp).and_then(socket::last_ack_age) else {
+        let Some(age) = self.held.as_ref().and_then(ProbeStream::tcp).and_then(sockopt::last_ack_age) else {
             return false;
         };
         let acked = now.checked_sub(age).unwrap_or(now);
@@ -723,7 +725,7 @@ impl Detector {
 
     /// Dates the last good sign of the epoch by the held session's last ACK.
     fn date_last_ack(&mut self) {
-        if let Some(age) = self.held.as_ref().and_then(ProbeStream::tcp).and_then(socket::last_ack_age) {
+        if let Some(age) = self.held.as_ref().and_then(ProbeStream::tcp).and_then(sockopt::last_ack_age) {
             let now = Instant::now();
             self.machine.good_sign(now.checked_sub(age).unwrap_or(now));
         }
@@ -739,7 +741,7 @@ impl Detector {
             ProbeMode::Off => {}
             ProbeMode::Hold => match &self.held {
                 Some(held) => {
-                    if let Some(age) = held.tcp().and_then(socket::last_ack_age) {
+                    if let Some(age) = held.tcp().and_then(sockopt::last_ack_age) {
                         self.check_held_silence(now, age).await;
                     }
                 }
@@ -868,7 +870,7 @@ impl Detector {
 
     /// One send-expect exchange over UDP (a UDP service's probe), reported as evidence.
     async fn check_udp(&mut self) {
-        match crate::udp::probe::exchange(&self.svc, &self.connector).await {
+        match probe_udp::exchange(&self.svc, &self.connector).await {
             Ok(reply) => {
                 let identity = probe::identity_of(&self.svc.probe, &reply);
                 self.observe(Evidence::Ok { at: Instant::now(), identity });
@@ -888,7 +890,7 @@ impl Detector {
 
     /// A UDP service's confirmation of a sign: one probe exchange.
     async fn udp_confirm(&mut self) -> (Reach, Option<String>) {
-        match crate::udp::probe::exchange(&self.svc, &self.connector).await {
+        match probe_udp::exchange(&self.svc, &self.connector).await {
             Ok(reply) => (Reach::Ready, probe::identity_of(&self.svc.probe, &reply)),
             Err(ExchangeError::Mismatch(reply)) => {
                 self.not_ready_because(lacks_expect(&reply));

@@ -20,13 +20,13 @@ use crate::failover::Sign;
 use crate::metrics::{Outcome, ResetReason};
 use crate::oserror::{ConnectClass, classify};
 use crate::service::{Permit, Service};
-use crate::upstream::socket;
+use crate::sockopt;
 use hold::Refusal;
 use relay::{RelayError, Side};
 
 /// Serves one accepted client until its session ends. `stop` ends it (after the drain grace on SIGTERM).
 pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _permit: Permit, stop: CancellationToken) {
-    socket::tune_client(&client, &svc.cfg.keepalive);
+    sockopt::tune_client(&client, &svc.cfg.keepalive);
     let name = &svc.cfg.name;
     let (upstream, view) = match hold::connect(&svc, &client, &stop).await {
         Ok(ok) => ok,
@@ -42,7 +42,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _perm
                 return;
             }
             info!(service = %name, client = %peer, outcome = outcome.as_str(), "client refused: no upstream");
-            socket::reset_on_close(&client);
+            sockopt::reset_on_close(&client);
             return;
         }
     };
@@ -87,7 +87,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _perm
                 _ => (ResetReason::UpstreamReset, Sign::SessionReset),
             };
             // why: the client sees what it would have seen talking to the host directly: a reset.
-            socket::reset_on_close(&client);
+            sockopt::reset_on_close(&client);
             svc.metrics.reset(reason).increment(1);
             svc.detector.sign(sign);
             info!(service = %name, client = %peer, epoch = view.epoch, reason = reason.as_str(), error = %error, "session ended by the upstream");
@@ -97,9 +97,9 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _perm
         }
         End::Failover => {
             if svc.cfg.on_failover == OnFailover::Reset {
-                socket::reset_on_close(&client);
+                sockopt::reset_on_close(&client);
             }
-            socket::reset_on_close(&upstream);
+            sockopt::reset_on_close(&upstream);
             svc.metrics.reset(ResetReason::Failover).increment(1);
             debug!(service = %name, client = %peer, epoch = view.epoch, "session ended: its epoch ended");
         }

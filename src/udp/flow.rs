@@ -12,18 +12,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, warn};
 
 use super::Shared;
 use super::pktinfo::{ClientSocket, MAX_DATAGRAM};
-use crate::config::IpNet;
 use crate::metrics::UdpDrop;
 use crate::oserror::{self, OsError};
 use crate::service::CountGuard;
-use crate::upstream::socket::set_freebind;
 
 thread_local! {
     // why: a reply is received and sent on in one synchronous step, so one buffer per runtime thread serves
@@ -84,39 +81,6 @@ impl Drop for FlowSlot {
     fn drop(&mut self) {
         self.shared.free_slot(self.source);
     }
-}
-
-/// A datagram from `from` counts as the upstream's reply when it comes from the upstream address itself or
-/// from an address in `reply_from` (any port: a node answering from its stationary address keeps the port).
-pub fn is_reply(from: SocketAddr, peer: SocketAddr, reply_from: &[IpNet]) -> bool {
-    from == peer || reply_from.iter().any(|net| net.contains(from.ip()))
-}
-
-/// A new upstream socket for `peer`: bound to `source` (with IP_FREEBIND when `freebind`), else to the
-/// wildcard of the peer's family; not connected. Must run inside a tokio runtime.
-///
-/// # Errors
-/// Socket errors; a `source` that is not on this host fails with EADDRNOTAVAIL unless `freebind`.
-pub fn upstream_socket(peer: SocketAddr, source: Option<IpAddr>, freebind: bool) -> io::Result<UdpSocket> {
-    let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_nonblocking(true)?;
-    let bind_ip = match source {
-        Some(ip) => {
-            if freebind {
-                set_freebind(&socket, ip)?;
-            }
-            ip
-        }
-        None if peer.is_ipv4() => IpAddr::from([0u8; 4]),
-        None => {
-            socket.set_only_v6(true)?;
-            IpAddr::from([0u16; 8])
-        }
-    };
-    // why: the upstream (and a cluster that filters by client address) must see the relocatable address, not
-    // this host's stationary one. Not connected: a reply from a node's stationary address must still arrive.
-    socket.bind(&SocketAddr::new(bind_ip, 0).into())?;
-    UdpSocket::from_std(std::net::UdpSocket::from(socket))
 }
 
 impl FlowEntry {
@@ -199,7 +163,7 @@ fn receive_one(
         Err(e) => return Step::Failed(e),
     };
     let svc = shared.svc.load();
-    if !is_reply(from, flow.target.peer, &svc.cfg.udp.reply_from) {
+    if !svc.cfg.udp.is_reply(from, flow.target.peer) {
         shared.dropped(UdpDrop::UnknownSource, |n_dropped| {
             warn!(
                 service = %shared.name, from = %from, client = %flow.client, upstream = %flow.target.peer,
@@ -275,22 +239,4 @@ fn client_send_failed(flow: &Flow, shared: &Shared, e: &io::Error) {
             "reply to a client dropped: send failed"
         )
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replies_from_the_upstream_or_reply_from_only() -> Result<(), std::net::AddrParseError> {
-        let peer: SocketAddr = "198.18.0.100:53".parse()?;
-        let nets = [IpNet { addr: "198.18.0.0".parse()?, prefix: 24 }];
-        assert!(is_reply(peer, peer, &[]));
-        assert!(!is_reply("198.18.0.100:54".parse()?, peer, &[]), "another port of the upstream");
-        assert!(!is_reply("198.18.0.1:53".parse()?, peer, &[]));
-        assert!(is_reply("198.18.0.1:53".parse()?, peer, &nets));
-        assert!(!is_reply("198.18.1.1:53".parse()?, peer, &nets));
-        assert!(!is_reply("[::ffff:198.18.0.1]:53".parse()?, peer, &nets), "families never mix");
-        Ok(())
-    }
 }

@@ -16,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Shared;
-use super::flow::{FlowEntry, Target, upstream_socket};
+use super::flow::{FlowEntry, Target};
 use super::pktinfo::{ClientSocket, MAX_DATAGRAM};
 use super::table::{Admit, LruTable};
 use crate::config::UpstreamAddr;
 use crate::metrics::UdpDrop;
 use crate::oserror::ConnectClass;
+use crate::sockopt::udp_upstream_socket;
 use crate::upstream::Connector;
 
 /// Datagrams taken per receive call (recvmmsg) when GRO is off.
@@ -266,7 +267,7 @@ impl Listener {
             shared.dropped(UdpDrop::NoFlow, no_source);
             return None;
         }
-        let upstream = match upstream_socket(target.peer, target.source, target.freebind) {
+        let upstream = match udp_upstream_socket(target.peer, target.source, target.freebind) {
             Ok(s) => {
                 shared.source_available();
                 s

@@ -25,12 +25,10 @@
 mod flow;
 mod listener;
 pub mod pktinfo;
-pub mod probe;
 mod table;
 
 /// The flow path's pure decisions, for tests and fuzzing: which datagrams are replies, and how a
 /// coalesced (GRO) receive buffer splits into datagrams.
-pub use flow::is_reply;
 pub use listener::datagrams;
 
 use std::collections::HashMap;

@@ -1,7 +1,7 @@
 //! The client-facing socket of one UDP listen address. It tells, for every datagram, which local address the
 //! client sent it to, and sends the reply from exactly that address (IP_PKTINFO / IPV6_PKTINFO), so a client
 //! of a wildcard listener is answered from the relocatable address it used, not from the host's stationary
-//! one. It owns the socket options of that socket; flows and their upstream sockets live in `flow`.
+//! one (its socket options are set in `sockopt`). Flows and their upstream sockets live in `flow`.
 //!
 //! Why quinn-udp rather than nix `recvmsg`/`sendmsg` with `ControlMessageOwned::Ipv4PacketInfo`: both are
 //! free of `unsafe` on our side for the cmsgs, but nix's `sendmsg` allocates a `Vec` for the control buffer on
@@ -11,20 +11,16 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::upstream::socket::set_freebind;
+use crate::sockopt;
 
 /// The largest UDP payload (IPv6 jumbograms aside); every receive buffer holds one.
 pub const MAX_DATAGRAM: usize = 65_535;
-
-/// Receive buffer asked of the kernel for a listen socket (capped by `net.core.rmem_max`).
-const LISTEN_RCVBUF: usize = 4 << 20;
 
 /// A bound listen socket that knows where each datagram was sent to.
 #[derive(Debug)]
@@ -44,22 +40,7 @@ impl ClientSocket {
     /// Socket creation, option and bind errors; an address not on this host fails with EADDRNOTAVAIL unless
     /// `freebind`.
     pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<ClientSocket> {
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        socket.set_nonblocking(true)?;
-        if addr.is_ipv6() {
-            // why: `[::]` takes only IPv6; IPv4 clients are served by an explicit `0.0.0.0` listener, so every
-            // local address we answer from is of the socket's own family (no v4-mapped sources).
-            socket.set_only_v6(true)?;
-        }
-        if freebind {
-            set_freebind(&socket, addr.ip())?;
-        }
-        if let Err(e) = socket.set_recv_buffer_size(LISTEN_RCVBUF) {
-            // why: a burst of client datagrams waits here while the relay catches up.
-            tracing::debug!(error = %e, "could not enlarge SO_RCVBUF of a UDP listen socket");
-        }
-        socket.bind(&addr.into())?;
-        ClientSocket::set_up(std::net::UdpSocket::from(socket))
+        ClientSocket::set_up(sockopt::udp_listen_socket(addr, freebind)?)
     }
 
     /// Takes a listen socket bound by another process (an upgrade's predecessor) and sets it up as `bind`
@@ -77,11 +58,11 @@ impl ClientSocket {
         let sock = UdpSocket::from_std(sock)?;
         // Sets IP_PKTINFO / IPV6_RECVPKTINFO (what we want), and QUIC's defaults undone below.
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
-        undo_quic_defaults(&sock, addr.is_ipv6())?;
+        sockopt::undo_quic_defaults(&sock, addr.is_ipv6())?;
         // why: with UDP_GRO on, one receive may return up to 64 coalesced datagrams, which needs a 4 MiB
         // buffer per socket; off, every receive is one datagram. If it cannot be turned off, it was never on
         // (old kernel) or we split by `stride` with a buffer sized for it.
-        let gro_segments = match nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::UdpGroSegment, &false) {
+        let gro_segments = match sockopt::udp_gro_off(&sock) {
             Ok(()) => 1,
             Err(_) => state.gro_segments().max(1),
         };
@@ -149,46 +130,6 @@ impl ClientSocket {
 
 fn is_v4_broadcast(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
-}
-
-/// quinn-udp sets what QUIC wants and a generic relay must not have: path-MTU "probe" mode with DF set
-/// (IP_MTU_DISCOVER / IPV6_MTU_DISCOVER = PROBE, IPV6_DONTFRAG = 1), so a reply larger than the path MTU
-/// fails with EMSGSIZE instead of being fragmented. Put the kernel's defaults back.
-fn undo_quic_defaults(sock: &UdpSocket, v6: bool) -> io::Result<()> {
-    if v6 {
-        set_int_option(sock, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT)?;
-        // The IPv4-level option quinn-udp also sets on IPv6 sockets concerns only v4-mapped traffic, which
-        // `only_v6` rules out.
-        nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::Ipv6DontFrag, &false).map_err(io::Error::from)
-    } else {
-        // The IPv4 default follows net.ipv4.ip_no_pmtu_disc (see the kernel's `inet_create`).
-        let no_pmtu_disc = std::fs::read_to_string("/proc/sys/net/ipv4/ip_no_pmtu_disc")
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .is_some_and(|v| v != 0);
-        let default = if no_pmtu_disc { libc::IP_PMTUDISC_DONT } else { libc::IP_PMTUDISC_WANT };
-        set_int_option(sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, default)
-    }
-}
-
-/// `setsockopt(fd, level, name, &value, sizeof(int))`: for the integer options neither socket2 nor nix exposes
-/// (IP_MTU_DISCOVER, IPV6_MTU_DISCOVER).
-#[allow(unsafe_code)]
-fn set_int_option(sock: &impl AsFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    let fd = sock.as_fd();
-    // SAFETY: `fd` is a live socket borrowed from `sock` for the whole call (`BorrowedFd` cannot outlive it).
-    // The option value is a `c_int` on our stack, passed by pointer with its exact size, and the kernel only
-    // reads `optlen` bytes from it; nothing is retained after the call returns.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 #[cfg(test)]

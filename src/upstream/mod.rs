@@ -1,11 +1,10 @@
 //! The upstream side: the only place that dials the logical host. `Connector` resolves a name through
 //! `resolve` on every attempt (its answer cached for its TTL, so DNS-based failover is followed), tries its
-//! addresses in order (the last one that worked first), creates the socket with `socket`'s options, binds
+//! addresses in order (the last one that worked first), creates the socket with `sockopt`'s options, binds
 //! the relocatable source, and connects, all within the attempt's timeout.
 
 mod resolve;
 pub mod retry;
-pub mod socket;
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,6 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{KeepaliveConfig, ServiceConfig, UpstreamAddr};
 use crate::oserror::{ConnectClass, classify};
+use crate::sockopt;
 
 /// A failed connect attempt, classified.
 #[derive(Debug, thiserror::Error)]
@@ -156,9 +156,9 @@ impl Connector {
     ) -> Result<TcpStream, ConnectError> {
         let svc = &self.svc;
         let fail = |source: io::Error| ConnectError { class: classify(&source), target: peer.to_string(), source };
-        let socket = socket::upstream_socket(peer, svc.source, svc.freebind, keepalive).map_err(fail)?;
+        let socket = sockopt::tcp_upstream_socket(peer, svc.source, svc.freebind, keepalive).map_err(fail)?;
         if svc.intercept {
-            socket::mark_own(&socket);
+            sockopt::mark_own(&socket);
         }
         match tokio::time::timeout(timeout, socket.connect(peer)).await {
             Ok(Ok(stream)) => Ok(stream),

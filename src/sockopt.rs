@@ -1,21 +1,32 @@
-//! Every socket option staybound sets, in one file, each with the reason it is set. Options the kernel may
-//! refuse in some environments are applied best-effort with a warning; the ones a session depends on fail.
+//! Every socket option staybound sets or reads, on both legs of a TCP session (the accepted client socket and
+//! the upstream socket), on listeners, and on UDP listen and upstream sockets, each with the reason it is set.
+//! Options the kernel may refuse in some environments are applied best-effort with a warning; the ones a
+//! session depends on fail.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 use crate::config::KeepaliveConfig;
+
+/// The socket mark of staybound's own upstream and probe sockets: the interception rules (`intercept`) let
+/// their connections through.
+pub const MARK: u32 = 0x5342;
+
+/// Receive buffer asked of the kernel for a UDP listen socket (capped by `net.core.rmem_max`).
+const UDP_LISTEN_RCVBUF: usize = 4 << 20;
 
 /// A new non-blocking TCP socket for an upstream connect, bound to `source` when given, keep-alive set.
 ///
 /// # Errors
 /// Socket creation or option errors; a `source` that is not on this host fails with EADDRNOTAVAIL unless
 /// `freebind`.
-pub fn upstream_socket(
+pub fn tcp_upstream_socket(
     peer: SocketAddr,
     source: Option<IpAddr>,
     freebind: bool,
@@ -52,7 +63,7 @@ pub fn upstream_socket(
 /// (`staybound setup --exempt-uid`), which is said once in the log.
 pub fn mark_own(socket: &TcpSocket) {
     static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if let Err(e) = SockRef::from(socket).set_mark(crate::intercept::MARK)
+    if let Err(e) = SockRef::from(socket).set_mark(MARK)
         && !REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed)
     {
         tracing::warn!(error = %e, "cannot mark upstream sockets as staybound's own (SO_MARK needs CAP_NET_ADMIN): the interception rules must exempt staybound's user (staybound setup --exempt-uid), or its upstream connections come back to it");
@@ -68,7 +79,7 @@ pub fn set_keepalive(sock: &SockRef<'_>, idle: Duration, keepalive: &KeepaliveCo
 }
 
 /// Gives a live upstream socket new keep-alive settings (idle, interval, count and TCP_USER_TIMEOUT), as
-/// `upstream_socket` sets them on a new one.
+/// `tcp_upstream_socket` sets them on a new one.
 pub fn retune(stream: &TcpStream, keepalive: &KeepaliveConfig) -> io::Result<()> {
     let sock = SockRef::from(stream);
     set_keepalive(&sock, keepalive.idle, keepalive)?;
@@ -154,6 +165,122 @@ pub fn retune_listener(sock: &SockRef<'_>, ip: IpAddr, backlog: Option<u32>, fre
         sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     }
     Ok(())
+}
+
+/// A new UDP upstream socket for `peer`: bound to `source` (with IP_FREEBIND when `freebind`), else to the
+/// wildcard of the peer's family; not connected. Must run inside a tokio runtime.
+///
+/// # Errors
+/// Socket errors; a `source` that is not on this host fails with EADDRNOTAVAIL unless `freebind`.
+pub fn udp_upstream_socket(peer: SocketAddr, source: Option<IpAddr>, freebind: bool) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    let bind_ip = match source {
+        Some(ip) => {
+            if freebind {
+                set_freebind(&socket, ip)?;
+            }
+            ip
+        }
+        None if peer.is_ipv4() => IpAddr::from([0u8; 4]),
+        None => {
+            socket.set_only_v6(true)?;
+            IpAddr::from([0u16; 8])
+        }
+    };
+    // why: the upstream (and a cluster that filters by client address) must see the relocatable address, not
+    // this host's stationary one. Not connected: a reply from a node's stationary address must still arrive.
+    socket.bind(&SocketAddr::new(bind_ip, 0).into())?;
+    UdpSocket::from_std(std::net::UdpSocket::from(socket))
+}
+
+/// A bound UDP listen socket (with IP_FREEBIND when `freebind`), non-blocking, not yet set up for
+/// IP_PKTINFO (see `udp::pktinfo`).
+///
+/// # Errors
+/// Socket creation, option and bind errors; an address not on this host fails with EADDRNOTAVAIL unless
+/// `freebind`.
+pub fn udp_listen_socket(addr: SocketAddr, freebind: bool) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    if addr.is_ipv6() {
+        // why: `[::]` takes only IPv6; IPv4 clients are served by an explicit `0.0.0.0` listener, so every
+        // local address we answer from is of the socket's own family (no v4-mapped sources).
+        socket.set_only_v6(true)?;
+    }
+    if freebind {
+        set_freebind(&socket, addr.ip())?;
+    }
+    if let Err(e) = socket.set_recv_buffer_size(UDP_LISTEN_RCVBUF) {
+        // why: a burst of client datagrams waits here while the relay catches up.
+        tracing::debug!(error = %e, "could not enlarge SO_RCVBUF of a UDP listen socket");
+    }
+    socket.bind(&addr.into())?;
+    Ok(std::net::UdpSocket::from(socket))
+}
+
+/// Turns UDP_GRO off on a listen socket, so every receive is one datagram.
+///
+/// # Errors
+/// The kernel refused (an old kernel without UDP_GRO).
+pub fn udp_gro_off(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::UdpGroSegment, &false).map_err(io::Error::from)
+}
+
+/// quinn-udp sets what QUIC wants and a generic relay must not have: path-MTU "probe" mode with DF set
+/// (IP_MTU_DISCOVER / IPV6_MTU_DISCOVER = PROBE, IPV6_DONTFRAG = 1), so a reply larger than the path MTU
+/// fails with EMSGSIZE instead of being fragmented. Put the kernel's defaults back.
+pub fn undo_quic_defaults(sock: &UdpSocket, v6: bool) -> io::Result<()> {
+    if v6 {
+        set_int_option(sock, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT)?;
+        // The IPv4-level option quinn-udp also sets on IPv6 sockets concerns only v4-mapped traffic, which
+        // `only_v6` rules out.
+        nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::Ipv6DontFrag, &false).map_err(io::Error::from)
+    } else {
+        // The IPv4 default follows net.ipv4.ip_no_pmtu_disc (see the kernel's `inet_create`).
+        let no_pmtu_disc = std::fs::read_to_string("/proc/sys/net/ipv4/ip_no_pmtu_disc")
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .is_some_and(|v| v != 0);
+        let default = if no_pmtu_disc { libc::IP_PMTUDISC_DONT } else { libc::IP_PMTUDISC_WANT };
+        set_int_option(sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, default)
+    }
+}
+
+/// `setsockopt(fd, level, name, &value, sizeof(int))`: for the integer options neither socket2 nor nix exposes
+/// (IP_MTU_DISCOVER, IPV6_MTU_DISCOVER).
+#[allow(unsafe_code)]
+fn set_int_option(sock: &impl AsFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    let fd = sock.as_fd();
+    // SAFETY: `fd` is a live socket borrowed from `sock` for the whole call (`BorrowedFd` cannot outlive it).
+    // The option value is a `c_int` on our stack, passed by pointer with its exact size, and the kernel only
+    // reads `optlen` bytes from it; nothing is retained after the call returns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The original destination of an accepted connection (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST), `None` when
+/// the connection has no NAT record.
+pub fn original_dst(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).ok().map(|a| {
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            SocketAddr::from((ip, u16::from_be(a.sin_port)))
+        }),
+        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst).ok().map(|a| {
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            SocketAddr::from((ip, u16::from_be(a.sin6_port)))
+        }),
+    }
 }
 
 /// The kernel's count of keep-alive and data state for a live socket, read back for tests and status.

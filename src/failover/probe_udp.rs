@@ -1,16 +1,15 @@
 //! The send-expect probe of a UDP service, over UDP: send `probe.send` to the logical host from a fresh socket
-//! (bound to `source`, as a flow's), and wait up to `probe.timeout` for a reply that counts by the flows' rule
-//! (from the upstream address or from `reply_from`) and contains `probe.expect`. The detector turns the result
+//! (bound to `source`, as a UDP flow's), and wait up to `probe.timeout` for a reply that counts by the flows' rule
+//! (`UdpConfig::is_reply`) and contains `probe.expect`. The detector turns the result
 //! into evidence for its state machine; nothing here decides.
 
 use std::io;
 
+use super::probe::{ExchangeError, contains};
 use crate::config::ServiceConfig;
-use crate::failover::probe::{ExchangeError, contains};
 use crate::oserror::classify;
+use crate::sockopt::udp_upstream_socket;
 use crate::upstream::Connector;
-
-use super::flow::{is_reply, upstream_socket};
 
 /// The largest reply kept; a longer one is cut (the kernel truncates it into this buffer).
 const MAX_REPLY: usize = 64 * 1024;
@@ -25,7 +24,7 @@ pub async fn exchange(svc: &ServiceConfig, connector: &Connector) -> Result<Vec<
     let probe = &svc.probe;
     let fail = |e: io::Error| ExchangeError::Failed(classify(&e), e);
     let peer = connector.resolve(probe.timeout).await.map_err(|e| ExchangeError::Failed(e.class, e.source))?[0];
-    let sock = upstream_socket(peer, svc.source, svc.freebind).map_err(fail)?;
+    let sock = udp_upstream_socket(peer, svc.source, svc.freebind).map_err(fail)?;
     let connected = svc.udp.reply_from.is_empty();
     if connected {
         // why: replies can only come from the upstream address then, and a connected socket reports the
@@ -37,7 +36,7 @@ pub async fn exchange(svc: &ServiceConfig, connector: &Connector) -> Result<Vec<
         let mut buf = vec![0u8; MAX_REPLY];
         loop {
             let (n, from) = sock.recv_from(&mut buf).await.map_err(fail)?;
-            if !is_reply(from, peer, &svc.udp.reply_from) {
+            if !svc.udp.is_reply(from, peer) {
                 continue;
             }
             buf.truncate(n);
