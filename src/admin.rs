@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::failover::Sign;
-use crate::listener::RateLimitedLog;
 use crate::metrics::AdminRefusal;
+use crate::ratelog::RateLimitedLog;
 use crate::registry::Registry;
 
 /// Admin connections open at once. Beyond it the oldest one that has not sent a whole request yet is

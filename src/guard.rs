@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::UpstreamAddr;
 use crate::oserror::{self, OsError};
-use crate::registry::Registry;
+use crate::service::Service;
 
 // why: without the `netlink` feature nothing lists sockets, but the decision stays built and tested.
 /// `TCP_ESTABLISHED` in the kernel's socket states.
@@ -184,8 +184,8 @@ impl Board {
 }
 
 /// Probes the kernel once, on a blocking thread, and logs what it found.
-pub(crate) async fn probe_once(registry: &Registry) {
-    if registry.guard.ability.get().is_some() {
+pub(crate) async fn probe_once(board: &Board) {
+    if board.ability.get().is_some() {
         return;
     }
     let ability = tokio::task::spawn_blocking(probe)
@@ -197,15 +197,20 @@ pub(crate) async fn probe_once(registry: &Registry) {
             warn!(guard = %other.describe(), "guard mode cannot destroy sockets here: its clients will not be told of a failover")
         }
     }
-    let _ = registry.guard.ability.set(ability);
+    let _ = board.ability.set(ability);
 }
 
 /// Watches one service's epochs for as long as its name runs (`stop`): at each epoch's end, if the service
-/// is in guard mode then, destroys this host's sockets to the upstream address the epoch had.
-pub(crate) async fn watch(name: String, registry: Arc<Registry>, stop: CancellationToken) {
+/// is in guard mode then, destroys this host's sockets to the upstream address the epoch had. `current`
+/// gives the service as the name now runs it (a reload may give it new settings or new listeners).
+pub(crate) async fn watch(
+    name: String,
+    current: impl Fn() -> Option<Arc<Service>>,
+    board: Arc<Board>,
+    stop: CancellationToken,
+) {
     loop {
-        let Some(entry) = registry.entry(&name) else { return };
-        let svc = entry.service.load_full();
+        let Some(svc) = current() else { return };
         let mut view = svc.detector.view.clone();
         let (end, epoch) = {
             let v = view.borrow_and_update();
@@ -220,7 +225,7 @@ pub(crate) async fn watch(name: String, registry: Arc<Registry>, stop: Cancellat
             _ = stop.cancelled() => return,
             _ = end.cancelled() => {}
         }
-        let guard_now = registry.entry(&name).is_some_and(|e| e.service.load().cfg.guard);
+        let guard_now = current().is_some_and(|s| s.cfg.guard);
         if let (true, Some(upstream)) = (guard_now, target) {
             let started = std::time::Instant::now();
             let result = tokio::task::spawn_blocking(move || sweep(upstream)).await;
@@ -237,7 +242,7 @@ pub(crate) async fn watch(name: String, registry: Arc<Registry>, stop: Cancellat
             } else {
                 warn!(service = %name, epoch, %upstream, destroyed = sweep.destroyed, failed = sweep.failed, error = sweep.error.as_deref().unwrap_or(""), "guard: the epoch ended, but not every socket to the upstream could be destroyed");
             }
-            registry.guard.record(&name, LastSweep { at: SystemTime::now(), epoch, sweep, took });
+            board.record(&name, LastSweep { at: SystemTime::now(), epoch, sweep, took });
         }
         // The detector publishes the next epoch's token with the failover; wait for it.
         tokio::select! {

@@ -30,6 +30,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod oserror;
+pub mod ratelog;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -16,6 +15,7 @@ use tracing::{debug, warn};
 use crate::intercept;
 use crate::metrics::Outcome;
 use crate::oserror::{self, OsError};
+use crate::ratelog::RateLimitedLog;
 use crate::service::Service;
 use crate::session;
 use crate::sockopt;
@@ -82,28 +82,4 @@ fn meant_for(stream: &tokio::net::TcpStream, svc: &Service) -> bool {
     let crate::config::UpstreamAddr::Ip(upstream) = svc.cfg.upstream else { return true };
     let Ok(local) = stream.local_addr() else { return true };
     intercept::admit(sockopt::original_dst(stream), upstream, local) != intercept::Verdict::Refused
-}
-
-/// Logs the first event, then at most once per period with the count since the last line.
-pub struct RateLimitedLog {
-    period: Duration,
-    last: Option<Instant>,
-    pending: u64,
-}
-
-impl RateLimitedLog {
-    pub fn new(period: Duration) -> RateLimitedLog {
-        RateLimitedLog { period, last: None, pending: 0 }
-    }
-
-    /// Counts one event; returns the count to log when a line is due.
-    pub fn hit(&mut self) -> Option<u64> {
-        self.pending += 1;
-        let now = Instant::now();
-        if self.last.is_none_or(|t| now.duration_since(t) >= self.period) {
-            self.last = Some(now);
-            return Some(std::mem::take(&mut self.pending));
-        }
-        None
-    }
 }

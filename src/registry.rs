@@ -21,7 +21,7 @@ pub struct Registry {
     /// address only at a restart.
     pub admin: ArcSwap<AdminConfig>,
     /// Guard mode: whether sockets can be destroyed here, and each guard service's last epoch end.
-    pub guard: crate::guard::Board,
+    pub guard: Arc<crate::guard::Board>,
     /// Transparent mode: whether this process installed the interception rules.
     pub intercept: crate::intercept::Board,
 }
@@ -52,7 +52,7 @@ impl Registry {
             telemetry,
             services: ArcSwap::from_pointee(Vec::new()),
             admin: ArcSwap::from_pointee(admin),
-            guard: crate::guard::Board::default(),
+            guard: Arc::default(),
             intercept: crate::intercept::Board::default(),
         }
     }

@@ -551,11 +551,14 @@ impl Instance {
         // Guard mode: every new TCP service's epochs are watched as long as its name runs, so a reload can turn
         // guard on or off; whether the kernel allows destroying sockets is found out once, when first needed.
         if config.services.iter().any(|s| s.guard) {
-            crate::guard::probe_once(&self.registry).await;
+            crate::guard::probe_once(&self.registry.guard).await;
         }
         for name in started {
             if let Some(r) = self.running.get(&name).filter(|r| r.cfg.protocol == Protocol::Tcp) {
-                self.background.spawn(crate::guard::watch(name, self.registry.clone(), r.stop_detector.clone()));
+                let (registry, board) = (self.registry.clone(), self.registry.guard.clone());
+                let key = name.clone();
+                let current = move || registry.entry(&key).map(|e| e.service.load_full());
+                self.background.spawn(crate::guard::watch(name, current, board, r.stop_detector.clone()));
             }
         }
         // Interception rules last, once every listener they send clients to accepts.

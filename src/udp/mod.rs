@@ -45,9 +45,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::ServiceConfig;
-use crate::listener::RateLimitedLog;
 use crate::metrics::{ServiceMetrics, UdpDrop};
 use crate::oserror::{self, OsError};
+use crate::ratelog::RateLimitedLog;
 use crate::service::Service;
 use crate::upstream::retry::Backoff;
 use flow::FlowSlot;
