@@ -125,7 +125,7 @@ struct State {
     registry: Arc<Registry>,
     rate: Mutex<guard::HookRate>,
     /// One rate-limited log per refusal reason.
-    refusals: Mutex<[RateLimitedLog; 5]>,
+    refusals: Mutex<[RateLimitedLog; AdminRefusal::ALL.len()]>,
 }
 
 impl State {
@@ -134,7 +134,7 @@ impl State {
         self.registry.telemetry.admin_refused(reason);
         debug!(reason = reason.as_str(), client = %peer, detail, "admin request refused");
         let due = self.refusals.lock().ok().and_then(|mut logs| {
-            let i = AdminRefusal::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+            let i = reason.index();
             logs[i].hit()
         });
         if let Some(n) = due {

@@ -26,6 +26,7 @@ pub mod demo;
 pub mod failover;
 pub mod guard;
 pub mod intercept;
+mod label;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -8,158 +8,75 @@ use std::sync::Arc;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::label::label_enum;
 use crate::oserror::ConnectClass;
 
-/// What detected a failover; the `signal` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Signal {
-    Probe,
-    Identity,
-    SessionReset,
-    Keepalive,
-    Neighbor,
-    Admin,
-    /// A reload gave the service another upstream address.
-    Reload,
-    /// The node serving the epoch answers in another role than the probe's preset requires (a primary
-    /// demoted to a replica or standby).
-    Role,
-}
-
-impl Signal {
-    pub const ALL: [Signal; 8] = [
-        Signal::Probe,
-        Signal::Identity,
-        Signal::SessionReset,
-        Signal::Keepalive,
-        Signal::Neighbor,
-        Signal::Admin,
-        Signal::Reload,
-        Signal::Role,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Signal::Probe => "probe",
-            Signal::Identity => "identity",
-            Signal::SessionReset => "session_reset",
-            Signal::Keepalive => "keepalive",
-            Signal::Neighbor => "neighbor",
-            Signal::Admin => "admin",
-            Signal::Reload => "reload",
-            Signal::Role => "role",
-        }
+label_enum! {
+    /// What detected a failover; the `signal` label.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Signal {
+        Probe = "probe",
+        Identity = "identity",
+        SessionReset = "session_reset",
+        Keepalive = "keepalive",
+        Neighbor = "neighbor",
+        Admin = "admin",
+        /// A reload gave the service another upstream address.
+        Reload = "reload",
+        /// The node serving the epoch answers in another role than the probe's preset requires (a primary
+        /// demoted to a replica or standby).
+        Role = "role",
     }
 }
 
-/// Why staybound ended a session; the `reason` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResetReason {
-    Failover,
-    UpstreamReset,
-    UpstreamTimeout,
-    Shutdown,
-}
-
-impl ResetReason {
-    pub const ALL: [ResetReason; 4] =
-        [ResetReason::Failover, ResetReason::UpstreamReset, ResetReason::UpstreamTimeout, ResetReason::Shutdown];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResetReason::Failover => "failover",
-            ResetReason::UpstreamReset => "upstream_reset",
-            ResetReason::UpstreamTimeout => "upstream_timeout",
-            ResetReason::Shutdown => "shutdown",
-        }
+label_enum! {
+    /// Why staybound ended a session; the `reason` label.
+    pub enum ResetReason {
+        Failover = "failover",
+        UpstreamReset = "upstream_reset",
+        UpstreamTimeout = "upstream_timeout",
+        Shutdown = "shutdown",
     }
 }
 
-/// How an accepted client connection ended up; the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Proxied,
-    RefusedLimit,
-    RefusedDeadline,
-    RefusedShutdown,
-    /// The client closed its connection while it was held: no upstream was made for it.
-    ClientGone,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 5] = [
-        Outcome::Proxied,
-        Outcome::RefusedLimit,
-        Outcome::RefusedDeadline,
-        Outcome::RefusedShutdown,
-        Outcome::ClientGone,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Proxied => "proxied",
-            Outcome::RefusedLimit => "refused_limit",
-            Outcome::RefusedDeadline => "refused_deadline",
-            Outcome::RefusedShutdown => "refused_shutdown",
-            Outcome::ClientGone => "client_gone",
-        }
+label_enum! {
+    /// How an accepted client connection ended up; the `outcome` label.
+    pub enum Outcome {
+        Proxied = "proxied",
+        RefusedLimit = "refused_limit",
+        RefusedDeadline = "refused_deadline",
+        RefusedShutdown = "refused_shutdown",
+        /// The client closed its connection while it was held: no upstream was made for it.
+        ClientGone = "client_gone",
     }
 }
 
-/// Why a datagram was not relayed; the `reason` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UdpDrop {
-    UnknownSource,
-    NoFlow,
-    FlowLimit,
-    /// A new client whose address has `max_flows_per_source` flows already.
-    SourceLimit,
-    SendError,
-}
-
-impl UdpDrop {
-    pub const ALL: [UdpDrop; 5] =
-        [UdpDrop::UnknownSource, UdpDrop::NoFlow, UdpDrop::FlowLimit, UdpDrop::SourceLimit, UdpDrop::SendError];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UdpDrop::UnknownSource => "unknown_source",
-            UdpDrop::NoFlow => "no_flow",
-            UdpDrop::FlowLimit => "flow_limit",
-            UdpDrop::SourceLimit => "source_limit",
-            UdpDrop::SendError => "send_error",
-        }
+label_enum! {
+    /// Why a datagram was not relayed; the `reason` label.
+    pub enum UdpDrop {
+        UnknownSource = "unknown_source",
+        NoFlow = "no_flow",
+        FlowLimit = "flow_limit",
+        /// A new client whose address has `max_flows_per_source` flows already.
+        SourceLimit = "source_limit",
+        SendError = "send_error",
     }
 }
 
-/// Why the admin server refused a request or a connection; the `reason` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdminRefusal {
-    /// The failover hook without the right bearer token.
-    Unauthorized,
-    /// An `Origin` header that is not the admin endpoint itself (a browser's cross-site request).
-    ForbiddenOrigin,
-    /// A `Host` header that is not the admin endpoint's address (DNS rebinding).
-    ForbiddenHost,
-    /// A hook failover of a service within `failover_rate` of the last one.
-    RateLimited,
-    /// A connection closed because the admin connection budget was full.
-    ConnectionLimit,
-}
-
-impl AdminRefusal {
-    pub const ALL: [AdminRefusal; 5] = [
-        AdminRefusal::Unauthorized,
-        AdminRefusal::ForbiddenOrigin,
-        AdminRefusal::ForbiddenHost,
-        AdminRefusal::RateLimited,
-        AdminRefusal::ConnectionLimit,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AdminRefusal::Unauthorized => "unauthorized",
-            AdminRefusal::ForbiddenOrigin => "forbidden_origin",
-            AdminRefusal::ForbiddenHost => "forbidden_host",
-            AdminRefusal::RateLimited => "rate_limited",
-            AdminRefusal::ConnectionLimit => "connection_limit",
-        }
+label_enum! {
+    /// Why the admin server refused a request or a connection; the `reason` label.
+    pub enum AdminRefusal {
+        /// The failover hook without the right bearer token.
+        Unauthorized = "unauthorized",
+        /// An `Origin` header that is not the admin endpoint itself (a browser's cross-site request).
+        ForbiddenOrigin = "forbidden_origin",
+        /// A `Host` header that is not the admin endpoint's address (DNS rebinding).
+        ForbiddenHost = "forbidden_host",
+        /// A hook failover of a service within `failover_rate` of the last one.
+        RateLimited = "rate_limited",
+        /// A connection closed because the admin connection budget was full.
+        ConnectionLimit = "connection_limit",
     }
 }
 
@@ -204,7 +121,7 @@ pub struct Telemetry {
     upgrades_ok: Counter,
     upgrades_error: Counter,
     listen_overflows: Counter,
-    admin_refused: [Counter; 5],
+    admin_refused: [Counter; AdminRefusal::ALL.len()],
     session_capacity: Gauge,
 }
 
@@ -266,7 +183,7 @@ impl Telemetry {
 
     /// Counts a request or connection the admin server refused.
     pub fn admin_refused(&self, r: AdminRefusal) {
-        self.admin_refused[AdminRefusal::ALL.iter().position(|x| *x == r).unwrap_or(0)].increment(1);
+        self.admin_refused[r.index()].increment(1);
     }
 
     /// Sets the number of TCP sessions the open-file limit allows (see `limits`).
@@ -442,19 +359,19 @@ fn describe(r: &PrometheusRecorder) {
 
 /// Pre-resolved handles of one service's series.
 pub struct ServiceMetrics {
-    outcome: [Counter; 5],
+    outcome: [Counter; Outcome::ALL.len()],
     pub active: Gauge,
     pub held: Gauge,
     pub hold_seconds: Histogram,
-    connect: [Counter; 7],
+    connect: [Counter; ConnectClass::ALL.len()],
     pub budget_exhausted: Counter,
     pub upstream_up: Gauge,
     /// 1 while the node answers but its probe reply lacks `expect`.
     pub upstream_not_ready: Gauge,
     pub epoch: Gauge,
-    failovers: [Counter; 8],
+    failovers: [Counter; Signal::ALL.len()],
     pub detection_seconds: Histogram,
-    resets: [Counter; 4],
+    resets: [Counter; ResetReason::ALL.len()],
     /// Neighbour entries of the upstream the detector forced to be resolved anew.
     pub neighbor_resolves: Counter,
     /// 1 while the upstream address flaps between link-layer addresses (two nodes claim it).
@@ -469,7 +386,7 @@ pub struct ServiceMetrics {
     pub bytes_client: Counter,
     pub udp_upstream: Counter,
     pub udp_client: Counter,
-    udp_dropped: [Counter; 5],
+    udp_dropped: [Counter; UdpDrop::ALL.len()],
     /// Flows ended to make room for a new client at `max_flows`.
     pub udp_evicted: Counter,
     pub udp_bound: Gauge,
@@ -483,18 +400,18 @@ pub struct ServiceMetrics {
 
 impl ServiceMetrics {
     pub fn outcome(&self, o: Outcome) -> &Counter {
-        &self.outcome[Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)]
+        &self.outcome[o.index()]
     }
     pub fn connect(&self, c: ConnectClass) -> &Counter {
-        &self.connect[ConnectClass::ALL.iter().position(|x| *x == c).unwrap_or(0)]
+        &self.connect[c.index()]
     }
     pub fn failover(&self, s: Signal) -> &Counter {
-        &self.failovers[Signal::ALL.iter().position(|x| *x == s).unwrap_or(0)]
+        &self.failovers[s.index()]
     }
     pub fn reset(&self, r: ResetReason) -> &Counter {
-        &self.resets[ResetReason::ALL.iter().position(|x| *x == r).unwrap_or(0)]
+        &self.resets[r.index()]
     }
     pub fn udp_dropped(&self, d: UdpDrop) -> &Counter {
-        &self.udp_dropped[UdpDrop::ALL.iter().position(|x| *x == d).unwrap_or(0)]
+        &self.udp_dropped[d.index()]
     }
 }

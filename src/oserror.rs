@@ -4,45 +4,26 @@
 
 use std::io;
 
-/// How a connect attempt ended; the `result` label of `staybound_upstream_connect_attempts_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ConnectClass {
-    Ok,
-    /// The host answered with RST: the address is up, the port is not (a service still starting).
-    Refused,
-    /// No route, or the neighbour did not answer: the address is not up anywhere.
-    Unreachable,
-    /// Nothing answered within the connect timeout.
-    Timeout,
-    Reset,
-    /// The `source` address is not on this host (bind failed).
-    AddrUnavailable,
-    Other,
+use crate::label::label_enum;
+
+label_enum! {
+    /// How a connect attempt ended; the `result` label of `staybound_upstream_connect_attempts_total`.
+    pub enum ConnectClass {
+        Ok = "ok",
+        /// The host answered with RST: the address is up, the port is not (a service still starting).
+        Refused = "refused",
+        /// No route, or the neighbour did not answer: the address is not up anywhere.
+        Unreachable = "unreachable",
+        /// Nothing answered within the connect timeout.
+        Timeout = "timeout",
+        Reset = "reset",
+        /// The `source` address is not on this host (bind failed).
+        AddrUnavailable = "addr_unavailable",
+        Other = "other",
+    }
 }
 
 impl ConnectClass {
-    pub const ALL: [ConnectClass; 7] = [
-        ConnectClass::Ok,
-        ConnectClass::Refused,
-        ConnectClass::Unreachable,
-        ConnectClass::Timeout,
-        ConnectClass::Reset,
-        ConnectClass::AddrUnavailable,
-        ConnectClass::Other,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectClass::Ok => "ok",
-            ConnectClass::Refused => "refused",
-            ConnectClass::Unreachable => "unreachable",
-            ConnectClass::Timeout => "timeout",
-            ConnectClass::Reset => "reset",
-            ConnectClass::AddrUnavailable => "addr_unavailable",
-            ConnectClass::Other => "other",
-        }
-    }
-
     /// Whether the logical host's address answered (on whichever node), though the connect failed.
     pub fn address_answered(self) -> bool {
         matches!(self, ConnectClass::Ok | ConnectClass::Refused | ConnectClass::Reset)

@@ -303,7 +303,7 @@ pub(crate) struct Shared {
     base: Instant,
     /// Flows alive across the service's listeners.
     flows: Mutex<FlowCount>,
-    logs: [Mutex<RateLimitedLog>; 5],
+    logs: [Mutex<RateLimitedLog>; UdpDrop::ALL.len()],
     evict_log: Mutex<RateLimitedLog>,
     source: Mutex<SourceGate>,
     /// Listener, late-bind and flow tasks.
@@ -332,7 +332,7 @@ impl Shared {
     /// Counts a datagram not relayed, and runs `log` (with the count since the last line) when a line is due.
     pub fn dropped(&self, reason: UdpDrop, log: impl FnOnce(u64)) {
         self.metrics.udp_dropped(reason).increment(1);
-        let index = UdpDrop::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let index = reason.index();
         let due = lock(&self.logs[index]).hit();
         if let Some(n) = due {
             log(n);
