@@ -238,7 +238,7 @@ impl Telemetry {
             g
         };
         let outcome = Outcome::ALL.map(|o| counter(CLIENT_CONNECTIONS, Some(("outcome", o.as_str()))));
-        let connect = ConnectClass::ALL.map(|c| counter(CONNECT_ATTEMPTS, Some(("result", c.as_str()))));
+        let connect = ConnectCounts(ConnectClass::ALL.map(|c| counter(CONNECT_ATTEMPTS, Some(("result", c.as_str())))));
         let failovers = Signal::ALL.map(|s| counter(FAILOVERS, Some(("signal", s.as_str()))));
         let resets = ResetReason::ALL.map(|s| counter(SESSIONS_RESET, Some(("reason", s.as_str()))));
         let udp_dropped = UdpDrop::ALL.map(|d| counter(UDP_DROPPED, Some(("reason", d.as_str()))));
@@ -357,13 +357,29 @@ fn describe(r: &PrometheusRecorder) {
     }
 }
 
+/// The `staybound_upstream_connect_attempts_total` series of one service, one per `result`.
+#[derive(Clone, Debug)]
+pub struct ConnectCounts([Counter; ConnectClass::ALL.len()]);
+
+impl ConnectCounts {
+    /// Counters that count nowhere, for a connector outside a running service.
+    pub fn unrecorded() -> ConnectCounts {
+        ConnectCounts(ConnectClass::ALL.map(|_| Counter::noop()))
+    }
+
+    /// Counts one attempt that ended so.
+    pub fn count(&self, c: ConnectClass) {
+        self.0[c.index()].increment(1);
+    }
+}
+
 /// Pre-resolved handles of one service's series.
 pub struct ServiceMetrics {
     outcome: [Counter; Outcome::ALL.len()],
     pub active: Gauge,
     pub held: Gauge,
     pub hold_seconds: Histogram,
-    connect: [Counter; ConnectClass::ALL.len()],
+    connect: ConnectCounts,
     pub budget_exhausted: Counter,
     pub upstream_up: Gauge,
     /// 1 while the node answers but its probe reply lacks `expect`.
@@ -402,8 +418,9 @@ impl ServiceMetrics {
     pub fn outcome(&self, o: Outcome) -> &Counter {
         &self.outcome[o.index()]
     }
-    pub fn connect(&self, c: ConnectClass) -> &Counter {
-        &self.connect[c.index()]
+    /// The connect attempt counters, for the service's connectors (they count every attempt).
+    pub fn connect_counts(&self) -> ConnectCounts {
+        self.connect.clone()
     }
     pub fn failover(&self, s: Signal) -> &Counter {
         &self.failovers[s.index()]

@@ -460,7 +460,7 @@ impl Instance {
                     l.reconfigure(&cfg);
                     l
                 }
-                None => Lasting::new(&cfg),
+                None => Lasting::new(&cfg, metrics.connect_counts()),
             };
             let placeholder = Arc::new(Entry {
                 name: s.name.clone(),

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::config::ServiceConfig;
 use crate::failover::{DetectorHandle, HostView};
-use crate::metrics::ServiceMetrics;
+use crate::metrics::{ConnectCounts, ServiceMetrics};
 use crate::upstream::Connector;
 use crate::upstream::retry::RetryBudget;
 
@@ -43,12 +43,12 @@ pub struct Lasting {
 }
 
 impl Lasting {
-    pub fn new(cfg: &Arc<ServiceConfig>) -> Lasting {
+    pub fn new(cfg: &Arc<ServiceConfig>, counts: ConnectCounts) -> Lasting {
         Lasting {
             counts: Arc::new(Counts::default()),
             limit: Limit::new(cfg.max_connections),
             budget: Arc::new(RetryBudget::new(&cfg.hold, Instant::now())),
-            connector: Arc::new(ArcSwap::from_pointee(Connector::new(cfg.clone()))),
+            connector: Arc::new(ArcSwap::from_pointee(Connector::new(cfg.clone(), counts))),
         }
     }
 

@@ -209,7 +209,7 @@ async fn socket_options_are_really_set() {
     )
     .unwrap();
     let cfg = std::sync::Arc::new(config.services[0].clone());
-    let connector = staybound::upstream::Connector::new(cfg.clone());
+    let connector = staybound::upstream::Connector::new(cfg.clone(), staybound::metrics::ConnectCounts::unrecorded());
     let upstream = connector.connect(Duration::from_secs(1)).await.unwrap();
     let got = sockopt::read_back(&SockRef::from(&upstream)).unwrap();
     assert_eq!(

@@ -285,7 +285,7 @@ impl Detector {
         metrics.upstream_up.set(1.0);
         metrics.epoch.set(1.0);
         let detector = Detector {
-            connector: Connector::new(svc.clone()),
+            connector: Connector::new(svc.clone(), metrics.connect_counts()),
             machine: Machine::new(svc.probe.fall, svc.probe.rise, now),
             probe_keepalive: probe::probe_keepalive(&svc.probe, &svc.keepalive),
             backoff: Backoff::new(svc.hold.backoff_initial, svc.probe.interval.min(svc.hold.backoff_max)),
@@ -822,10 +822,9 @@ impl Detector {
                 Ok(peers) => {
                     // why: the held session's address is the one that last took a connection, first here.
                     let peer = peers[0];
-                    let (ka, metrics, connector) =
-                        (self.probe_keepalive.clone(), self.metrics.clone(), self.connector.clone());
+                    let (ka, connector) = (self.probe_keepalive.clone(), self.connector.clone());
                     // why: the race's last attempt would run its own timeout past the bound; the bound decides.
-                    let race = race_connect(&connector, peer, silent_at - now, &ka, &metrics);
+                    let race = race_connect(&connector, peer, silent_at - now, &ka);
                     tokio::pin!(race);
                     let first = (now + FRESH_SILENCE).min(silent_at);
                     let mut result = tokio::time::timeout_at(first, race.as_mut()).await;
@@ -846,19 +845,17 @@ impl Detector {
             };
             match reach {
                 Ok(()) => {
-                    self.metrics.connect(ConnectClass::Ok).increment(1);
                     debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "held probe session silent, the address answers: knocking on it");
                     self.answered = Some(Instant::now());
                     self.knock();
                     return;
                 }
                 Err(class) if class.address_answered() => {
-                    self.metrics.connect(class).increment(1);
                     self.held = None;
                     self.observe(Evidence::Refused);
                     return;
                 }
-                Err(class) => self.metrics.connect(class).increment(1),
+                Err(_) => {}
             }
         }
         if Instant::now() + ACK_SLACK / 10 >= silent_at {
@@ -1008,7 +1005,7 @@ impl Detector {
             // the wire every RECOVERY_PACE, so the first one after the takeover is answered at once. A
             // name's next address is raced next time when this one does not answer.
             Ok(peers) if self.machine.state() == HostState::Down => {
-                let r = race_connect(&self.connector, peers[0], timeout, &self.probe_keepalive, &self.metrics).await;
+                let r = race_connect(&self.connector, peers[0], timeout, &self.probe_keepalive).await;
                 if r.is_err() {
                     self.connector.passed_over(peers[0], &peers);
                 }
@@ -1019,7 +1016,6 @@ impl Detector {
         };
         match result {
             Ok(stream) => {
-                self.metrics.connect(ConnectClass::Ok).increment(1);
                 let identity = match (&self.svc.probe.identity, self.svc.probe.mode) {
                     (Some(_), ProbeMode::Hold | ProbeMode::Connect) => {
                         probe::read_banner(&stream, timeout).await.and_then(|b| probe::identity_of(&self.svc.probe, &b))
@@ -1030,7 +1026,6 @@ impl Detector {
                 (ConnectClass::Ok, identity)
             }
             Err(e) => {
-                self.metrics.connect(e.class).increment(1);
                 debug!(service = %self.svc.name, error = %e, "probe connect failed");
                 (e.class, None)
             }
@@ -1187,14 +1182,13 @@ fn lacks_expect(reply: &[u8]) -> String {
 }
 
 /// Connect attempts started every `RECOVERY_PACE` for up to `timeout`, each bounded by `timeout`; the first
-/// to connect wins and the rest are dropped. An answer such as `refused` ends the race at once. Failed
-/// attempts other than the one returned are counted here.
+/// to connect wins and the rest are dropped. An answer such as `refused` ends the race at once. The
+/// connector counts each attempt that ends.
 async fn race_connect(
     connector: &Connector,
     peer: std::net::SocketAddr,
     timeout: Duration,
     keepalive: &KeepaliveConfig,
-    metrics: &ServiceMetrics,
 ) -> Result<TcpStream, crate::upstream::ConnectError> {
     let mut set = tokio::task::JoinSet::new();
     let start = Instant::now();
@@ -1212,9 +1206,6 @@ async fn race_connect(
             joined = set.join_next() => match joined {
                 Some(Ok(Ok(stream))) => return Ok(stream),
                 Some(Ok(Err(e))) => {
-                    if let Some(prev) = best.take() {
-                        metrics.connect(prev.class).increment(1);
-                    }
                     let answered = e.class.address_answered();
                     best = Some(e);
                     if answered {

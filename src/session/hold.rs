@@ -97,7 +97,6 @@ pub async fn connect(
         };
         match attempt {
             Ok(stream) => {
-                svc.metrics.connect(ConnectClass::Ok).increment(1);
                 if held.is_some() {
                     svc.metrics.hold_seconds.record(start.elapsed().as_secs_f64());
                 }
@@ -109,7 +108,6 @@ pub async fn connect(
                 return Ok((stream, view));
             }
             Err(e) => {
-                svc.metrics.connect(e.class).increment(1);
                 svc.detector.sign(Sign::ConnectFailed(e.class));
                 debug!(service = %svc.cfg.name, error = %e, "upstream connect failed; holding the client");
                 held.get_or_insert_with(|| svc.held_guard());

@@ -1,7 +1,8 @@
 //! The upstream side: the only place that dials the logical host. `Connector` resolves a name through
 //! `resolve` on every attempt (its answer cached for its TTL, so DNS-based failover is followed), tries its
 //! addresses in order (the last one that worked first), creates the socket with `sockopt`'s options, binds
-//! the relocatable source, and connects, all within the attempt's timeout.
+//! the relocatable source, and connects, all within the attempt's timeout. It counts every attempt that ends
+//! (`staybound_upstream_connect_attempts_total`), so its callers do not.
 
 mod resolve;
 pub mod retry;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::config::{KeepaliveConfig, ServiceConfig, UpstreamAddr};
+use crate::metrics::ConnectCounts;
 use crate::oserror::{ConnectClass, classify};
 use crate::sockopt;
 
@@ -35,15 +37,18 @@ pub struct Connector {
     name: Option<Arc<resolve::Name>>,
     /// The address of the name that last took a connection: tried first next time.
     preferred: Arc<Mutex<Option<SocketAddr>>>,
+    /// Every attempt that ends (a failed lookup included) is counted here, by how it ended. An attempt
+    /// its caller drops before it ends (the loser of a race) is not.
+    counts: ConnectCounts,
 }
 
 impl Connector {
-    pub fn new(svc: Arc<ServiceConfig>) -> Connector {
+    pub fn new(svc: Arc<ServiceConfig>, counts: ConnectCounts) -> Connector {
         let name = match &svc.upstream {
             UpstreamAddr::Name { host, port } => Some(Arc::new(resolve::Name::new(host, *port))),
             UpstreamAddr::Ip(_) => None,
         };
-        Connector { svc, name, preferred: Arc::default() }
+        Connector { svc, name, preferred: Arc::default(), counts }
     }
 
     /// The connector for a reload's settings: with the same upstream name it keeps the name's cached
@@ -51,7 +56,7 @@ impl Connector {
     /// is tried first again.
     pub fn reloaded(&self, svc: Arc<ServiceConfig>) -> Connector {
         let same = self.svc.upstream == svc.upstream;
-        let mut next = Connector::new(svc);
+        let mut next = Connector::new(svc, self.counts.clone());
         if same && self.name.is_some() {
             next.name = self.name.clone();
             next.preferred = self.preferred.clone();
@@ -75,14 +80,15 @@ impl Connector {
             return Ok(vec![*addr]);
         };
         let target = self.svc.upstream.to_string();
-        let answer = name.lookup(within).await.map_err(|why| ConnectError {
-            class: if why.starts_with("no answer") { ConnectClass::Timeout } else { ConnectClass::Other },
-            target: target.clone(),
-            source: io::Error::other(why),
+        let answer = name.lookup(within).await.map_err(|why| {
+            let class = if why.starts_with("no answer") { ConnectClass::Timeout } else { ConnectClass::Other };
+            self.counts.count(class);
+            ConnectError { class, target: target.clone(), source: io::Error::other(why) }
         })?;
         let preferred = *self.preferred.lock().unwrap_or_else(|e| e.into_inner());
         let order = resolve::order(&answer, preferred, self.svc.source.map(|s| s.is_ipv4()));
         if order.is_empty() {
+            self.counts.count(ConnectClass::Unreachable);
             return Err(ConnectError {
                 class: ConnectClass::Unreachable,
                 target,
@@ -154,6 +160,17 @@ impl Connector {
         timeout: Duration,
         keepalive: &KeepaliveConfig,
     ) -> Result<TcpStream, ConnectError> {
+        let result = self.dial(peer, timeout, keepalive).await;
+        self.counts.count(result.as_ref().map_or_else(|e| e.class, |_| ConnectClass::Ok));
+        result
+    }
+
+    async fn dial(
+        &self,
+        peer: SocketAddr,
+        timeout: Duration,
+        keepalive: &KeepaliveConfig,
+    ) -> Result<TcpStream, ConnectError> {
         let svc = &self.svc;
         let fail = |source: io::Error| ConnectError { class: classify(&source), target: peer.to_string(), source };
         let socket = sockopt::tcp_upstream_socket(peer, svc.source, svc.freebind, keepalive).map_err(fail)?;
@@ -184,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_reload_keeps_the_names_answer_and_the_address_that_worked() {
-        let old = Connector::new(svc("db.example:5432"));
+        let old = Connector::new(svc("db.example:5432"), ConnectCounts::unrecorded());
         *old.preferred.lock().unwrap() = Some("198.18.0.2:5432".parse().unwrap());
         let same = old.reloaded(svc("db.example:5432"));
         assert!(Arc::ptr_eq(same.name.as_ref().unwrap(), old.name.as_ref().unwrap()), "the cached answer stays");
