@@ -406,14 +406,14 @@ pub fn not_ready(registry: &Registry) -> Vec<String> {
             reasons.push(format!("service {}: not every listener is bound", entry.name));
         }
         let view = svc.detector.view.borrow().clone();
-        if !view.state.connectable() && now.saturating_duration_since(view.since) > svc.cfg.hold.deadline {
+        if !view.state.connectable() && now.saturating_duration_since(view.since) > svc.cfg.ride_out.deadline {
             reasons.push(format!(
                 "service {}: upstream {} {} for {:.1}s, beyond the hold deadline of {}",
                 entry.name,
                 svc.cfg.upstream,
                 view.state.as_str(),
                 now.saturating_duration_since(view.since).as_secs_f64(),
-                humantime::format_duration(svc.cfg.hold.deadline)
+                humantime::format_duration(svc.cfg.ride_out.deadline)
             ));
         }
         if let Some(dep) = svc.missing_dependency() {

@@ -195,7 +195,7 @@ pub fn report_full(
             let _ = write!(probe, ", identity /{}/", re.as_str());
         }
         let _ = writeln!(out, "  probe           {probe}");
-        let h = &s.hold;
+        let h = &s.ride_out;
         let _ = writeln!(
             out,
             "  hold            deadline {}, connect_timeout {}, backoff {}..{}, budget {} per first attempt + {}/s over {}",
@@ -265,7 +265,7 @@ fn report_udp(out: &mut String, s: &crate::config::ServiceConfig, warnings: &mut
         let _ = writeln!(
             out,
             "  resolve         for each new flow, within hold.connect_timeout {}",
-            d(s.hold.connect_timeout)
+            d(s.ride_out.connect_timeout)
         );
     }
     let nets: Vec<String> = s.udp.reply_from.iter().map(ToString::to_string).collect();

@@ -6,7 +6,7 @@
 //! sock_diag sees the sockets of staybound's own network namespace only: staybound runs in the clients'
 //! namespace (on the host, or in the pod). Destroying needs `CAP_NET_ADMIN` and a kernel built with
 //! `CONFIG_INET_DIAG_DESTROY`; [`probe`] finds out once, on a socket pair of its own, and `check` and
-//! `/status` say what it found. staybound's own sockets (the held probe session) are never destroyed.
+//! `/status` say what it found. staybound's own sockets (the probe connection) are never destroyed.
 //!
 //! Which sockets go is decided without I/O ([`doomed`]); the netlink side (`diag`) only lists and destroys.
 

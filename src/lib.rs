@@ -3,7 +3,7 @@
 //! # Layout, in the order data flows
 //! * [`config`]: the TOML file, validated into typed settings.
 //! * [`listener`]: accept loops; a client over `max_connections` is refused at once.
-//! * [`session`]: one client session: [`session::hold`] rides out a takeover to get an upstream,
+//! * [`session`]: one client session: [`session::ride_out`] rides out a takeover to get an upstream,
 //!   [`session::relay`] moves the bytes, and the session ends with its epoch.
 //! * [`upstream`]: the connector (the only place that dials out), socket options, error classes, retries.
 //! * [`udp`]: `protocol = "udp"` services: flows, replies from the address the client used.

@@ -394,7 +394,7 @@ pub struct ServiceMetrics {
     pub split_brain: Gauge,
     /// Epoch ends held back because a split brain was flapping.
     pub split_brain_damped: Counter,
-    /// Knocks sent on the held probe session to confirm a neighbour change (`failover::knock`).
+    /// Knocks sent on the probe connection to confirm a neighbour change (`failover::knock`).
     pub knocks: Counter,
     /// Knocks not sent (a firewall dropped them on the way out, or another local error).
     pub knocks_failed: Counter,

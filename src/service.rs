@@ -47,7 +47,7 @@ impl Lasting {
         Lasting {
             counts: Arc::new(Counts::default()),
             limit: Limit::new(cfg.max_connections),
-            budget: Arc::new(RetryBudget::new(&cfg.hold, Instant::now())),
+            budget: Arc::new(RetryBudget::new(&cfg.ride_out, Instant::now())),
             connector: Arc::new(ArcSwap::from_pointee(Connector::new(cfg.clone(), counts))),
         }
     }
@@ -55,7 +55,7 @@ impl Lasting {
     /// Takes a reload's settings: the limit is resized, the budget keeps its window, the connector is new.
     pub fn reconfigure(&self, cfg: &Arc<ServiceConfig>) {
         self.limit.resize(cfg.max_connections);
-        self.budget.reconfigure(&cfg.hold);
+        self.budget.reconfigure(&cfg.ride_out);
         self.connector.store(Arc::new(self.connector.load().reloaded(cfg.clone())));
     }
 }

@@ -310,7 +310,7 @@ pub fn read_back(sock: &SockRef<'_>) -> io::Result<ReadBack> {
 }
 
 /// Milliseconds since the last ACK from the peer (`tcpi_last_ack_recv`), to date the last good sign of a
-/// held session.
+/// probe connection.
 #[allow(unsafe_code)]
 pub fn last_ack_age(stream: &TcpStream) -> Option<Duration> {
     use std::os::fd::AsRawFd;

@@ -107,7 +107,7 @@ pub struct ServiceConfig {
     pub guard: bool,
     pub keepalive: KeepaliveConfig,
     pub probe: ProbeConfig,
-    pub hold: HoldConfig,
+    pub ride_out: RideOutConfig,
     pub udp: UdpConfig,
 }
 
@@ -167,8 +167,8 @@ pub struct KeepaliveConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeMode {
-    /// Keep one connection open and watch it.
-    Hold,
+    /// Keep one probe connection open and watch it (config value `hold`).
+    KeepOpen,
     /// Hold a connection and send `send` every interval, requiring `expect` in the reply.
     SendExpect,
     /// A fresh connect each interval.
@@ -179,7 +179,7 @@ pub enum ProbeMode {
 impl ProbeMode {
     pub fn as_str(self) -> &'static str {
         match self {
-            ProbeMode::Hold => "hold",
+            ProbeMode::KeepOpen => "hold",
             ProbeMode::SendExpect => "send-expect",
             ProbeMode::Connect => "connect",
             ProbeMode::Off => "off",
@@ -314,7 +314,7 @@ impl PartialEq for ProbeConfig {
 
 /// Riding out a takeover: how long new clients wait and how connects are retried.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HoldConfig {
+pub struct RideOutConfig {
     pub deadline: Duration,
     pub connect_timeout: Duration,
     pub backoff_initial: Duration,

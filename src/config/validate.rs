@@ -464,7 +464,7 @@ fn service(
     let keepalive = keepalive(cx, RawKeepalive::inherit(svc.keepalive, defaults.keepalive.as_ref()), &key("keepalive"));
     let own_mode = svc.probe.as_ref().and_then(|p| p.mode.clone());
     let mut probe = probe(cx, RawProbe::inherit(svc.probe, defaults.probe.as_ref()), &key("probe"));
-    if protocol == Protocol::Udp && matches!(probe.mode, ProbeMode::Hold | ProbeMode::Connect) {
+    if protocol == Protocol::Udp && matches!(probe.mode, ProbeMode::KeepOpen | ProbeMode::Connect) {
         // why: "hold" and "connect" are TCP sessions; a UDP service probes with datagrams ("send-expect") or
         // takes its host state from a TCP service in `depends_on`. The built-in default ("hold") and a
         // [defaults.probe] mode meant for TCP services become "off" here; the service's own setting is an error.
@@ -496,7 +496,7 @@ fn service(
             format!("{:?} is a TCP protocol; a udp service probes with send-expect over UDP", preset.kind.as_str()),
         );
     }
-    let hold = hold(cx, RawHold::inherit(svc.hold, defaults.hold.as_ref()), &key("hold"));
+    let ride_out = hold(cx, RawHold::inherit(svc.hold, defaults.hold.as_ref()), &key("hold"));
     let own_udp = svc.udp.is_some();
     let udp = udp(cx, RawUdp::inherit(svc.udp, defaults.udp.as_ref()), &key("udp"));
     if own_udp && protocol == Protocol::Tcp {
@@ -519,7 +519,7 @@ fn service(
         guard,
         keepalive,
         probe,
-        hold,
+        ride_out,
         udp,
     }
 }
@@ -685,9 +685,9 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
     let mode = cx.one_of(
         &p.mode,
         &key("mode"),
-        ProbeMode::Hold,
+        ProbeMode::KeepOpen,
         &[
-            ("hold", ProbeMode::Hold),
+            ("hold", ProbeMode::KeepOpen),
             ("send-expect", ProbeMode::SendExpect),
             ("connect", ProbeMode::Connect),
             ("off", ProbeMode::Off),
@@ -773,7 +773,7 @@ fn probe(cx: &mut Ctx<'_>, p: RawProbe, key: &str) -> ProbeConfig {
 fn pacing(cx: &mut Ctx<'_>, p: &RawProbe, prefix: &str) -> ProbeConfig {
     let key = |k: &str| format!("{prefix}{k}");
     ProbeConfig {
-        mode: ProbeMode::Hold,
+        mode: ProbeMode::KeepOpen,
         interval: cx.duration(
             &p.interval,
             &key("interval"),
@@ -967,7 +967,7 @@ fn read_ca(file: &Path) -> Result<Vec<Vec<u8>>, String> {
     Ok(certs)
 }
 
-fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> HoldConfig {
+fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> RideOutConfig {
     let key = |k: &str| format!("{key}.{k}");
     let ms = Duration::from_millis;
     let backoff_initial =
@@ -998,7 +998,7 @@ fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> HoldConfig {
             }
         }
     };
-    HoldConfig {
+    RideOutConfig {
         deadline: cx.duration(
             &h.deadline,
             &key("deadline"),
@@ -1362,9 +1362,9 @@ mod tests {
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
         assert_eq!(s.keepalive.idle, Duration::from_secs(1));
         assert_eq!(s.keepalive.client_idle, Some(Duration::from_secs(30)));
-        assert_eq!(s.probe.mode, ProbeMode::Hold);
-        assert_eq!(s.hold.deadline, Duration::from_secs(30));
-        assert_eq!(s.hold.budget_ratio, 0.2);
+        assert_eq!(s.probe.mode, ProbeMode::KeepOpen);
+        assert_eq!(s.ride_out.deadline, Duration::from_secs(30));
+        assert_eq!(s.ride_out.budget_ratio, 0.2);
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.on_failover, OnFailover::Reset);
     }
@@ -1464,7 +1464,7 @@ mod tests {
         let c = load(&udp("[service.udp]\nreply_from = [\"198.18.0.0/24\"]\nflow_idle = \"1s\"\n")).unwrap();
         let u = c.service("u").unwrap();
         assert_eq!((u.protocol, u.probe.mode), (Protocol::Udp, ProbeMode::Off), "the TCP default becomes off");
-        assert_eq!(c.service("t").unwrap().probe.mode, ProbeMode::Hold);
+        assert_eq!(c.service("t").unwrap().probe.mode, ProbeMode::KeepOpen);
         assert_eq!(u.udp.flow_idle, Duration::from_secs(1));
         let c = load(&udp("[service.probe]\nmode = \"send-expect\"\nsend = \"ping\"\n")).unwrap();
         assert_eq!(c.service("u").unwrap().probe.mode, ProbeMode::SendExpect);

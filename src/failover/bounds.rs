@@ -58,17 +58,19 @@ pub fn bounds(svc: &ServiceConfig) -> Bounds {
     };
     let session_silent = (session_silent, "each session's keep-alive and user_timeout".to_string());
     let (probe_move, probe_black) = match p.mode {
-        ProbeMode::Hold => {
+        ProbeMode::KeepOpen => {
             let pk = probe_keepalive(p, ka);
             let per = p.timeout + Duration::from_millis(100);
             (
-                Some((
-                    pk.idle,
-                    format!("the held probe session draws an RST with a keep-alive every {}", fmt(pk.idle)),
-                )),
+                Some((pk.idle, format!("the probe connection draws an RST with a keep-alive every {}", fmt(pk.idle)))),
                 Some((
                     pk.idle + pk.interval + per * extra_falls,
-                    format!("no ACK on the held probe for {} + {}, fall = {}", fmt(pk.idle), fmt(pk.interval), p.fall),
+                    format!(
+                        "no ACK on the probe connection for {} + {}, fall = {}",
+                        fmt(pk.idle),
+                        fmt(pk.interval),
+                        p.fall
+                    ),
                 )),
             )
         }
@@ -108,7 +110,7 @@ pub fn bounds(svc: &ServiceConfig) -> Bounds {
     Bounds {
         silent_move: pick(probe_move, session_rst),
         black_hole: pick(probe_black, session_silent),
-        connect: (svc.hold.connect_timeout, "hold.connect_timeout of each attempt".into()),
+        connect: (svc.ride_out.connect_timeout, "hold.connect_timeout of each attempt".into()),
     }
 }
 

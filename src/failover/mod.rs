@@ -2,7 +2,7 @@
 //! probe session (`probe`), takes signs from the data path and the admin hook, and publishes a `HostView`
 //! on a watch channel. The data path only reads the view: nothing on it decides a failover.
 //!
-//! With a probe preset (`preset`) the exchange on the held probe session speaks the service's protocol
+//! With a probe preset (`preset`) the exchange on the probe connection speaks the service's protocol
 //! (logging in once per session, over TLS when asked) and says whether the node is ready in the role
 //! required; a node serving the epoch that answers in another role ends it (signal `role`).
 //!
@@ -46,17 +46,17 @@ use crate::sockopt;
 use crate::upstream::Connector;
 use crate::upstream::retry::Backoff;
 use preset::Answer;
-use probe::{ExchangeError, HeldEvent, ProbeStream};
+use probe::{ExchangeError, ProbeConnEvent, ProbeStream};
 pub use state::{Evidence, Failover, HostState, Join, Machine, Reach};
 
 /// How late a keep-alive's ACK may be and still count as on time.
 const ACK_SLACK: Duration = Duration::from_millis(250);
 
-/// How often the held probe session's keep-alive is read while the host is up: often enough that a
+/// How often the probe connection's keep-alive is read while the host is up: often enough that a
 /// keep-alive gone unanswered leaves time to ask the address anew before the black-hole bound.
 const HOLD_PACE: Duration = Duration::from_millis(250);
 
-/// How long fresh connects may stay unanswered while the held session is silent before the upstream's
+/// How long fresh connects may stay unanswered while the probe connection is silent before the upstream's
 /// neighbour entry is forced to be resolved anew: on a LAN a connect answers in well under a millisecond, so
 /// silence this long means the address does not answer where the entry points.
 const FRESH_SILENCE: Duration = Duration::from_millis(200);
@@ -215,7 +215,7 @@ pub struct Detector {
     machine: Machine,
     view: watch::Sender<HostView>,
     signs: mpsc::Receiver<Sign>,
-    held: Option<ProbeStream>,
+    probe_conn: Option<ProbeStream>,
     probe_keepalive: KeepaliveConfig,
     next_check: Instant,
     backoff: Backoff,
@@ -227,7 +227,7 @@ pub struct Detector {
     sessions_since: Instant,
     /// Why the node is not ready, when the machine says it is not.
     not_ready: Option<String>,
-    /// When a fresh connect last reached the address while the held session was silent.
+    /// When a fresh connect last reached the address while the probe connection was silent.
     answered: Option<Instant>,
     /// New settings from a reload.
     settings: watch::Receiver<Arc<ServiceConfig>>,
@@ -245,19 +245,19 @@ pub struct Detector {
     resolve_refused: bool,
     /// The link-layer addresses the upstream took lately, to tell a split brain from a move.
     flaps: flaps::Flaps,
-    /// A neighbour change being confirmed by the held session (hold mode).
+    /// A neighbour change being confirmed by the probe connection (`mode = "hold"`).
     confirming: Option<Confirming>,
     /// Knocking was refused (no `CAP_NET_RAW`): said once; the keep-alive confirms instead.
     knock_refused: bool,
 }
 
-/// A neighbour change being confirmed by the held probe session: a fresh ACK on it says the address still
+/// A neighbour change being confirmed by the probe connection: a fresh ACK on it says the address still
 /// reaches the node that holds it (nothing moved); its reset says another node has the address.
 #[derive(Debug, Clone, Copy)]
 struct Confirming {
     /// When the change was seen.
     seen: Instant,
-    /// When the held session's last ACK came, as read when the change was seen.
+    /// When the probe connection's last ACK came, as read when the change was seen.
     acked: Instant,
     /// Whether the entry was already forced to be resolved anew for this change.
     resolved: bool,
@@ -288,12 +288,12 @@ impl Detector {
             connector: Connector::new(svc.clone(), metrics.connect_counts()),
             machine: Machine::new(svc.probe.fall, svc.probe.rise, now),
             probe_keepalive: probe::probe_keepalive(&svc.probe, &svc.keepalive),
-            backoff: Backoff::new(svc.hold.backoff_initial, svc.probe.interval.min(svc.hold.backoff_max)),
+            backoff: Backoff::new(svc.ride_out.backoff_initial, svc.probe.interval.min(svc.ride_out.backoff_max)),
             svc,
             metrics,
             view: view_tx,
             signs: sign_rx,
-            held: None,
+            probe_conn: None,
             next_check: now,
             self_signs: sign_tx.clone(),
             linked: Vec::new(),
@@ -321,7 +321,7 @@ impl Detector {
             Stop,
             Settings,
             Sign(Sign),
-            Held(HeldEvent),
+            ProbeConn(ProbeConnEvent),
             Check,
         }
         loop {
@@ -332,7 +332,7 @@ impl Detector {
                 // A closed channel (the server let go of the sender) disables the branch; it never spins.
                 Ok(()) = self.settings.changed() => Event::Settings,
                 Some(sign) = self.signs.recv() => Event::Sign(sign),
-                ev = probe::watch_held(self.held.as_mut(), self.svc.probe.preset.is_some()) => Event::Held(ev),
+                ev = probe::watch_probe_conn(self.probe_conn.as_mut(), self.svc.probe.preset.is_some()) => Event::ProbeConn(ev),
                 _ = async { match check_at { Some(t) => sleep_until(t).await, None => std::future::pending().await } } => Event::Check,
             };
             let silent_before = self.machine.state() == HostState::Down;
@@ -343,7 +343,7 @@ impl Detector {
                     self.reconfigure(new, &cancel).await;
                 }
                 Event::Sign(sign) => self.on_sign(sign).await,
-                Event::Held(ev) => self.on_held(ev).await,
+                Event::ProbeConn(ev) => self.on_probe_conn(ev).await,
                 Event::Check => {
                     self.check().await;
                     self.next_check = Instant::now() + self.pace();
@@ -370,7 +370,7 @@ impl Detector {
         self.connector = self.connector.reloaded(new.clone());
         self.machine.set_thresholds(new.probe.fall, new.probe.rise);
         self.probe_keepalive = probe::probe_keepalive(&new.probe, &new.keepalive);
-        self.backoff = Backoff::new(new.hold.backoff_initial, new.probe.interval.min(new.hold.backoff_max));
+        self.backoff = Backoff::new(new.ride_out.backoff_initial, new.probe.interval.min(new.ride_out.backoff_max));
         if !change.any() {
             return;
         }
@@ -379,17 +379,17 @@ impl Detector {
             self.machine.forget_identity();
         }
         if change.reprobe {
-            self.held = None;
+            self.probe_conn = None;
             self.next_check = Instant::now();
             self.restart_neighbor_watch(cancel).await;
         }
         if change.retune
-            && let Some(held) = &self.held
-            && let Some(tcp) = held.tcp()
+            && let Some(conn) = &self.probe_conn
+            && let Some(tcp) = conn.tcp()
             && let Err(e) = sockopt::retune(tcp, &self.probe_keepalive)
         {
-            warn!(service = %new.name, error = %e, "reload: could not retune the held probe session; making it anew");
-            self.held = None;
+            warn!(service = %new.name, error = %e, "reload: could not retune the probe connection; making it anew");
+            self.probe_conn = None;
             self.next_check = Instant::now();
         }
         if change.neighbor {
@@ -506,11 +506,11 @@ impl Detector {
         match self.machine.state() {
             HostState::Up => {
                 self.backoff.reset();
-                if self.svc.probe.mode == ProbeMode::Hold { interval.min(HOLD_PACE) } else { interval }
+                if self.svc.probe.mode == ProbeMode::KeepOpen { interval.min(HOLD_PACE) } else { interval }
             }
-            // why: in hold mode a suspicion is settled by the held session's next ACK (or its end); read
+            // why: with a kept-open probe connection a suspicion is settled by the probe connection's next ACK (or its end); read
             // TCP_INFO often so it is settled as soon as that happens.
-            HostState::Suspect if self.svc.probe.mode == ProbeMode::Hold => Duration::from_millis(100),
+            HostState::Suspect if self.svc.probe.mode == ProbeMode::KeepOpen => Duration::from_millis(100),
             HostState::Suspect => interval.min(Duration::from_millis(250)),
             // why: held clients wait for this detector, so how soon it sees the host back bounds their
             // stall: look every RECOVERY_PACE during the first RECOVERY_FAST of an outage, then back off
@@ -526,7 +526,7 @@ impl Detector {
         let now = Instant::now();
         match sign {
             Sign::Admin => {
-                self.held = None;
+                self.probe_conn = None;
                 self.observe(Evidence::Admin);
                 self.next_check = now;
             }
@@ -548,18 +548,18 @@ impl Detector {
                     debug!(service = %self.svc.name, "neighbour change answers a re-resolution made for a move already decided: ignored");
                     return;
                 }
-                // why: and once the held session has answered through the re-resolved entry, it is
+                // why: and once the probe connection has answered through the re-resolved entry, it is
                 // confirmed already.
                 if let Some(deleted) = deleted
                     && self.machine.state() == HostState::Up
                     && self
-                        .held
+                        .probe_conn
                         .as_ref()
                         .and_then(ProbeStream::tcp)
                         .and_then(sockopt::last_ack_age)
                         .is_some_and(|age| now.checked_sub(age).is_some_and(|acked| acked > deleted))
                 {
-                    debug!(service = %self.svc.name, "neighbour change answers a re-resolution the held session already answered through: ignored");
+                    debug!(service = %self.svc.name, "neighbour change answers a re-resolution the probe connection already answered through: ignored");
                     return;
                 }
                 // why: a resolution's answer is the kernel's, not a node's announcement: the address going
@@ -592,17 +592,17 @@ impl Detector {
     }
 
     /// A neighbour change of the upstream address is a sign of a move, confirmed before it ends anything.
-    /// With a held probe session, that session confirms: it belongs to the node the address reached, so
+    /// With a probe connection, that session confirms: it belongs to the node the address reached, so
     /// a fresh ACK on it after the change says nothing moved (a duplicated or forged announcement, a bond
     /// changing its MAC), and a reset says another node has the address. A knock makes it answer within a
-    /// round trip; without one its next keep-alive does. With no held session (connect mode, UDP), a
+    /// round trip; without one its next keep-alive does. With no probe connection (connect mode, UDP), a
     /// fresh probe confirms, as it must: the address answering at all is then the evidence.
     async fn on_neighbor_change(&mut self, now: Instant) {
         let held_confirms = self.svc.protocol == Protocol::Tcp
-            && matches!(self.svc.probe.mode, ProbeMode::Hold | ProbeMode::SendExpect)
+            && matches!(self.svc.probe.mode, ProbeMode::KeepOpen | ProbeMode::SendExpect)
             && self.machine.state() == HostState::Up;
         let acked = self
-            .held
+            .probe_conn
             .as_ref()
             .and_then(ProbeStream::tcp)
             .and_then(sockopt::last_ack_age)
@@ -611,26 +611,26 @@ impl Detector {
             (true, Some(acked)) => {
                 self.observe(Evidence::Sign { signal: Signal::Neighbor });
                 self.confirming = Some(Confirming { seen: now, acked, resolved: false });
-                if self.svc.probe.mode == ProbeMode::Hold {
+                if self.svc.probe.mode == ProbeMode::KeepOpen {
                     self.knock();
                 }
-                // why: with send-expect the next exchange on the held session is the confirmation.
+                // why: with send-expect the next exchange on the probe connection is the confirmation.
                 self.next_check = now;
             }
             _ => {
                 // why: the address now answers from another link-layer address; confirm at once, without
                 // waiting for a probe interval, by reaching it anew (a UDP service holds no session: one
                 // probe exchange instead).
-                self.held = None;
+                self.probe_conn = None;
                 let (confirm, identity) = self.confirm().await;
                 self.observe(Evidence::Moved { signal: Signal::Neighbor, confirm, identity });
             }
         }
     }
 
-    /// Sends a knock on the held probe session (`knock`); a refusal is said once.
+    /// Sends a knock on the probe connection (`knock`); a refusal is said once.
     fn knock(&mut self) {
-        let Some(tcp) = self.held.as_ref().and_then(ProbeStream::tcp) else { return };
+        let Some(tcp) = self.probe_conn.as_ref().and_then(ProbeStream::tcp) else { return };
         if self.knock_refused {
             return;
         }
@@ -639,13 +639,13 @@ impl Detector {
             Ok(()) => self.metrics.knocks.increment(1),
             Err(knock::KnockError::NotPermitted(e)) => {
                 self.knock_refused = true;
-                warn!(service = %self.svc.name, error = %e, "cannot knock on the held probe session (needs CAP_NET_RAW): a neighbour change is confirmed by its next keep-alive instead");
+                warn!(service = %self.svc.name, error = %e, "cannot knock on the probe connection (needs CAP_NET_RAW): a neighbour change is confirmed by its next keep-alive instead");
             }
             // why: a firewall that drops the knock on its way out fails the send with EPERM; the next
             // knock may pass, so this one is only counted.
             Err(knock::KnockError::Failed(e)) => {
                 self.metrics.knocks_failed.increment(1);
-                debug!(service = %self.svc.name, error = %e, "knock on the held probe session not sent")
+                debug!(service = %self.svc.name, error = %e, "knock on the probe connection not sent")
             }
         }
     }
@@ -665,57 +665,57 @@ impl Detector {
         self.view.send_if_modified(|v| !std::mem::replace(&mut v.split_brain, true));
     }
 
-    /// Settles a neighbour change the held session is confirming (hold mode): an ACK since the change
+    /// Settles a neighbour change the probe connection is confirming (`mode = "hold"`): an ACK since the change
     /// clears it; silence past `FRESH_SILENCE` has the entry resolved anew (a link-layer address with no
     /// node behind it is healed that way) and knocks again.
     async fn settle_confirming(&mut self, now: Instant) -> bool {
         let Some(c) = self.confirming else { return false };
-        if self.machine.state() != HostState::Suspect || self.held.is_none() {
+        if self.machine.state() != HostState::Suspect || self.probe_conn.is_none() {
             self.confirming = None;
             return false;
         }
-        let Some(age) = self.held.as_ref().and_then(ProbeStream::tcp).and_then(sockopt::last_ack_age) else {
+        let Some(age) = self.probe_conn.as_ref().and_then(ProbeStream::tcp).and_then(sockopt::last_ack_age) else {
             return false;
         };
         let acked = now.checked_sub(age).unwrap_or(now);
         if answered_since(c, acked) {
             self.confirming = None;
-            debug!(service = %self.svc.name, "the held session answers after the neighbour change: nothing moved");
+            debug!(service = %self.svc.name, "the probe connection answers after the neighbour change: nothing moved");
             self.observe(Evidence::Ok { at: now, identity: None });
             return true;
         }
         if !c.resolved && now >= c.seen + FRESH_SILENCE {
             self.confirming = Some(Confirming { resolved: true, ..c });
-            self.resolve_neighbor("a neighbour change the held session does not answer through").await;
+            self.resolve_neighbor("a neighbour change the probe connection does not answer through").await;
             self.knock();
         }
         false
     }
 
-    async fn on_held(&mut self, ev: HeldEvent) {
+    async fn on_probe_conn(&mut self, ev: ProbeConnEvent) {
         match ev {
-            HeldEvent::Data(bytes) => {
+            ProbeConnEvent::Data(bytes) => {
                 let identity = probe::identity_of(&self.svc.probe, &bytes);
                 if identity.is_some() {
                     self.observe(Evidence::Ok { at: Instant::now(), identity });
                 }
             }
-            HeldEvent::Eof => {
+            ProbeConnEvent::Eof => {
                 debug!(service = %self.svc.name, "probe session closed by the server; reconnecting");
-                self.held = None;
+                self.probe_conn = None;
                 let (confirm, identity) = self.confirm().await;
                 self.observe(Evidence::Closed { confirm, identity });
             }
-            HeldEvent::Failed(ConnectClass::Reset, e) => {
+            ProbeConnEvent::Failed(ConnectClass::Reset, e) => {
                 self.date_last_ack();
                 debug!(service = %self.svc.name, error = %e, "probe session reset; confirming");
-                self.held = None;
+                self.probe_conn = None;
                 self.reset_then_confirm().await;
             }
-            HeldEvent::Failed(class, e) => {
+            ProbeConnEvent::Failed(class, e) => {
                 self.date_last_ack();
                 debug!(service = %self.svc.name, error = %e, "probe session failed");
-                self.held = None;
+                self.probe_conn = None;
                 let signal = if class == ConnectClass::Timeout { Signal::Keepalive } else { Signal::Probe };
                 self.observe(Evidence::Silent { signal });
                 self.next_check = Instant::now();
@@ -723,9 +723,9 @@ impl Detector {
         }
     }
 
-    /// Dates the last good sign of the epoch by the held session's last ACK.
+    /// Dates the last good sign of the epoch by the probe connection's last ACK.
     fn date_last_ack(&mut self) {
-        if let Some(age) = self.held.as_ref().and_then(ProbeStream::tcp).and_then(sockopt::last_ack_age) {
+        if let Some(age) = self.probe_conn.as_ref().and_then(ProbeStream::tcp).and_then(sockopt::last_ack_age) {
             let now = Instant::now();
             self.machine.good_sign(now.checked_sub(age).unwrap_or(now));
         }
@@ -734,14 +734,14 @@ impl Detector {
     /// One scheduled check, by probe mode.
     async fn check(&mut self) {
         let now = Instant::now();
-        if self.svc.probe.mode == ProbeMode::Hold && self.settle_confirming(now).await {
+        if self.svc.probe.mode == ProbeMode::KeepOpen && self.settle_confirming(now).await {
             return;
         }
         match self.svc.probe.mode {
             ProbeMode::Off => {}
-            ProbeMode::Hold => match &self.held {
-                Some(held) => {
-                    if let Some(age) = held.tcp().and_then(sockopt::last_ack_age) {
+            ProbeMode::KeepOpen => match &self.probe_conn {
+                Some(conn) => {
+                    if let Some(age) = conn.tcp().and_then(sockopt::last_ack_age) {
                         self.check_held_silence(now, age).await;
                     }
                 }
@@ -749,7 +749,7 @@ impl Detector {
             },
             ProbeMode::SendExpect if self.svc.protocol == Protocol::Udp => self.check_udp().await,
             ProbeMode::SendExpect => {
-                if self.held.is_none() {
+                if self.probe_conn.is_none() {
                     // why: a connect alone is not readiness: the exchange on the new session decides.
                     let (reach, identity) = self.confirm().await;
                     self.observe(evidence_of(reach, identity));
@@ -761,22 +761,22 @@ impl Detector {
                         self.observe(evidence_of(reach, identity));
                     }
                     Err(ExchangeError::Timeout) => {
-                        self.held = None;
+                        self.probe_conn = None;
                         self.observe(Evidence::Silent { signal: Signal::Probe });
                     }
                     Err(ExchangeError::Mismatch(reply)) => {
-                        self.held = None;
+                        self.probe_conn = None;
                         self.not_ready_because(lacks_expect(&reply));
                         self.observe(Evidence::NotReady);
                     }
                     Err(ExchangeError::Eof) => {
-                        self.held = None;
+                        self.probe_conn = None;
                         let (confirm, identity) = self.confirm().await;
                         self.observe(Evidence::Closed { confirm, identity });
                     }
                     Err(ExchangeError::Failed(class, e)) => {
                         debug!(service = %self.svc.name, error = %e, "probe exchange failed");
-                        self.held = None;
+                        self.probe_conn = None;
                         if class == ConnectClass::Reset {
                             self.reset_then_confirm().await;
                         } else {
@@ -787,17 +787,17 @@ impl Detector {
             }
             ProbeMode::Connect => {
                 self.reconnect_check().await;
-                self.held = None;
+                self.probe_conn = None;
             }
         }
     }
 
-    /// The held session's keep-alive, read from TCP_INFO: its last ACK `age` ago. An unanswered keep-alive
+    /// The probe connection's keep-alive, read from TCP_INFO: its last ACK `age` ago. An unanswered keep-alive
     /// is a lost packet or a host gone, and silence alone does not say which, so it is asked anew: fresh
     /// connects, staggered, until the session has been silent for a keep-alive idle time and interval
     /// (the black-hole bound). None answered by then: the host is gone (`Silent`). The address refused:
-    /// another node holds it without the service. One connected: the address is there, so the held
-    /// session is knocked on (`knock`) at every check, and the first RST (a node that does not know it: a
+    /// another node holds it without the service. One connected: the address is there, so the probe
+    /// connection is knocked on (`knock`) at every check, and the first RST (a node that does not know it: a
     /// move) or ACK (a lost packet) decides; without `CAP_NET_RAW` its next keep-alive does; the kernel
     /// ends it after three unanswered ones.
     async fn check_held_silence(&mut self, now: Instant, age: Duration) {
@@ -810,7 +810,7 @@ impl Detector {
             return;
         }
         if self.answered.is_some_and(|t| t >= last_ack) {
-            // why: the address answers fresh connects while the held session is silent: the session's node
+            // why: the address answers fresh connects while the probe connection is silent: the session's node
             // lost a packet, or another node has the address. A knock asks which now instead of at the next
             // keep-alive, and again at every check while the silence lasts, so a lost answer costs a check.
             self.knock();
@@ -820,7 +820,7 @@ impl Detector {
         if now < silent_at {
             let reach = match self.connector.resolve(silent_at - now).await {
                 Ok(peers) => {
-                    // why: the held session's address is the one that last took a connection, first here.
+                    // why: the probe connection's address is the one that last took a connection, first here.
                     let peer = peers[0];
                     let (ka, connector) = (self.probe_keepalive.clone(), self.connector.clone());
                     // why: the race's last attempt would run its own timeout past the bound; the bound decides.
@@ -833,7 +833,7 @@ impl Detector {
                         // touched when they are silent too; a move whose gratuitous ARP was lost then shows
                         // within a round trip (the watch sees the new address) instead of after the kernel's
                         // neighbour timers. The race goes on meanwhile.
-                        self.resolve_neighbor("the held session and fresh connects are silent").await;
+                        self.resolve_neighbor("the probe connection and fresh connects are silent").await;
                         result = tokio::time::timeout_at(silent_at, race.as_mut()).await;
                     }
                     match result {
@@ -845,13 +845,13 @@ impl Detector {
             };
             match reach {
                 Ok(()) => {
-                    debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "held probe session silent, the address answers: knocking on it");
+                    debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "probe connection silent, the address answers: knocking on it");
                     self.answered = Some(Instant::now());
                     self.knock();
                     return;
                 }
                 Err(class) if class.address_answered() => {
-                    self.held = None;
+                    self.probe_conn = None;
                     self.observe(Evidence::Refused);
                     return;
                 }
@@ -859,8 +859,8 @@ impl Detector {
             }
         }
         if Instant::now() + ACK_SLACK / 10 >= silent_at {
-            debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "held probe session and fresh connects silent");
-            self.held = None;
+            debug!(service = %self.svc.name, silent_ms = age.as_millis() as u64, "probe connection and fresh connects silent");
+            self.probe_conn = None;
             self.observe(Evidence::Silent { signal: Signal::Keepalive });
         }
     }
@@ -904,7 +904,7 @@ impl Detector {
         if self.svc.protocol == Protocol::Udp {
             return self.udp_confirm().await;
         }
-        let (class, identity) = self.open_held().await;
+        let (class, identity) = self.open_probe_conn().await;
         if class != ConnectClass::Ok || self.svc.probe.mode != ProbeMode::SendExpect {
             return (Reach::from(class), identity);
         }
@@ -927,25 +927,25 @@ impl Detector {
             }
             Err(ExchangeError::Failed(class, _)) => Reach::from(class),
         };
-        self.held = None;
+        self.probe_conn = None;
         (reach, None)
     }
 
-    /// One exchange on the held session: the preset's (logging in first on a `fresh` session), else `send`
+    /// One exchange on the probe connection: the preset's (logging in first on a `fresh` session), else `send`
     /// and `expect`.
     async fn ask(&mut self, fresh: bool) -> Result<Answer, ExchangeError> {
-        let Some(held) = self.held.as_mut() else { return Err(ExchangeError::Eof) };
+        let Some(conn) = self.probe_conn.as_mut() else { return Err(ExchangeError::Eof) };
         match &self.svc.probe.preset {
-            Some(preset) => preset::exchange(held, preset, self.svc.probe.timeout, fresh).await,
+            Some(preset) => preset::exchange(conn, preset, self.svc.probe.timeout, fresh).await,
             None => {
-                let reply = probe::exchange(held, &self.svc.probe).await?;
+                let reply = probe::exchange(conn, &self.svc.probe).await?;
                 Ok(Answer::Ready { identity: probe::identity_of(&self.svc.probe, &reply), role: None })
             }
         }
     }
 
     /// What an answer means for the host: how it was reached, and the identity it gave. A node that is not
-    /// ready loses the held session (the next check logs in anew); one in another role keeps it, and is
+    /// ready loses the probe connection (the next check logs in anew); one in another role keeps it, and is
     /// asked again on it.
     fn reach_of(&mut self, answer: Answer) -> (Reach, Option<String>) {
         match answer {
@@ -960,7 +960,7 @@ impl Detector {
             }
             Answer::NotReady(why) => {
                 self.not_ready_because(why);
-                self.held = None;
+                self.probe_conn = None;
                 (Reach::NotReady, None)
             }
         }
@@ -976,7 +976,7 @@ impl Detector {
         });
     }
 
-    /// The held session was reset: the epoch ends and new clients are held at once, before the confirming
+    /// The probe connection was reset: the epoch ends and new clients are held at once, before the confirming
     /// probe (which with `send-expect` waits for a reply) settles where the host stands.
     async fn reset_then_confirm(&mut self) {
         self.observe(Evidence::Reset { signal: Signal::Probe });
@@ -991,12 +991,12 @@ impl Detector {
 
     /// Connects a new probe session and reports the result as evidence.
     async fn reconnect_check(&mut self) {
-        let (class, identity) = self.open_held().await;
+        let (class, identity) = self.open_probe_conn().await;
         self.observe(evidence_of(Reach::from(class), identity));
     }
 
-    /// Opens the held probe session; returns how the attempt ended and the identity a banner gave.
-    async fn open_held(&mut self) -> (ConnectClass, Option<String>) {
+    /// Opens the probe connection; returns how the attempt ended and the identity a banner gave.
+    async fn open_probe_conn(&mut self) -> (ConnectClass, Option<String>) {
         let timeout = self.svc.probe.timeout;
         // why: a stalled resolver must not stall the detector; the lookup has the probe's timeout.
         let result = match self.connector.resolve(timeout).await {
@@ -1017,12 +1017,12 @@ impl Detector {
         match result {
             Ok(stream) => {
                 let identity = match (&self.svc.probe.identity, self.svc.probe.mode) {
-                    (Some(_), ProbeMode::Hold | ProbeMode::Connect) => {
+                    (Some(_), ProbeMode::KeepOpen | ProbeMode::Connect) => {
                         probe::read_banner(&stream, timeout).await.and_then(|b| probe::identity_of(&self.svc.probe, &b))
                     }
                     _ => None,
                 };
-                self.held = Some(ProbeStream::new(stream));
+                self.probe_conn = Some(ProbeStream::new(stream));
                 (ConnectClass::Ok, identity)
             }
             Err(e) => {
@@ -1155,7 +1155,7 @@ fn note(
     }
 }
 
-/// Whether the held session's last ACK, dated `acked` now, came after the neighbour change `c` was seen.
+/// Whether the probe connection's last ACK, dated `acked` now, came after the neighbour change `c` was seen.
 /// why: TCP_INFO dates the last ACK in jiffies, so a later reading of the same ACK can look a few
 /// milliseconds younger; a new one is later than the one read at the change by more than that, and no
 /// older than the change itself (give or take the same rounding).

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use crate::config::{KeepaliveConfig, ProbeConfig};
 use crate::oserror::{ConnectClass, classify};
 
-/// The held probe session: a TCP connection (with a preset's `tls`, TLS over it), and what a preset's
+/// The probe connection: a TCP connection (with a preset's `tls`, TLS over it), and what a preset's
 /// protocol sent between two exchanges.
 #[derive(Debug)]
 pub struct ProbeStream {
@@ -110,9 +110,9 @@ impl AsyncWrite for ProbeStream {
 /// The most a preset keeps of what arrives between exchanges; more is no notice.
 const UNREAD_LIMIT: usize = 64 * 1024;
 
-/// What happened on a held probe connection.
+/// What happened on a probe connection.
 #[derive(Debug)]
-pub enum HeldEvent {
+pub enum ProbeConnEvent {
     /// The server sent bytes (a banner, or unsolicited data).
     Data(Vec<u8>),
     /// The server closed the session (FIN).
@@ -123,17 +123,17 @@ pub enum HeldEvent {
 
 /// Waits for the next event on a held connection; never returns when there is none. With `keep` (a preset,
 /// whose protocol may send between exchanges) the bytes are kept for the next exchange instead of returned.
-pub async fn watch_held(held: Option<&mut ProbeStream>, keep: bool) -> HeldEvent {
+pub async fn watch_probe_conn(held: Option<&mut ProbeStream>, keep: bool) -> ProbeConnEvent {
     let Some(stream) = held else { return std::future::pending().await };
     let mut buf = [0u8; 2048];
     loop {
         // why: `read` is cancel-safe: when another event wins, nothing read is lost.
         match stream.read(&mut buf).await {
-            Ok(0) => return HeldEvent::Eof,
+            Ok(0) => return ProbeConnEvent::Eof,
             Ok(n) if keep && stream.unread.len() + n <= UNREAD_LIMIT => stream.unread.extend_from_slice(&buf[..n]),
-            Ok(n) => return HeldEvent::Data(buf[..n].to_vec()),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return HeldEvent::Eof,
-            Err(e) => return HeldEvent::Failed(classify(&e), e),
+            Ok(n) => return ProbeConnEvent::Data(buf[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return ProbeConnEvent::Eof,
+            Err(e) => return ProbeConnEvent::Failed(classify(&e), e),
         }
     }
 }
@@ -228,7 +228,7 @@ pub fn identity_of(probe: &ProbeConfig, reply: &[u8]) -> Option<String> {
     re.captures(&text).and_then(|c| c.get(1)).map(|m| m.as_str().to_string())
 }
 
-/// Keep-alive settings of the held probe session: a keep-alive every probe interval, and the kernel ends
+/// Keep-alive settings of the probe connection: a keep-alive every probe interval, and the kernel ends
 /// the session when no ACK came for one interval plus the probe timeout.
 pub fn probe_keepalive(probe: &ProbeConfig, base: &KeepaliveConfig) -> KeepaliveConfig {
     let ceil =

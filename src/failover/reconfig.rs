@@ -58,7 +58,7 @@ fn probe_path(s: &ServiceConfig) -> ProbePath<'_> {
     }
 }
 
-/// The probe's pacing: the held session's keep-alive follows it, and takes a new one in place. (`fall` and
+/// The probe's pacing: the probe connection's keep-alive follows it, and takes a new one in place. (`fall` and
 /// `rise` are the state machine's, set on every reload; `neighbor` is the watch's, see `Change::neighbor`.)
 fn pacing(p: &ProbeConfig) -> (Duration, Duration) {
     (p.interval, p.timeout)
@@ -71,7 +71,7 @@ pub struct Change {
     pub moved: bool,
     /// The probe session and the neighbour watch must be made anew.
     pub reprobe: bool,
-    /// Only the probe's interval or timeout changed: the held session keeps going with a new keep-alive, so a
+    /// Only the probe's interval or timeout changed: the probe connection keeps going with a new keep-alive, so a
     /// move under way is still caught by it (a new session would reach the new node and see nothing).
     pub retune: bool,
     /// Only the neighbour watch is switched on or off.

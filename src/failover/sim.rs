@@ -77,7 +77,7 @@ enum Action {
     Connect,
     /// A session ends by itself (its client left): the one at this index, modulo their number.
     Leave(usize),
-    /// An ACK on the held session this long ago.
+    /// An ACK on the probe connection this long ago.
     GoodSign(Duration),
     /// A reload with new fall and rise counts.
     Thresholds(u32, u32),

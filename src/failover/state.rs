@@ -72,20 +72,20 @@ impl From<ConnectClass> for Reach {
 /// One piece of evidence about the logical host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Evidence {
-    /// A probe worked: a connect, a matching reply, or an ACK on the held session at `at`.
+    /// A probe worked: a connect, a matching reply, or an ACK on the probe connection at `at`.
     Ok { at: Instant, identity: Option<String> },
-    /// Nothing answered (a timeout, no route, keep-alive expiry on the held session).
+    /// Nothing answered (a timeout, no route, keep-alive expiry on the probe connection).
     Silent { signal: Signal },
     /// The address answered with RST to a connect: up on some node, service not (yet).
     Refused,
-    /// The held session was reset (or a neighbour change was seen), then a confirming probe reached the
+    /// The probe connection was reset (or a neighbour change was seen), then a confirming probe reached the
     /// host as `confirm`. A session the serving node no longer knows means every session of the epoch is dead.
     Moved { signal: Signal, confirm: Reach, identity: Option<String> },
-    /// The held session was reset: the node serving it no longer knows it, so every session of the epoch
+    /// The probe connection was reset: the node serving it no longer knows it, so every session of the epoch
     /// is dead and the epoch ends now. New clients are held while a confirming probe settles the state
     /// (its reach follows as evidence of its own).
     Reset { signal: Signal },
-    /// The held session was closed by the server (FIN), then a confirming probe reached the host as `confirm`.
+    /// The probe connection was closed by the server (FIN), then a confirming probe reached the host as `confirm`.
     Closed { confirm: Reach, identity: Option<String> },
     /// A status exchange got a reply without `expect`: the node is there and not ready. Never a failover by
     /// itself: the readiness of a node is not a move.
@@ -284,7 +284,7 @@ impl Machine {
         self.fails = 0;
     }
 
-    /// A good sign of the current epoch seen at `at` (an ACK on the held session); changes no state.
+    /// A good sign of the current epoch seen at `at` (an ACK on the probe connection); changes no state.
     pub fn good_sign(&mut self, at: Instant) {
         if self.state.connectable() && at > self.last_good {
             self.last_good = at;
@@ -615,7 +615,7 @@ mod tests {
         let reset = || Evidence::Reset { signal: Signal::Neighbor };
         assert_eq!(m.observe(Instant::now(), moved()).map(|f| f.epoch), Some(2));
         m.split_brain(Instant::now(), w);
-        // Every flap within the window: the held session reset, the address answering again.
+        // Every flap within the window: the probe connection reset, the address answering again.
         for i in 0..19 {
             tokio::time::advance(Duration::from_millis(500)).await;
             let ev = if i % 2 == 0 { reset() } else { moved() };
@@ -694,7 +694,7 @@ mod tests {
         let f = m.observe(Instant::now(), Evidence::NotPrimary).expect("demoted");
         assert_eq!(f.signal, Signal::Role);
         assert!(!f.takes_provisional, "they reached the demoted node too");
-        // The server closing the held session of a node that then answers as a replica is the same.
+        // The server closing the probe connection of a node that then answers as a replica is the same.
         let mut m = Machine::new(1, 1, Instant::now());
         m.observe(Instant::now(), ok(Instant::now()));
         let f = m.observe(Instant::now(), Evidence::Closed { confirm: Reach::NotPrimary, identity: None });

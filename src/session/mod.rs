@@ -2,9 +2,9 @@
 //! moves its bytes, and `serve` ends it when its epoch ends, its upstream fails, or staybound shuts down,
 //! counting and logging how it ended.
 
-pub mod hold;
 pub mod quiet;
 pub mod relay;
+pub mod ride_out;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,14 +21,14 @@ use crate::metrics::{Outcome, ResetReason};
 use crate::oserror::{ConnectClass, classify};
 use crate::service::{Permit, Service};
 use crate::sockopt;
-use hold::Refusal;
 use relay::{RelayError, Side};
+use ride_out::Refusal;
 
 /// Serves one accepted client until its session ends. `stop` ends it (after the drain grace on SIGTERM).
 pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _permit: Permit, stop: CancellationToken) {
     sockopt::tune_client(&client, &svc.cfg.keepalive);
     let name = &svc.cfg.name;
-    let (upstream, view) = match hold::connect(&svc, &client, &stop).await {
+    let (upstream, view) = match ride_out::connect(&svc, &client, &stop).await {
         Ok(ok) => ok,
         Err(refusal) => {
             let outcome = match refusal {

@@ -210,7 +210,7 @@ impl Listener {
             return r.target.ok_or_else(|| r.error.clone().unwrap_or_default());
         }
         // why: the lookup holds this listener, so it is bounded by the connect timeout.
-        let timeout = cfg.hold.connect_timeout;
+        let timeout = cfg.ride_out.connect_timeout;
         // why: a datagram cannot tell a dead address from a quiet one: the answer's first address is used.
         let resolved = connector.resolve(timeout).await.map(|peers| peers[0]).map_err(|e| e.to_string());
         let (source, freebind) = (cfg.source, cfg.freebind);

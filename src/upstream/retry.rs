@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::HoldConfig;
+use crate::config::RideOutConfig;
 
 /// Jittered exponential backoff between connect attempts: the n-th delay is uniform in
 /// `[base/2, base]` with `base = min(initial * 2^n, max)`.
@@ -48,7 +48,7 @@ pub struct RetryBudget {
     inner: Mutex<Slots>,
 }
 
-/// A budget's settings, from `HoldConfig`.
+/// A budget's settings, from `RideOutConfig`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Params {
     /// Thousandths of a retry earned per first attempt (integers: sums must not drift).
@@ -59,7 +59,7 @@ struct Params {
 }
 
 impl Params {
-    fn of(hold: &HoldConfig) -> Params {
+    fn of(hold: &RideOutConfig) -> Params {
         Params {
             ratio_milli: (hold.budget_ratio * 1000.0).round() as u64,
             reserve_milli: (f64::from(hold.budget_min_per_sec) * hold.budget_window.as_secs_f64() * 1000.0).round()
@@ -94,7 +94,7 @@ impl Slots {
 }
 
 impl RetryBudget {
-    pub fn new(hold: &HoldConfig, now: Instant) -> RetryBudget {
+    pub fn new(hold: &RideOutConfig, now: Instant) -> RetryBudget {
         RetryBudget {
             inner: Mutex::new(Slots {
                 params: Params::of(hold),
@@ -113,7 +113,7 @@ impl RetryBudget {
     }
 
     /// New settings (a reload); what the window counted so far stays.
-    pub fn reconfigure(&self, hold: &HoldConfig) {
+    pub fn reconfigure(&self, hold: &RideOutConfig) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         s.params = Params::of(hold);
     }
@@ -143,8 +143,8 @@ impl RetryBudget {
 mod tests {
     use super::*;
 
-    fn hold(ratio: f64, min: u32) -> HoldConfig {
-        HoldConfig {
+    fn hold(ratio: f64, min: u32) -> RideOutConfig {
+        RideOutConfig {
             deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
             backoff_initial: Duration::from_millis(50),

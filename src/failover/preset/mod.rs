@@ -1,5 +1,5 @@
-//! Probe presets: application keep-alives that speak the service's own protocol on the held probe
-//! session, log in with a password read from a file, and say whether the node is ready in the role
+//! Probe presets: application keep-alives that speak the service's own protocol on the probe
+//! connection, log in with a password read from a file, and say whether the node is ready in the role
 //! required. The protocols' decisions (parsing a reply, the login's next step, mapping a reply to an
 //! `Answer`) are pure functions in `redis` and `postgres`; this is the I/O around them: write the request,
 //! read until the replies are whole, within the probe timeout.
@@ -38,7 +38,7 @@ pub enum Answer {
 /// The most read for one exchange's replies (`INFO server` is about 1.5 KiB), or for one postgres message.
 const REPLY_LIMIT: usize = 64 * 1024;
 
-/// One exchange of the preset on the held session, logging in first when it is `fresh` (just connected);
+/// One exchange of the preset on the probe connection, logging in first when it is `fresh` (just connected);
 /// each step within `timeout`.
 ///
 /// # Errors

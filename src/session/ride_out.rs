@@ -48,7 +48,7 @@ pub async fn connect(
     client: &TcpStream,
     stop: &CancellationToken,
 ) -> Result<(TcpStream, HostView), Refusal> {
-    let hold = &svc.cfg.hold;
+    let hold = &svc.cfg.ride_out;
     let start = Instant::now();
     let deadline = start + hold.deadline;
     let mut view_rx = svc.detector.view.clone();
