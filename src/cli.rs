@@ -113,3 +113,17 @@ pub enum LogFormat {
 pub fn command() -> clap::Command {
     <Cli as clap::CommandFactory>::command()
 }
+
+#[cfg(test)]
+mod tests {
+    /// The help text cannot name a constant, so this keeps it in step with the default it states.
+    #[test]
+    fn the_status_help_names_the_default_admin_address() {
+        let mut cmd = super::command();
+        let status = cmd.find_subcommand_mut("status").expect("a status subcommand");
+        let help = status.render_long_help().to_string();
+        let default = crate::config::defaults::ADMIN_LISTEN.to_string();
+        assert!(help.contains(&default), "the help should name {default}: {help}");
+        assert!(help.contains(super::DEFAULT_CONFIG), "{help}");
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use staybound::cli::{Cli, Command, DEFAULT_CONFIG, LogFormat, RunArgs, SetupArgs, StatusArgs};
-use staybound::config::{Config, DEFAULT_ADMIN_LISTEN};
+use staybound::config::{Config, defaults};
 use staybound::metrics::Telemetry;
 use staybound::server::Instance;
 use staybound::upgrade;
@@ -122,7 +122,7 @@ fn status(args: StatusArgs) -> ExitCode {
         },
         (None, None) => match Config::load(Path::new(DEFAULT_CONFIG)) {
             Ok(c) => c.admin.listen,
-            Err(_) => DEFAULT_ADMIN_LISTEN,
+            Err(_) => defaults::ADMIN_LISTEN,
         },
     };
     if admin.port() == 0 {

@@ -2,6 +2,7 @@
 //! `validate` turns it into these types and collects every problem at once, `escape` decodes probe bytes.
 //! Nothing outside this module knows the file format.
 
+pub mod defaults;
 mod escape;
 mod parse;
 mod raw;
@@ -14,17 +15,6 @@ use std::time::Duration;
 
 pub use escape::{escape_bytes, unescape};
 pub use validate::{ConfigError, IDENTITY_PROGRAM_LIMIT, Problem, compile_identity};
-
-/// At most one failover through the admin hook per service per this long, unless `[admin] failover_rate`
-/// says otherwise.
-pub const DEFAULT_FAILOVER_RATE: Duration = Duration::from_secs(1);
-
-/// Where the admin endpoint listens unless `[admin] listen` says otherwise: loopback only.
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
-
-/// How long a split brain damps epochs unless `probe.split_brain_window` says otherwise: longer than a
-/// flapping address takes to come back, shorter than any real failback takes.
-pub const DEFAULT_SPLIT_BRAIN_WINDOW: Duration = Duration::from_secs(10);
 
 /// Everything staybound runs, as validated from one file.
 #[derive(Debug, Clone)]

@@ -213,10 +213,10 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let shutdown_grace = cx.duration(
         &raw.shutdown_grace,
         "shutdown_grace",
-        Duration::from_secs(30),
+        defaults::SHUTDOWN_GRACE,
         (Duration::ZERO, Duration::from_secs(3600)),
     );
-    let workers = cx.int(&raw.workers, "workers", 1, (0, 256)) as usize;
+    let workers = cx.int(&raw.workers, "workers", defaults::WORKERS, (0, 256)) as usize;
     let admin = admin(&mut cx, raw.admin.as_ref(), path);
 
     let defaults = raw.defaults.unwrap_or_default();
@@ -251,16 +251,16 @@ fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>, config_path: &Path) -> AdminC
     let default = RawAdmin::default();
     let raw = raw.unwrap_or(&default);
     let listen = match &raw.listen {
-        None => DEFAULT_ADMIN_LISTEN,
+        None => defaults::ADMIN_LISTEN,
         Some(v) => v.get_ref().parse().unwrap_or_else(|_| {
             cx.at(v.span(), "admin.listen", format!("{:?} is not an IP:port address", v.get_ref()));
-            DEFAULT_ADMIN_LISTEN
+            defaults::ADMIN_LISTEN
         }),
     };
     let failover_rate = cx.duration(
         &raw.failover_rate,
         "admin.failover_rate",
-        DEFAULT_FAILOVER_RATE,
+        defaults::FAILOVER_RATE,
         (Duration::ZERO, Duration::from_secs(3600)),
     );
     let (token, token_file) = match &raw.token_file {
@@ -442,8 +442,9 @@ fn service(
     let freebind = svc.freebind.as_ref().is_some_and(|b| *b.get_ref());
     let depends_on =
         svc.depends_on.as_ref().map(|d| d.get_ref().iter().map(|n| n.get_ref().clone()).collect()).unwrap_or_default();
-    let max_connections = cx.int(&svc.max_connections, &key("max_connections"), 10_000, (1, 1_000_000)) as usize;
-    let backlog = cx.int(&svc.backlog, &key("backlog"), 4096, (1, 65_535)) as u32;
+    let max_connections =
+        cx.int(&svc.max_connections, &key("max_connections"), defaults::MAX_CONNECTIONS, (1, 1_000_000)) as usize;
+    let backlog = cx.int(&svc.backlog, &key("backlog"), defaults::BACKLOG, (1, 65_535)) as u32;
     let on_failover = cx.one_of(
         &svc.on_failover,
         &key("on_failover"),
@@ -664,16 +665,16 @@ fn keepalive(cx: &mut Ctx<'_>, k: RawKeepalive, key: &str) -> KeepaliveConfig {
     let key = |k: &str| format!("{key}.{k}");
     let client_idle = match &k.client_idle {
         Some(v) if v.get_ref().as_str() == "off" => None,
-        other => Some(cx.seconds(other, &key("client_idle"), Duration::from_secs(30))),
+        other => Some(cx.seconds(other, &key("client_idle"), defaults::CLIENT_IDLE)),
     };
     KeepaliveConfig {
-        idle: cx.seconds(&k.idle, &key("idle"), Duration::from_secs(1)),
-        interval: cx.seconds(&k.interval, &key("interval"), Duration::from_secs(1)),
-        count: cx.int(&k.count, &key("count"), 3, (1, 127)) as u32,
+        idle: cx.seconds(&k.idle, &key("idle"), defaults::KEEPALIVE_IDLE),
+        interval: cx.seconds(&k.interval, &key("interval"), defaults::KEEPALIVE_INTERVAL),
+        count: cx.int(&k.count, &key("count"), defaults::KEEPALIVE_COUNT, (1, 127)) as u32,
         user_timeout: cx.duration(
             &k.user_timeout,
             &key("user_timeout"),
-            Duration::from_secs(5),
+            defaults::USER_TIMEOUT,
             (Duration::ZERO, Duration::from_secs(3600)),
         ),
         client_idle,
@@ -777,25 +778,25 @@ fn pacing(cx: &mut Ctx<'_>, p: &RawProbe, prefix: &str) -> ProbeConfig {
         interval: cx.duration(
             &p.interval,
             &key("interval"),
-            Duration::from_secs(1),
+            defaults::PROBE_INTERVAL,
             (Duration::from_millis(100), Duration::from_secs(3600)),
         ),
         timeout: cx.duration(
             &p.timeout,
             &key("timeout"),
-            Duration::from_secs(1),
+            defaults::PROBE_TIMEOUT,
             (Duration::from_millis(10), Duration::from_secs(3600)),
         ),
         send: Vec::new(),
         expect: Vec::new(),
         identity: None,
-        fall: cx.int(&p.fall, &key("fall"), 1, (1, 100)) as u32,
-        rise: cx.int(&p.rise, &key("rise"), 1, (1, 100)) as u32,
+        fall: cx.int(&p.fall, &key("fall"), defaults::FALL, (1, 100)) as u32,
+        rise: cx.int(&p.rise, &key("rise"), defaults::RISE, (1, 100)) as u32,
         neighbor: p.neighbor.as_ref().is_none_or(|b| *b.get_ref()),
         split_brain_window: cx.duration(
             &p.split_brain_window,
             &key("split_brain_window"),
-            super::DEFAULT_SPLIT_BRAIN_WINDOW,
+            defaults::SPLIT_BRAIN_WINDOW,
             (Duration::ZERO, Duration::from_secs(3600)),
         ),
         preset: None,
@@ -970,10 +971,14 @@ fn read_ca(file: &Path) -> Result<Vec<Vec<u8>>, String> {
 fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> RideOutConfig {
     let key = |k: &str| format!("{key}.{k}");
     let ms = Duration::from_millis;
-    let backoff_initial =
-        cx.duration(&h.backoff_initial, &key("backoff_initial"), ms(50), (ms(1), Duration::from_secs(60)));
+    let backoff_initial = cx.duration(
+        &h.backoff_initial,
+        &key("backoff_initial"),
+        defaults::BACKOFF_INITIAL,
+        (ms(1), Duration::from_secs(60)),
+    );
     let backoff_max =
-        cx.duration(&h.backoff_max, &key("backoff_max"), Duration::from_secs(1), (ms(1), Duration::from_secs(300)));
+        cx.duration(&h.backoff_max, &key("backoff_max"), defaults::BACKOFF_MAX, (ms(1), Duration::from_secs(300)));
     if backoff_max < backoff_initial {
         let span = h.backoff_max.as_ref().or(h.backoff_initial.as_ref()).map(|v| v.span()).unwrap_or(0..0);
         cx.at(
@@ -987,12 +992,12 @@ fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> RideOutConfig {
         );
     }
     let budget_ratio = match &h.budget_ratio {
-        None => 0.2,
+        None => defaults::BUDGET_RATIO,
         Some(v) => {
             let r = *v.get_ref();
             if !r.is_finite() || !(0.0..=1000.0).contains(&r) {
                 cx.at(v.span(), &key("budget_ratio"), format!("{r} is out of range: must be from 0 to 1000"));
-                0.2
+                defaults::BUDGET_RATIO
             } else {
                 r
             }
@@ -1002,23 +1007,28 @@ fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> RideOutConfig {
         deadline: cx.duration(
             &h.deadline,
             &key("deadline"),
-            Duration::from_secs(30),
+            defaults::DEADLINE,
             (Duration::ZERO, Duration::from_secs(3600)),
         ),
         connect_timeout: cx.duration(
             &h.connect_timeout,
             &key("connect_timeout"),
-            Duration::from_secs(1),
+            defaults::CONNECT_TIMEOUT,
             (ms(10), Duration::from_secs(300)),
         ),
         backoff_initial,
         backoff_max,
         budget_ratio,
-        budget_min_per_sec: cx.int(&h.budget_min_per_sec, &key("budget_min_per_sec"), 10, (0, 100_000)) as u32,
+        budget_min_per_sec: cx.int(
+            &h.budget_min_per_sec,
+            &key("budget_min_per_sec"),
+            defaults::BUDGET_MIN_PER_SEC,
+            (0, 100_000),
+        ) as u32,
         budget_window: cx.duration(
             &h.budget_window,
             &key("budget_window"),
-            Duration::from_secs(10),
+            defaults::BUDGET_WINDOW,
             (Duration::from_secs(1), Duration::from_secs(3600)),
         ),
     }
@@ -1037,10 +1047,6 @@ pub fn compile_identity(pattern: &str) -> Result<regex_lite::Regex, regex_lite::
 
 /// Flows of one client address unless `max_flows_per_source` says otherwise (at most `max_flows`).
 ///
-/// why: enough for the clients of one NAT gateway or one application host with a pool of sockets, and small
-/// beside the default `max_flows` (10 000), so no single address takes more than a sliver of the table.
-const DEFAULT_FLOWS_PER_SOURCE: usize = 64;
-
 fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
     let key = |k: &str| format!("{key}.{k}");
     let mut reply_from = Vec::new();
@@ -1061,9 +1067,9 @@ fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
             }
         }
     }
-    let max_flows = cx.int(&u.max_flows, &key("max_flows"), 10_000, (1, 1_000_000)) as usize;
+    let max_flows = cx.int(&u.max_flows, &key("max_flows"), defaults::MAX_FLOWS, (1, 1_000_000)) as usize;
     let max_flows_per_source = match &u.max_flows_per_source {
-        None => DEFAULT_FLOWS_PER_SOURCE.min(max_flows),
+        None => defaults::FLOWS_PER_SOURCE.min(max_flows),
         Some(v) => {
             let n = cx.int(&u.max_flows_per_source, &key("max_flows_per_source"), 0, (1, 1_000_000)) as usize;
             if n > max_flows {
@@ -1073,7 +1079,7 @@ fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
                     format!("{n} is more than max_flows ({max_flows}): one address could take every flow"),
                 );
             }
-            if n == 0 || n > max_flows { DEFAULT_FLOWS_PER_SOURCE.min(max_flows) } else { n }
+            if n == 0 || n > max_flows { defaults::FLOWS_PER_SOURCE.min(max_flows) } else { n }
         }
     };
     UdpConfig {
@@ -1081,7 +1087,7 @@ fn udp(cx: &mut Ctx<'_>, u: RawUdp, key: &str) -> UdpConfig {
         flow_idle: cx.duration(
             &u.flow_idle,
             &key("flow_idle"),
-            Duration::from_secs(60),
+            defaults::FLOW_IDLE,
             (Duration::from_secs(1), Duration::from_secs(86_400)),
         ),
         max_flows,

@@ -274,7 +274,7 @@ mod tests {
             fall: 1,
             rise: 1,
             neighbor: false,
-            split_brain_window: crate::config::DEFAULT_SPLIT_BRAIN_WINDOW,
+            split_brain_window: crate::config::defaults::SPLIT_BRAIN_WINDOW,
             preset: None,
         };
         let t = std::time::Instant::now();
@@ -298,7 +298,7 @@ mod tests {
             fall: 1,
             rise: 1,
             neighbor: true,
-            split_brain_window: crate::config::DEFAULT_SPLIT_BRAIN_WINDOW,
+            split_brain_window: crate::config::defaults::SPLIT_BRAIN_WINDOW,
             preset: None,
         };
         let reply = b"$100\r\n# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n";
