@@ -25,6 +25,10 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+# The build without the default `demo` feature (what a library user or a minimal image gets) must stay clean.
+cargo clippy --locked --no-default-features --features netlink --lib --bins -- -D warnings
+# The modules' dependency picture has no circles (scripts/module-graph.py draws it).
+python3 scripts/module-graph.py --check
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --locked --no-fail-fast "$@"
 else

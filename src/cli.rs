@@ -51,6 +51,7 @@ pub enum Command {
     Man,
     /// A self-contained demonstration on loopback: a logical host that fails over, a legacy client through
     /// staybound and one without, and what each saw.
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
 }
 
@@ -96,6 +97,7 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+#[cfg(feature = "demo")]
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Seconds the clients run before the first move.

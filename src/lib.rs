@@ -22,6 +22,7 @@ pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod failover;
 pub mod guard;

@@ -57,6 +57,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        #[cfg(feature = "demo")]
         Some(Command::Demo(args)) => match runtime() {
             Ok(rt) => match rt.block_on(staybound::demo::run(args.warmup)) {
                 Ok(report) => {
@@ -203,6 +204,7 @@ fn check(args: RunArgs) -> ExitCode {
     }
 }
 
+#[cfg(feature = "demo")]
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     runtime_with(0)
 }

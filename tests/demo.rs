@@ -1,5 +1,6 @@
 //! `staybound demo` end to end: the client through staybound loses nothing, the direct one does, and the
 //! whole demonstration stays within its time bound.
+#![cfg(feature = "demo")]
 
 use std::time::{Duration, Instant};
 
