@@ -1,7 +1,7 @@
 //! Fuzzes the UDP flow path's decisions:
 //! * `udp::datagrams(data, stride)`: the datagrams of a coalesced (GRO) receive buffer put back together
 //!   are exactly the buffer, none is longer than the stride, and only the last may be shorter;
-//! * `udp::is_reply(from, peer, reply_from)`: agrees with a reference built from first principles (the
+//! * `UdpConfig::is_reply(from, peer)`: agrees with a reference built from first principles (the
 //!   upstream's own address and port, or an address inside one of the `reply_from` blocks), and a block of
 //!   prefix 0 takes every address of its family.
 //!
@@ -9,11 +9,12 @@
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use staybound::config::IpNet;
-use staybound::udp::{datagrams, is_reply};
+use staybound::config::{IpNet, UdpConfig};
+use staybound::udp::datagrams;
 
 #[derive(Debug, Arbitrary)]
 struct Addr {
@@ -82,10 +83,14 @@ fuzz_target!(|case: Case| {
     let from = case.from.sock();
     let peer = case.peer.sock();
     let want = from == peer || nets.iter().any(|n| inside(n, from.ip()));
-    assert_eq!(is_reply(from, peer, &nets), want, "from {from} peer {peer} nets {nets:?}");
+    let is_reply = |reply_from: Vec<IpNet>| {
+        UdpConfig { reply_from, flow_idle: Duration::from_secs(1), max_flows: 1, max_flows_per_source: 1 }
+            .is_reply(from, peer)
+    };
     for n in &nets {
         if n.prefix == 0 && n.addr.is_ipv4() == from.ip().is_ipv4() {
-            assert!(is_reply(from, peer, std::slice::from_ref(n)));
+            assert!(is_reply(vec![*n]));
         }
     }
+    assert_eq!(is_reply(nets.clone()), want, "from {from} peer {peer} nets {nets:?}");
 });
