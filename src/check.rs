@@ -28,7 +28,7 @@ pub async fn neighbor_notes(config: &Config) -> std::collections::HashMap<String
 }
 
 /// The report, with a neighbour-watch note per service.
-pub fn report_with(config: &Config, neighbor: &std::collections::HashMap<String, String>) -> String {
+pub(crate) fn report_with(config: &Config, neighbor: &std::collections::HashMap<String, String>) -> String {
     report_full(config, neighbor, None)
 }
 

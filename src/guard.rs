@@ -64,7 +64,8 @@ fn own_inodes() -> HashSet<u32> {
 
 /// Whether this process may destroy sockets here: found once by [`probe`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ability {
+pub(crate) enum Ability {
+    #[cfg_attr(not(feature = "netlink"), allow(dead_code))]
     Allowed,
     /// No `CAP_NET_ADMIN`.
     NotPermitted,
@@ -76,7 +77,7 @@ pub enum Ability {
 
 impl Ability {
     /// What `check` and `/status` say.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Ability::Allowed => "allowed (sock_diag SOCK_DESTROY works here)".into(),
             Ability::NotPermitted => "not permitted: destroying sockets needs CAP_NET_ADMIN".into(),
@@ -97,7 +98,7 @@ impl Ability {
 
 /// Finds out whether sockets can be destroyed here: destroys the client side of a loopback connection of
 /// its own and checks that the socket saw it. Blocking (a few system calls).
-pub fn probe() -> Ability {
+pub(crate) fn probe() -> Ability {
     #[cfg(feature = "netlink")]
     {
         diag::probe()
@@ -121,7 +122,7 @@ pub struct Sweep {
 ///
 /// # Errors
 /// The sockets could not be listed (no netlink, not permitted).
-pub fn sweep(upstream: SocketAddr) -> std::io::Result<Sweep> {
+pub(crate) fn sweep(upstream: SocketAddr) -> std::io::Result<Sweep> {
     #[cfg(feature = "netlink")]
     {
         let own = own_inodes();
@@ -170,7 +171,7 @@ pub struct Board {
 
 impl Board {
     /// Whether sockets can be destroyed here, probed once (the first time a guard service starts).
-    pub fn ability(&self) -> Option<&Ability> {
+    pub(crate) fn ability(&self) -> Option<&Ability> {
         self.ability.get()
     }
 

@@ -159,7 +159,7 @@ pub fn ruleset(redirects: &[Redirect], exempt: Exempt, pid: u32) -> Nftables<'st
 }
 
 /// Deleting the table, whether it is there or not (made first, so the delete never fails for its absence).
-pub fn removal() -> Nftables<'static> {
+pub(crate) fn removal() -> Nftables<'static> {
     Nftables {
         objects: vec![
             add(NfListObject::Table(table())),
@@ -203,7 +203,7 @@ impl Board {
 
 /// Where an accepted connection was headed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Redirected by this service's rule: it was meant for the upstream.
     Redirected,
     /// Made to the listen address itself.
@@ -214,7 +214,7 @@ pub enum Verdict {
 
 /// Decides from the original destination (`None`: no NAT record, so it was not redirected) and the
 /// connection's local address whether a connection accepted by an intercept service is one it serves.
-pub fn admit(original: Option<SocketAddr>, upstream: SocketAddr, local: SocketAddr) -> Verdict {
+pub(crate) fn admit(original: Option<SocketAddr>, upstream: SocketAddr, local: SocketAddr) -> Verdict {
     let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     match original.map(canon) {
         None => Verdict::Direct,

@@ -16,15 +16,15 @@ macro_rules! label_enum {
 
         impl $name {
             /// Every value, in declaration order (the order of `index`).
-            pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
+            $vis const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
 
             /// The label's text.
-            pub const fn as_str(self) -> &'static str {
+            $vis const fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
             }
 
             /// The position in `ALL`.
-            pub const fn index(self) -> usize {
+            $vis const fn index(self) -> usize {
                 self as usize
             }
         }

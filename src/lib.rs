@@ -17,6 +17,7 @@
 //! * [`limits`]: the open-file limit, raised at start, and the sessions it allows.
 //! * [`server`]: starts, reloads and drains all of the above; [`upgrade`] hands its sockets to a new binary.
 #![deny(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod admin;
 pub mod check;
@@ -25,18 +26,18 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod failover;
-pub mod guard;
+pub(crate) mod guard;
 pub mod intercept;
 mod label;
 pub mod limits;
-pub mod listener;
+pub(crate) mod listener;
 pub mod metrics;
 pub mod oserror;
-pub mod ratelog;
-pub mod registry;
+pub(crate) mod ratelog;
+pub(crate) mod registry;
 pub mod server;
-pub mod service;
-pub mod session;
+pub(crate) mod service;
+pub(crate) mod session;
 pub mod sockopt;
 pub mod status;
 pub mod udp;

@@ -8,7 +8,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 /// Descriptors kept aside from sessions: the admin server's connections (64), listeners, probe sessions,
 /// the neighbour watch, the runtime's own and the log.
-pub const FD_RESERVE: u64 = 256;
+pub(crate) const FD_RESERVE: u64 = 256;
 
 /// The open-file limit before and after [`raise_nofile`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

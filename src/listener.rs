@@ -21,7 +21,7 @@ use crate::session;
 use crate::sockopt;
 
 /// Accepts until `stop_accept`; sessions end on `stop_sessions`.
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: Arc<TcpListener>,
     svc: Arc<ArcSwap<Service>>,
     stop_accept: CancellationToken,

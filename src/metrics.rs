@@ -54,7 +54,7 @@ label_enum! {
 
 label_enum! {
     /// Why a datagram was not relayed; the `reason` label.
-    pub enum UdpDrop {
+    pub(crate) enum UdpDrop {
         UnknownSource = "unknown_source",
         NoFlow = "no_flow",
         FlowLimit = "flow_limit",
@@ -66,7 +66,7 @@ label_enum! {
 
 label_enum! {
     /// Why the admin server refused a request or a connection; the `reason` label.
-    pub enum AdminRefusal {
+    pub(crate) enum AdminRefusal {
         /// The failover hook without the right bearer token.
         Unauthorized = "unauthorized",
         /// An `Origin` header that is not the admin endpoint itself (a browser's cross-site request).
@@ -182,7 +182,7 @@ impl Telemetry {
     }
 
     /// Counts a request or connection the admin server refused.
-    pub fn admin_refused(&self, r: AdminRefusal) {
+    pub(crate) fn admin_refused(&self, r: AdminRefusal) {
         self.admin_refused[r.index()].increment(1);
     }
 
@@ -200,7 +200,7 @@ impl Telemetry {
     }
 
     /// Drains histogram buffers; call every few seconds.
-    pub fn upkeep(&self) {
+    pub(crate) fn upkeep(&self) {
         self.handle.run_upkeep();
     }
 
@@ -276,7 +276,7 @@ impl Telemetry {
 
 /// The network namespace's count of connections dropped because a listen queue was full (Linux keeps
 /// no per-socket count): `TcpExt: ListenOverflows` of /proc/net/netstat.
-pub fn listen_overflows_now() -> Option<u64> {
+pub(crate) fn listen_overflows_now() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
     let mut lines = text.lines();
     while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
@@ -419,7 +419,7 @@ impl ServiceMetrics {
         &self.outcome[o.index()]
     }
     /// The connect attempt counters, for the service's connectors (they count every attempt).
-    pub fn connect_counts(&self) -> ConnectCounts {
+    pub(crate) fn connect_counts(&self) -> ConnectCounts {
         self.connect.clone()
     }
     pub fn failover(&self, s: Signal) -> &Counter {
@@ -428,7 +428,7 @@ impl ServiceMetrics {
     pub fn reset(&self, r: ResetReason) -> &Counter {
         &self.resets[r.index()]
     }
-    pub fn udp_dropped(&self, d: UdpDrop) -> &Counter {
+    pub(crate) fn udp_dropped(&self, d: UdpDrop) -> &Counter {
         &self.udp_dropped[d.index()]
     }
 }

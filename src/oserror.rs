@@ -25,7 +25,7 @@ label_enum! {
 
 impl ConnectClass {
     /// Whether the logical host's address answered (on whichever node), though the connect failed.
-    pub fn address_answered(self) -> bool {
+    pub(crate) fn address_answered(self) -> bool {
         matches!(self, ConnectClass::Ok | ConnectClass::Refused | ConnectClass::Reset)
     }
 }

@@ -8,19 +8,19 @@ use tokio::time::Instant;
 
 /// Logs the first event, then at most once per period with the count since the last line.
 #[derive(Debug)]
-pub struct RateLimitedLog {
+pub(crate) struct RateLimitedLog {
     period: Duration,
     last: Option<Instant>,
     pending: u64,
 }
 
 impl RateLimitedLog {
-    pub fn new(period: Duration) -> RateLimitedLog {
+    pub(crate) fn new(period: Duration) -> RateLimitedLog {
         RateLimitedLog { period, last: None, pending: 0 }
     }
 
     /// Counts one event; returns the count to log when a line is due.
-    pub fn hit(&mut self) -> Option<u64> {
+    pub(crate) fn hit(&mut self) -> Option<u64> {
         self.hit_at(Instant::now())
     }
 

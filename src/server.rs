@@ -21,7 +21,8 @@ use crate::failover::{Detector, DetectorHandle, Reconfigure};
 use crate::intercept;
 use crate::listener;
 use crate::metrics::{ServiceMetrics, Telemetry};
-pub use crate::registry::{Entry, Registry};
+pub(crate) use crate::registry::Entry;
+pub use crate::registry::Registry;
 use crate::service::{Lasting, Service};
 use crate::sockopt;
 use crate::udp;
@@ -243,6 +244,7 @@ impl Instance {
         Ok(instance)
     }
 
+    /// Where the admin endpoint listens, when there is one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(AdminHandle::addr)
     }

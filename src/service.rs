@@ -53,7 +53,7 @@ impl Lasting {
     }
 
     /// Takes a reload's settings: the limit is resized, the budget keeps its window, the connector is new.
-    pub fn reconfigure(&self, cfg: &Arc<ServiceConfig>) {
+    pub(crate) fn reconfigure(&self, cfg: &Arc<ServiceConfig>) {
         self.limit.resize(cfg.max_connections);
         self.budget.reconfigure(&cfg.ride_out);
         self.connector.store(Arc::new(self.connector.load().reloaded(cfg.clone())));
@@ -81,14 +81,14 @@ impl Limit {
     }
 
     /// A permit for one more session, if the limit allows it now.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let permit = self.sem.clone().try_acquire_owned().ok()?;
         Some(Permit { permit: Some(permit), limit: self.clone() })
     }
 
     /// Sets the limit. Growing adds permits at once; shrinking takes the free ones at once and the rest as
     /// sessions end, so no new session starts until fewer than `size` are open.
-    pub fn resize(&self, size: usize) {
+    pub(crate) fn resize(&self, size: usize) {
         let mut s = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
         if size > s.size {
             let grow = size - s.size;
@@ -108,14 +108,15 @@ impl Limit {
     }
 
     /// Permits free now.
-    pub fn available(&self) -> usize {
+    #[cfg(test)]
+    fn available(&self) -> usize {
         self.sem.available_permits()
     }
 }
 
 /// One session's place under its service's `max_connections`.
 #[derive(Debug)]
-pub struct Permit {
+pub(crate) struct Permit {
     permit: Option<OwnedSemaphorePermit>,
     limit: Arc<Limit>,
 }
@@ -173,20 +174,20 @@ impl Service {
     }
 
     /// The first dependency whose upstream is not up, if any.
-    pub fn missing_dependency(&self) -> Option<&str> {
+    pub(crate) fn missing_dependency(&self) -> Option<&str> {
         self.deps.iter().find(|(_, rx)| !rx.borrow().state.connectable()).map(|(n, _)| n.as_str())
     }
 
     /// Whether a new session may connect now: this host up, and every dependency up.
-    pub fn connectable(&self) -> bool {
+    pub(crate) fn connectable(&self) -> bool {
         self.detector.view.borrow().state.connectable() && self.missing_dependency().is_none()
     }
 
-    pub fn active_guard(&self) -> CountGuard {
+    pub(crate) fn active_guard(&self) -> CountGuard {
         CountGuard::new(self, Kind::Active)
     }
 
-    pub fn held_guard(&self) -> CountGuard {
+    pub(crate) fn held_guard(&self) -> CountGuard {
         CountGuard::new(self, Kind::Held)
     }
 }
@@ -198,7 +199,7 @@ enum Kind {
 }
 
 /// Counts a session as active or held while it lives, in the gauge and in `/status`.
-pub struct CountGuard {
+pub(crate) struct CountGuard {
     counts: Arc<Counts>,
     gauge: metrics::Gauge,
     kind: Kind,

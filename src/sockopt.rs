@@ -61,7 +61,7 @@ pub fn tcp_upstream_socket(
 /// let its connection through instead of sending it back to staybound's listener (see `intercept`).
 /// Best-effort: setting a mark needs `CAP_NET_ADMIN`; without it the rules must exempt staybound's user
 /// (`staybound setup --exempt-uid`), which is said once in the log.
-pub fn mark_own(socket: &TcpSocket) {
+pub(crate) fn mark_own(socket: &TcpSocket) {
     static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if let Err(e) = SockRef::from(socket).set_mark(MARK)
         && !REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -71,7 +71,7 @@ pub fn mark_own(socket: &TcpSocket) {
 }
 
 /// TCP keep-alive with the given idle time and the interval and count of `keepalive`.
-pub fn set_keepalive(sock: &SockRef<'_>, idle: Duration, keepalive: &KeepaliveConfig) -> io::Result<()> {
+pub(crate) fn set_keepalive(sock: &SockRef<'_>, idle: Duration, keepalive: &KeepaliveConfig) -> io::Result<()> {
     // why: an idle session never learns that the logical host moved unless something is sent; a
     // keep-alive probe draws the new node's RST.
     let ka = TcpKeepalive::new().with_time(idle).with_interval(keepalive.interval).with_retries(keepalive.count);
@@ -80,7 +80,7 @@ pub fn set_keepalive(sock: &SockRef<'_>, idle: Duration, keepalive: &KeepaliveCo
 
 /// Gives a live upstream socket new keep-alive settings (idle, interval, count and TCP_USER_TIMEOUT), as
 /// `tcp_upstream_socket` sets them on a new one.
-pub fn retune(stream: &TcpStream, keepalive: &KeepaliveConfig) -> io::Result<()> {
+pub(crate) fn retune(stream: &TcpStream, keepalive: &KeepaliveConfig) -> io::Result<()> {
     let sock = SockRef::from(stream);
     set_keepalive(&sock, keepalive.idle, keepalive)?;
     let user_timeout = (!keepalive.user_timeout.is_zero()).then_some(keepalive.user_timeout);
@@ -109,7 +109,7 @@ pub fn tune_client(stream: &TcpStream, keepalive: &KeepaliveConfig) {
 }
 
 /// Ends a session's socket with RST instead of FIN when the stream is dropped.
-pub fn reset_on_close(stream: &TcpStream) {
+pub(crate) fn reset_on_close(stream: &TcpStream) {
     // why: SO_LINGER 0 makes close() send RST; a legacy client blocked in read() gets ECONNRESET at once,
     // the same error it would have seen talking to the moved host directly.
     if let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
@@ -122,7 +122,7 @@ pub fn reset_on_close(stream: &TcpStream) {
 ///
 /// # Errors
 /// The option cannot be set.
-pub fn set_freebind(socket: &Socket, ip: IpAddr) -> io::Result<()> {
+pub(crate) fn set_freebind(socket: &Socket, ip: IpAddr) -> io::Result<()> {
     match ip {
         IpAddr::V4(_) => socket.set_freebind_v4(true),
         IpAddr::V6(_) => socket.set_freebind_v6(true),
@@ -133,7 +133,7 @@ pub fn set_freebind(socket: &Socket, ip: IpAddr) -> io::Result<()> {
 ///
 /// # Errors
 /// Bind or listen failures (address in use, address not on this host without `freebind`).
-pub fn tcp_listener(addr: SocketAddr, backlog: u32, freebind: bool) -> io::Result<TcpListener> {
+pub(crate) fn tcp_listener(addr: SocketAddr, backlog: u32, freebind: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     // why: a restart must not wait for TIME_WAIT sessions of the previous process.
     socket.set_reuse_address(true)?;
@@ -156,7 +156,7 @@ pub fn tcp_listener(addr: SocketAddr, backlog: u32, freebind: bool) -> io::Resul
 ///
 /// # Errors
 /// The option or the listen() call fails.
-pub fn retune_listener(sock: &SockRef<'_>, ip: IpAddr, backlog: Option<u32>, freebind: bool) -> io::Result<()> {
+pub(crate) fn retune_listener(sock: &SockRef<'_>, ip: IpAddr, backlog: Option<u32>, freebind: bool) -> io::Result<()> {
     match ip {
         IpAddr::V4(_) => sock.set_freebind_v4(freebind)?,
         IpAddr::V6(_) => sock.set_freebind_v6(freebind)?,
@@ -172,7 +172,7 @@ pub fn retune_listener(sock: &SockRef<'_>, ip: IpAddr, backlog: Option<u32>, fre
 ///
 /// # Errors
 /// Socket errors; a `source` that is not on this host fails with EADDRNOTAVAIL unless `freebind`.
-pub fn udp_upstream_socket(peer: SocketAddr, source: Option<IpAddr>, freebind: bool) -> io::Result<UdpSocket> {
+pub(crate) fn udp_upstream_socket(peer: SocketAddr, source: Option<IpAddr>, freebind: bool) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
     let bind_ip = match source {
@@ -200,7 +200,7 @@ pub fn udp_upstream_socket(peer: SocketAddr, source: Option<IpAddr>, freebind: b
 /// # Errors
 /// Socket creation, option and bind errors; an address not on this host fails with EADDRNOTAVAIL unless
 /// `freebind`.
-pub fn udp_listen_socket(addr: SocketAddr, freebind: bool) -> io::Result<std::net::UdpSocket> {
+pub(crate) fn udp_listen_socket(addr: SocketAddr, freebind: bool) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
     if addr.is_ipv6() {
@@ -223,14 +223,14 @@ pub fn udp_listen_socket(addr: SocketAddr, freebind: bool) -> io::Result<std::ne
 ///
 /// # Errors
 /// The kernel refused (an old kernel without UDP_GRO).
-pub fn udp_gro_off(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
+pub(crate) fn udp_gro_off(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
     nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::UdpGroSegment, &false).map_err(io::Error::from)
 }
 
 /// quinn-udp sets what QUIC wants and a generic relay must not have: path-MTU "probe" mode with DF set
 /// (IP_MTU_DISCOVER / IPV6_MTU_DISCOVER = PROBE, IPV6_DONTFRAG = 1), so a reply larger than the path MTU
 /// fails with EMSGSIZE instead of being fragmented. Put the kernel's defaults back.
-pub fn undo_quic_defaults(sock: &UdpSocket, v6: bool) -> io::Result<()> {
+pub(crate) fn undo_quic_defaults(sock: &UdpSocket, v6: bool) -> io::Result<()> {
     if v6 {
         set_int_option(sock, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT)?;
         // The IPv4-level option quinn-udp also sets on IPv6 sockets concerns only v4-mapped traffic, which
@@ -269,7 +269,7 @@ fn set_int_option(sock: &impl AsFd, level: libc::c_int, name: libc::c_int, value
 
 /// The original destination of an accepted connection (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST), `None` when
 /// the connection has no NAT record.
-pub fn original_dst(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
+pub(crate) fn original_dst(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
     use nix::sys::socket::{getsockopt, sockopt};
     match stream.local_addr().ok()? {
         SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).ok().map(|a| {
@@ -312,7 +312,7 @@ pub fn read_back(sock: &SockRef<'_>) -> io::Result<ReadBack> {
 /// Milliseconds since the last ACK from the peer (`tcpi_last_ack_recv`), to date the last good sign of a
 /// probe connection.
 #[allow(unsafe_code)]
-pub fn last_ack_age(stream: &TcpStream) -> Option<Duration> {
+pub(crate) fn last_ack_age(stream: &TcpStream) -> Option<Duration> {
     use std::os::fd::AsRawFd;
     let fd = stream.as_raw_fd();
     // SAFETY: TCP_INFO fills at most `len` bytes of a `tcp_info` that we own, zero-initialised (all of its

@@ -42,13 +42,13 @@ use crate::registry::Registry;
 
 /// Admin connections open at once. Beyond it the oldest one that has not sent a whole request yet is
 /// closed to make room (or the new one, when every open one is being answered).
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 
 /// How long a client may take to send a request head, from its connect.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The running admin server.
-pub struct AdminHandle {
+pub(crate) struct AdminHandle {
     addr: SocketAddr,
     fd: OwnedFd,
     stop: CancellationToken,
@@ -56,17 +56,17 @@ pub struct AdminHandle {
 }
 
 impl AdminHandle {
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// The listening socket.
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 
     /// Stops the server and waits for its thread.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -94,7 +94,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 ///
 /// # Errors
 /// The socket cannot be set up.
-pub fn start_on(std_listener: std::net::TcpListener, registry: Arc<Registry>) -> std::io::Result<AdminHandle> {
+pub(crate) fn start_on(std_listener: std::net::TcpListener, registry: Arc<Registry>) -> std::io::Result<AdminHandle> {
     std_listener.set_nonblocking(true)?;
     // why: kept to hand the socket to the process an upgrade starts.
     let fd = std_listener.as_fd().try_clone_to_owned()?;

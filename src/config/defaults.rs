@@ -11,68 +11,68 @@ const fn secs(s: u64) -> Duration {
 
 // Top level.
 /// `shutdown_grace`: how long draining sessions may take after SIGTERM.
-pub const SHUTDOWN_GRACE: Duration = secs(30);
+pub(crate) const SHUTDOWN_GRACE: Duration = secs(30);
 /// `workers`: runtime worker threads.
-pub const WORKERS: i64 = 1;
+pub(crate) const WORKERS: i64 = 1;
 
 // [admin]
 /// `admin.listen`: loopback only.
 pub const ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
 /// `admin.failover_rate`: at most one failover through the admin hook per service per this long.
-pub const FAILOVER_RATE: Duration = secs(1);
+pub(crate) const FAILOVER_RATE: Duration = secs(1);
 
 // [[service]]
 /// `max_connections`.
-pub const MAX_CONNECTIONS: i64 = 10_000;
+pub(crate) const MAX_CONNECTIONS: i64 = 10_000;
 /// `backlog`: large enough for every held client to come back at once after a failover.
-pub const BACKLOG: i64 = 4096;
+pub(crate) const BACKLOG: i64 = 4096;
 
 // [service.keepalive]
 /// `keepalive.idle`.
-pub const KEEPALIVE_IDLE: Duration = secs(1);
+pub(crate) const KEEPALIVE_IDLE: Duration = secs(1);
 /// `keepalive.interval`.
-pub const KEEPALIVE_INTERVAL: Duration = secs(1);
+pub(crate) const KEEPALIVE_INTERVAL: Duration = secs(1);
 /// `keepalive.count`.
-pub const KEEPALIVE_COUNT: i64 = 3;
+pub(crate) const KEEPALIVE_COUNT: i64 = 3;
 /// `keepalive.user_timeout`.
-pub const USER_TIMEOUT: Duration = secs(5);
+pub(crate) const USER_TIMEOUT: Duration = secs(5);
 /// `keepalive.client_idle`.
-pub const CLIENT_IDLE: Duration = secs(30);
+pub(crate) const CLIENT_IDLE: Duration = secs(30);
 
 // [service.probe]
 /// `probe.interval`.
-pub const PROBE_INTERVAL: Duration = secs(1);
+pub(crate) const PROBE_INTERVAL: Duration = secs(1);
 /// `probe.timeout`.
-pub const PROBE_TIMEOUT: Duration = secs(1);
+pub(crate) const PROBE_TIMEOUT: Duration = secs(1);
 /// `probe.fall` and `probe.rise`.
-pub const FALL: i64 = 1;
-pub const RISE: i64 = 1;
+pub(crate) const FALL: i64 = 1;
+pub(crate) const RISE: i64 = 1;
 /// `probe.split_brain_window`: longer than a flapping address takes to come back, shorter than any real
 /// failback takes.
-pub const SPLIT_BRAIN_WINDOW: Duration = secs(10);
+pub(crate) const SPLIT_BRAIN_WINDOW: Duration = secs(10);
 
 // [service.hold] (the ride-out)
 /// `hold.deadline`.
-pub const DEADLINE: Duration = secs(30);
+pub(crate) const DEADLINE: Duration = secs(30);
 /// `hold.connect_timeout`.
-pub const CONNECT_TIMEOUT: Duration = secs(1);
+pub(crate) const CONNECT_TIMEOUT: Duration = secs(1);
 /// `hold.backoff_initial`.
-pub const BACKOFF_INITIAL: Duration = Duration::from_millis(50);
+pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_millis(50);
 /// `hold.backoff_max`.
-pub const BACKOFF_MAX: Duration = secs(1);
+pub(crate) const BACKOFF_MAX: Duration = secs(1);
 /// `hold.budget_ratio`.
-pub const BUDGET_RATIO: f64 = 0.2;
+pub(crate) const BUDGET_RATIO: f64 = 0.2;
 /// `hold.budget_min_per_sec`.
-pub const BUDGET_MIN_PER_SEC: i64 = 10;
+pub(crate) const BUDGET_MIN_PER_SEC: i64 = 10;
 /// `hold.budget_window`.
-pub const BUDGET_WINDOW: Duration = secs(10);
+pub(crate) const BUDGET_WINDOW: Duration = secs(10);
 
 // [service.udp]
 /// `udp.flow_idle`.
-pub const FLOW_IDLE: Duration = secs(60);
+pub(crate) const FLOW_IDLE: Duration = secs(60);
 /// `udp.max_flows`.
 pub const MAX_FLOWS: i64 = 10_000;
 /// `udp.max_flows_per_source` (at most `max_flows`).
 /// why: enough for the clients of one NAT gateway or one application host with a pool of sockets, and small
 /// beside the default `max_flows`, so no single address takes more than a sliver of the table.
-pub const FLOWS_PER_SOURCE: usize = 64;
+pub(crate) const FLOWS_PER_SOURCE: usize = 64;

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use escape::{escape_bytes, unescape};
-pub use validate::{ConfigError, IDENTITY_PROGRAM_LIMIT, Problem, compile_identity};
+pub use validate::ConfigError;
+pub use validate::{Problem, compile_identity};
 
 /// Everything staybound runs, as validated from one file.
 #[derive(Debug, Clone)]

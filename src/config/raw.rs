@@ -5,12 +5,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// A value as written, with its byte range in the file.
-pub type S<T> = Spanned<T>;
+pub(super) type S<T> = Spanned<T>;
 
 /// A duration as written: a string with its unit. Its own type so that a bare number gets a message
 /// that says how to write one, not only that a string was expected.
 #[derive(Clone, PartialEq, Eq)]
-pub struct DurationText(pub String);
+pub(super) struct DurationText(pub String);
 
 impl std::fmt::Debug for DurationText {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -19,7 +19,7 @@ impl std::fmt::Debug for DurationText {
 }
 
 impl DurationText {
-    pub fn as_str(&self) -> &str {
+    pub(super) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -53,7 +53,7 @@ impl<'de> Deserialize<'de> for DurationText {
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(super) struct RawConfig {
     pub shutdown_grace: Option<S<DurationText>>,
     pub workers: Option<S<i64>>,
     pub admin: Option<RawAdmin>,
@@ -64,7 +64,7 @@ pub struct RawConfig {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAdmin {
+pub(super) struct RawAdmin {
     pub listen: Option<S<String>>,
     pub token_file: Option<S<String>>,
     pub failover_rate: Option<S<DurationText>>,
@@ -73,7 +73,7 @@ pub struct RawAdmin {
 /// `[defaults]`: tables every service inherits key by key unless it sets the key itself.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDefaults {
+pub(super) struct RawDefaults {
     pub keepalive: Option<RawKeepalive>,
     pub probe: Option<RawProbe>,
     pub hold: Option<RawHold>,
@@ -82,7 +82,7 @@ pub struct RawDefaults {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawService {
+pub(super) struct RawService {
     pub name: Option<S<String>>,
     pub protocol: Option<S<String>>,
     /// An address, or a list of them.
@@ -105,7 +105,7 @@ pub struct RawService {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawKeepalive {
+pub(super) struct RawKeepalive {
     pub idle: Option<S<DurationText>>,
     pub interval: Option<S<DurationText>>,
     pub count: Option<S<i64>>,
@@ -115,7 +115,7 @@ pub struct RawKeepalive {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawProbe {
+pub(super) struct RawProbe {
     pub mode: Option<S<String>>,
     pub interval: Option<S<DurationText>>,
     pub timeout: Option<S<DurationText>>,
@@ -137,7 +137,7 @@ pub struct RawProbe {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawHold {
+pub(super) struct RawHold {
     pub deadline: Option<S<DurationText>>,
     pub connect_timeout: Option<S<DurationText>>,
     pub backoff_initial: Option<S<DurationText>>,
@@ -149,7 +149,7 @@ pub struct RawHold {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawUdp {
+pub(super) struct RawUdp {
     pub reply_from: Option<S<Vec<S<String>>>>,
     pub flow_idle: Option<S<DurationText>>,
     pub max_flows: Option<S<i64>>,
@@ -157,7 +157,7 @@ pub struct RawUdp {
 }
 
 /// Takes each key from `own` when set there, else from `inherited`.
-pub trait Inherit {
+pub(super) trait Inherit {
     fn inherit(own: Option<Self>, inherited: Option<&Self>) -> Self
     where
         Self: Sized;

@@ -1038,7 +1038,7 @@ fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> RideOutConfig {
 /// program size times reply length, and a short pattern can compile to a large program:
 /// `(a{0,100}){0,100}b` is 19 bytes and takes seconds per 4 KiB reply. Identity patterns in use
 /// (`run_id:([0-9a-f]+)` and the like) compile to well under 1 KiB.
-pub const IDENTITY_PROGRAM_LIMIT: usize = 16 * 1024;
+pub(crate) const IDENTITY_PROGRAM_LIMIT: usize = 16 * 1024;
 
 /// Compiles an identity pattern as validation accepts it: within [`IDENTITY_PROGRAM_LIMIT`].
 pub fn compile_identity(pattern: &str) -> Result<regex_lite::Regex, regex_lite::Error> {

@@ -12,13 +12,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Time between the end of one request and the start of the next.
-pub const PACE: Duration = Duration::from_millis(20);
+pub(super) const PACE: Duration = Duration::from_millis(20);
 /// One attempt (connect if needed, send, read the reply) must finish within this.
-pub const TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Why {
+pub(super) enum Why {
     Refused,
     Reset,
     /// The server closed the connection (FIN) before replying.
@@ -54,7 +54,7 @@ impl From<std::io::Error> for Why {
 
 /// One thing the client saw.
 #[derive(Debug, Clone)]
-pub enum Seen {
+pub(super) enum Seen {
     /// A request was answered by `node`.
     Ok { node: String },
     /// An attempt failed; the request is retried once.
@@ -65,23 +65,23 @@ pub enum Seen {
 
 /// What a client saw, in order, with when it saw it.
 #[derive(Debug, Clone, Default)]
-pub struct Log {
+pub(super) struct Log {
     pub events: Vec<(Instant, Seen)>,
 }
 
 impl Log {
-    pub fn ok(&self) -> usize {
+    pub(super) fn ok(&self) -> usize {
         self.events.iter().filter(|(_, s)| matches!(s, Seen::Ok { .. })).count()
     }
-    pub fn lost(&self) -> usize {
+    pub(super) fn lost(&self) -> usize {
         self.events.iter().filter(|(_, s)| matches!(s, Seen::Lost(_))).count()
     }
-    pub fn reconnects(&self) -> usize {
+    pub(super) fn reconnects(&self) -> usize {
         self.events.iter().filter(|(_, s)| matches!(s, Seen::AttemptFailed(_))).count()
     }
 
     /// The longest time between two answered requests, and when it began.
-    pub fn longest_stall(&self) -> Option<(Duration, Instant)> {
+    pub(super) fn longest_stall(&self) -> Option<(Duration, Instant)> {
         let oks = self.events.iter().filter(|(_, s)| matches!(s, Seen::Ok { .. })).map(|(t, _)| *t);
         let mut best: Option<(Duration, Instant)> = None;
         let mut prev: Option<Instant> = None;
@@ -99,7 +99,7 @@ impl Log {
 }
 
 /// Sends requests to `addr` until `stop`; returns what it saw.
-pub async fn run(addr: SocketAddr, stop: CancellationToken) -> Log {
+pub(super) async fn run(addr: SocketAddr, stop: CancellationToken) -> Log {
     let mut log = Log::default();
     let mut conn: Option<BufReader<TcpStream>> = None;
     let mut seq: u64 = 0;

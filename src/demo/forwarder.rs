@@ -29,7 +29,7 @@ struct Route {
 }
 
 /// The forwarder of the logical address.
-pub struct Forwarder {
+pub(super) struct Forwarder {
     addr: SocketAddr,
     route: Arc<Mutex<Route>>,
     accept: Option<(CancellationToken, JoinHandle<()>)>,
@@ -42,7 +42,11 @@ impl Forwarder {
     ///
     /// # Errors
     /// The address cannot be bound.
-    pub fn start(ip: std::net::IpAddr, target: SocketAddr, stop_all: &CancellationToken) -> anyhow::Result<Forwarder> {
+    pub(super) fn start(
+        ip: std::net::IpAddr,
+        target: SocketAddr,
+        stop_all: &CancellationToken,
+    ) -> anyhow::Result<Forwarder> {
         let listener = node::listen(SocketAddr::new(ip, 0))
             .with_context(|| format!("forwarder: cannot listen on {ip} (the logical address)"))?;
         let addr = listener.local_addr().context("forwarder: no local address")?;
@@ -58,7 +62,7 @@ impl Forwarder {
     }
 
     /// The logical address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(super) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
@@ -78,7 +82,7 @@ impl Forwarder {
     /// Established sessions are left alone.
     ///
     /// [`serve`]: Forwarder::serve
-    pub async fn refuse(&mut self) {
+    pub(super) async fn refuse(&mut self) {
         if let Some((stop, handle)) = self.accept.take() {
             stop.cancel();
             // The listener is dropped when the loop returns: wait for it, so "refusing" is true on return.
@@ -90,7 +94,7 @@ impl Forwarder {
     ///
     /// # Errors
     /// The port cannot be bound again.
-    pub async fn serve(&mut self, target: SocketAddr) -> anyhow::Result<()> {
+    pub(super) async fn serve(&mut self, target: SocketAddr) -> anyhow::Result<()> {
         self.refuse().await;
         {
             let mut route = self.route.lock().unwrap_or_else(|e| e.into_inner());
@@ -104,7 +108,7 @@ impl Forwarder {
     }
 
     /// Moves the logical address to `target` at once and silently drops the sessions of the old node.
-    pub fn silent_move(&self, target: SocketAddr) {
+    pub(super) fn silent_move(&self, target: SocketAddr) {
         let old = {
             let mut route = self.route.lock().unwrap_or_else(|e| e.into_inner());
             route.target = target;
@@ -114,7 +118,7 @@ impl Forwarder {
     }
 
     /// Ends every session and the listener; waits up to a second.
-    pub async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         self.stop.cancel();
         self.refuse().await;
         self.tasks.close();

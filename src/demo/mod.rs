@@ -41,9 +41,9 @@ use forwarder::Forwarder;
 use node::Node;
 
 /// The longest a demo may take, whatever happens.
-pub const LIMIT: Duration = Duration::from_secs(28);
+pub(crate) const LIMIT: Duration = Duration::from_secs(28);
 /// The longest warm-up accepted: the rest of the script takes about seven seconds.
-pub const MAX_WARMUP: u64 = 15;
+pub(crate) const MAX_WARMUP: u64 = 15;
 /// How long the logical port refuses connects during the switchover. Shorter than the clients' timeout
 /// (`client::TIMEOUT`) by more than staybound needs to see the port back, so a held client is served
 /// within its own timeout: staybound holds clients, it cannot make a client wait longer than it will.

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// A running node.
-pub struct Node {
+pub(super) struct Node {
     pub addr: SocketAddr,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -25,7 +25,7 @@ impl Node {
     ///
     /// # Errors
     /// The address cannot be bound.
-    pub fn start(id: u8, addr: SocketAddr, stop_all: &CancellationToken) -> anyhow::Result<Node> {
+    pub(super) fn start(id: u8, addr: SocketAddr, stop_all: &CancellationToken) -> anyhow::Result<Node> {
         let name = format!("node-{id}");
         let listener = listen(addr).with_context(|| format!("{name}: cannot listen on {addr}"))?;
         let addr = listener.local_addr().with_context(|| format!("{name}: no local address"))?;
@@ -38,7 +38,7 @@ impl Node {
 
     /// A graceful stop: the listener closes (connects are refused) and every connection is closed with
     /// FIN, as a service stopped by its cluster manager does. Waits up to a second for its tasks.
-    pub async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.stop.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.tasks.wait()).await;
@@ -46,7 +46,7 @@ impl Node {
 }
 
 /// A listener that can take over a port whose earlier connections are still in TIME_WAIT.
-pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(super) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;

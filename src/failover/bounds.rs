@@ -9,7 +9,7 @@ use crate::config::{ProbeMode, ServiceConfig};
 use crate::failover::probe::probe_keepalive;
 
 /// Settings above this are flagged by `check`.
-pub const WARN_ABOVE: Duration = Duration::from_secs(10);
+pub(crate) const WARN_ABOVE: Duration = Duration::from_secs(10);
 
 /// Worst cases, each with what bounds it.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +20,7 @@ pub struct Bounds {
 }
 
 impl Bounds {
-    pub fn warnings(&self) -> Vec<String> {
+    pub(crate) fn warnings(&self) -> Vec<String> {
         [
             ("a silent move", &self.silent_move),
             ("a black-holed host", &self.black_hole),

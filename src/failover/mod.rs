@@ -25,10 +25,10 @@ pub mod neighbor;
 pub mod preset;
 pub mod probe;
 mod probe_udp;
-pub mod reconfig;
+mod reconfig;
 #[cfg(test)]
 mod sim;
-pub mod state;
+mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -47,7 +47,8 @@ use crate::upstream::Connector;
 use crate::upstream::retry::Backoff;
 use preset::Answer;
 use probe::{ExchangeError, ProbeConnEvent, ProbeStream};
-pub use state::{Evidence, Failover, HostState, Join, Machine, Reach};
+pub use state::Failover;
+pub(crate) use state::{Evidence, HostState, Join, Machine, Reach};
 
 /// How late a keep-alive's ACK may be and still count as on time.
 const ACK_SLACK: Duration = Duration::from_millis(250);
@@ -107,7 +108,7 @@ pub struct HostView {
 impl HostView {
     /// The token a session connected now ends with: the provisional one of the next epoch while a move is
     /// being confirmed (`Join::Next`), else the current epoch's.
-    pub fn epoch_for_new_session(&self) -> CancellationToken {
+    pub(crate) fn epoch_for_new_session(&self) -> CancellationToken {
         match (&self.next_epoch_end, self.state) {
             (Some(next), HostState::Suspect) => next.clone(),
             _ => self.epoch_end.clone(),
@@ -190,25 +191,21 @@ impl DetectorHandle {
             debug!(?sign, "sign not queued: the detector is busy");
         }
     }
-
-    pub fn current(&self) -> HostView {
-        self.view.borrow().clone()
-    }
 }
 
 /// The server's side of a detector: new settings on reload.
 #[derive(Debug)]
-pub struct Reconfigure(watch::Sender<Arc<ServiceConfig>>);
+pub(crate) struct Reconfigure(watch::Sender<Arc<ServiceConfig>>);
 
 impl Reconfigure {
     /// Gives the detector new settings; it applies them in place. A stopped detector ignores them.
-    pub fn send(&self, cfg: Arc<ServiceConfig>) {
+    pub(crate) fn send(&self, cfg: Arc<ServiceConfig>) {
         self.0.send_replace(cfg);
     }
 }
 
 /// The detector of one service.
-pub struct Detector {
+pub(crate) struct Detector {
     svc: Arc<ServiceConfig>,
     connector: Connector,
     metrics: Arc<ServiceMetrics>,
@@ -264,7 +261,10 @@ struct Confirming {
 }
 
 impl Detector {
-    pub fn new(svc: Arc<ServiceConfig>, metrics: Arc<ServiceMetrics>) -> (Detector, DetectorHandle, Reconfigure) {
+    pub(crate) fn new(
+        svc: Arc<ServiceConfig>,
+        metrics: Arc<ServiceMetrics>,
+    ) -> (Detector, DetectorHandle, Reconfigure) {
         let now = Instant::now();
         let view = HostView {
             state: HostState::Up,
@@ -315,7 +315,7 @@ impl Detector {
     }
 
     /// Runs until `cancel`.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
         self.restart_neighbor_watch(&cancel).await;
         enum Event {
             Stop,

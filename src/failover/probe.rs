@@ -112,7 +112,7 @@ const UNREAD_LIMIT: usize = 64 * 1024;
 
 /// What happened on a probe connection.
 #[derive(Debug)]
-pub enum ProbeConnEvent {
+pub(crate) enum ProbeConnEvent {
     /// The server sent bytes (a banner, or unsolicited data).
     Data(Vec<u8>),
     /// The server closed the session (FIN).
@@ -123,7 +123,7 @@ pub enum ProbeConnEvent {
 
 /// Waits for the next event on a held connection; never returns when there is none. With `keep` (a preset,
 /// whose protocol may send between exchanges) the bytes are kept for the next exchange instead of returned.
-pub async fn watch_probe_conn(held: Option<&mut ProbeStream>, keep: bool) -> ProbeConnEvent {
+pub(crate) async fn watch_probe_conn(held: Option<&mut ProbeStream>, keep: bool) -> ProbeConnEvent {
     let Some(stream) = held else { return std::future::pending().await };
     let mut buf = [0u8; 2048];
     loop {
@@ -200,7 +200,7 @@ pub async fn exchange(stream: &mut ProbeStream, probe: &ProbeConfig) -> Result<V
 }
 
 /// Reads whatever the server sends first, for up to `timeout` (a banner), to take an identity from it.
-pub async fn read_banner(stream: &TcpStream, timeout: Duration) -> Option<Vec<u8>> {
+pub(crate) async fn read_banner(stream: &TcpStream, timeout: Duration) -> Option<Vec<u8>> {
     let mut buf = [0u8; 2048];
     let work = async {
         loop {
@@ -230,7 +230,7 @@ pub fn identity_of(probe: &ProbeConfig, reply: &[u8]) -> Option<String> {
 
 /// Keep-alive settings of the probe connection: a keep-alive every probe interval, and the kernel ends
 /// the session when no ACK came for one interval plus the probe timeout.
-pub fn probe_keepalive(probe: &ProbeConfig, base: &KeepaliveConfig) -> KeepaliveConfig {
+pub(crate) fn probe_keepalive(probe: &ProbeConfig, base: &KeepaliveConfig) -> KeepaliveConfig {
     let ceil =
         |d: Duration| Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(Duration::from_secs(1));
     let idle = ceil(probe.interval);

@@ -20,7 +20,7 @@ const MAX_REPLY: usize = 64 * 1024;
 /// `Timeout` when no counting reply came in time; `Mismatch` when one came without `expect`;
 /// `Failed(Refused, ..)` when the host answered with ICMP port unreachable (seen only when `reply_from` is
 /// empty: the socket is then connected, so the kernel reports it); `Failed(..)` for local errors.
-pub async fn exchange(svc: &ServiceConfig, connector: &Connector) -> Result<Vec<u8>, ExchangeError> {
+pub(super) async fn exchange(svc: &ServiceConfig, connector: &Connector) -> Result<Vec<u8>, ExchangeError> {
     let probe = &svc.probe;
     let fail = |e: io::Error| ExchangeError::Failed(classify(&e), e);
     let peer = connector.resolve(probe.timeout).await.map_err(|e| ExchangeError::Failed(e.class, e.source))?[0];

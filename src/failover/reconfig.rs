@@ -66,7 +66,7 @@ fn pacing(p: &ProbeConfig) -> (Duration, Duration) {
 
 /// What a new config changes for a detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Change {
+pub(super) struct Change {
     /// The upstream address changed: the sessions made to the old one end, a failover with signal `reload`.
     pub moved: bool,
     /// The probe session and the neighbour watch must be made anew.
@@ -81,7 +81,7 @@ pub struct Change {
 }
 
 impl Change {
-    pub fn between(old: &ServiceConfig, new: &ServiceConfig) -> Change {
+    pub(super) fn between(old: &ServiceConfig, new: &ServiceConfig) -> Change {
         let reprobe = probe_path(old) != probe_path(new);
         Change {
             moved: old.upstream != new.upstream,
@@ -93,7 +93,7 @@ impl Change {
         }
     }
 
-    pub fn any(self) -> bool {
+    pub(super) fn any(self) -> bool {
         self != Change::default()
     }
 }

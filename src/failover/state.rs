@@ -39,14 +39,14 @@ impl HostState {
     }
 
     /// Whether new upstream connects should be made now.
-    pub fn connectable(self) -> bool {
+    pub(crate) fn connectable(self) -> bool {
         matches!(self, HostState::Up | HostState::Suspect)
     }
 }
 
 /// How a confirming probe reached the host: a connect, and with `send-expect` one exchange on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reach {
+pub(crate) enum Reach {
     /// Connected; with `send-expect`, the reply had `expect`.
     Ready,
     /// Connected, but the reply lacked `expect` (or none came, or the node closed): there, not ready.
@@ -71,7 +71,7 @@ impl From<ConnectClass> for Reach {
 
 /// One piece of evidence about the logical host.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Evidence {
+pub(crate) enum Evidence {
     /// A probe worked: a connect, a matching reply, or an ACK on the probe connection at `at`.
     Ok { at: Instant, identity: Option<String> },
     /// Nothing answered (a timeout, no route, keep-alive expiry on the probe connection).
@@ -119,7 +119,7 @@ pub struct Failover {
 
 /// Which epoch a session made now belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Join {
+pub(crate) enum Join {
     /// The current one: the session ends with it.
     Current,
     /// The one that begins if the sign being confirmed is a move: the session most likely reached the new
@@ -150,7 +150,7 @@ struct Suspect {
 
 /// The state of one logical host.
 #[derive(Debug)]
-pub struct Machine {
+pub(crate) struct Machine {
     fall: u32,
     rise: u32,
     state: HostState,
@@ -178,7 +178,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn new(fall: u32, rise: u32, now: Instant) -> Machine {
+    pub(crate) fn new(fall: u32, rise: u32, now: Instant) -> Machine {
         Machine {
             fall: fall.max(1),
             rise: rise.max(1),
@@ -201,18 +201,18 @@ impl Machine {
     /// Two nodes answer for the address in turn (a split brain): for `window` from `now`, at most one epoch
     /// ends by detection per `window`, since every flap of the address would otherwise end one. A failover
     /// declared by the cluster manager or a reload still ends the epoch.
-    pub fn split_brain(&mut self, now: Instant, window: Duration) {
+    pub(crate) fn split_brain(&mut self, now: Instant, window: Duration) {
         self.damp_until = Some(now + window);
         self.damp_window = window;
     }
 
     /// Whether a split brain damps the epoch ends now.
-    pub fn damping(&self, now: Instant) -> bool {
+    pub(crate) fn damping(&self, now: Instant) -> bool {
         self.damp_until.is_some_and(|until| now < until)
     }
 
     /// How many epoch ends the damping has held back since start.
-    pub fn damped(&self) -> u64 {
+    pub(crate) fn damped(&self) -> u64 {
         self.damped
     }
 
@@ -229,53 +229,45 @@ impl Machine {
         !held_back
     }
 
-    pub fn state(&self) -> HostState {
+    pub(crate) fn state(&self) -> HostState {
         self.state
     }
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
-    pub fn identity(&self) -> Option<&str> {
+    pub(crate) fn identity(&self) -> Option<&str> {
         self.identity.as_deref()
     }
-    pub fn last_good(&self) -> Instant {
-        self.last_good
-    }
     /// Whether the host has answered once since start.
-    pub fn reached(&self) -> bool {
+    pub(crate) fn reached(&self) -> bool {
         self.reached
     }
-    /// Whether a sign is being confirmed.
-    pub fn suspecting(&self) -> bool {
-        self.suspect.is_some()
-    }
-
     /// Whether a sign that could be a move is being confirmed, and nothing since said the host is going
     /// away instead.
-    pub fn suspecting_a_move(&self) -> bool {
+    pub(crate) fn suspecting_a_move(&self) -> bool {
         self.state == HostState::Suspect && self.suspect.is_some_and(|s| s.kind == Suspicion::Move)
     }
 
     /// Which epoch a session made now joins: the next only while a move is suspected. A host failing
     /// probes short of `fall` is not moving; a failover it comes to ends the sessions made meanwhile.
-    pub fn join(&self) -> Join {
+    pub(crate) fn join(&self) -> Join {
         if self.suspecting_a_move() { Join::Next } else { Join::Current }
     }
 
     /// New fall and rise counts (a reload); the state, epoch and counts so far stay.
-    pub fn set_thresholds(&mut self, fall: u32, rise: u32) {
+    pub(crate) fn set_thresholds(&mut self, fall: u32, rise: u32) {
         self.fall = fall.max(1);
         self.rise = rise.max(1);
     }
 
     /// Forgets the node's name without ending the epoch: a new identity pattern names nodes differently, so
     /// the next name it reads is not a move.
-    pub fn forget_identity(&mut self) {
+    pub(crate) fn forget_identity(&mut self) {
         self.identity = None;
     }
 
     /// Nothing watches the host any more (the probe was turned off): up, as at the start, with no failover.
-    pub fn assume_up(&mut self, now: Instant) {
+    pub(crate) fn assume_up(&mut self, now: Instant) {
         if !self.state.connectable() {
             self.last_good = now;
         }
@@ -285,14 +277,14 @@ impl Machine {
     }
 
     /// A good sign of the current epoch seen at `at` (an ACK on the probe connection); changes no state.
-    pub fn good_sign(&mut self, at: Instant) {
+    pub(crate) fn good_sign(&mut self, at: Instant) {
         if self.state.connectable() && at > self.last_good {
             self.last_good = at;
         }
     }
 
     /// Takes one piece of evidence; returns the failover when it ends the epoch.
-    pub fn observe(&mut self, now: Instant, ev: Evidence) -> Option<Failover> {
+    pub(crate) fn observe(&mut self, now: Instant, ev: Evidence) -> Option<Failover> {
         match ev {
             Evidence::Ok { at, identity } => self.ok(now, at, identity),
             Evidence::Silent { signal } => self.fail(now, signal, HostState::Down),
@@ -881,7 +873,7 @@ mod tests {
         assert_eq!(m.state(), HostState::Down);
         // The probe turned off: up again, no failover.
         m.assume_up(Instant::now());
-        assert_eq!((m.state(), m.epoch(), m.suspecting()), (HostState::Up, 3, false));
+        assert_eq!((m.state(), m.epoch(), m.suspect.is_some()), (HostState::Up, 3, false));
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,9 +2,9 @@
 //! moves its bytes, and `serve` ends it when its epoch ends, its upstream fails, or staybound shuts down,
 //! counting and logging how it ended.
 
-pub mod quiet;
-pub mod relay;
-pub mod ride_out;
+mod quiet;
+mod relay;
+mod ride_out;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +25,13 @@ use relay::{RelayError, Side};
 use ride_out::Refusal;
 
 /// Serves one accepted client until its session ends. `stop` ends it (after the drain grace on SIGTERM).
-pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<Service>, _permit: Permit, stop: CancellationToken) {
+pub(crate) async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    svc: Arc<Service>,
+    _permit: Permit,
+    stop: CancellationToken,
+) {
     sockopt::tune_client(&client, &svc.cfg.keepalive);
     let name = &svc.cfg.name;
     let (upstream, view) = match ride_out::connect(&svc, &client, &stop).await {

@@ -29,14 +29,14 @@ impl Wake for Flag {
 }
 
 /// Wraps `F` so that it is polled once, then again only after it woke.
-pub struct Quiet<F> {
+pub(super) struct Quiet<F> {
     inner: Pin<Box<F>>,
     flag: Arc<Flag>,
     waker: Waker,
 }
 
 impl<F: Future> Quiet<F> {
-    pub fn new(inner: F) -> Quiet<F> {
+    pub(super) fn new(inner: F) -> Quiet<F> {
         let flag = Arc::new(Flag { fired: AtomicBool::new(true), task: Mutex::new(None) });
         Quiet { inner: Box::pin(inner), waker: Waker::from(flag.clone()), flag }
     }

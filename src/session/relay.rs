@@ -19,7 +19,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Size of one relay buffer.
-pub const BUF_SIZE: usize = 32 * 1024;
+pub(super) const BUF_SIZE: usize = 32 * 1024;
 /// Buffers a worker thread keeps for reuse.
 const POOL_MAX: usize = 64;
 
@@ -42,14 +42,14 @@ fn give_buf(buf: Box<[u8]>) {
 
 /// Which side of the session failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(super) enum Side {
     Client,
     Upstream,
 }
 
 /// How a relay ended when it did not end cleanly.
 #[derive(Debug)]
-pub struct RelayError {
+pub(super) struct RelayError {
     pub side: Side,
     pub error: io::Error,
 }
@@ -165,7 +165,7 @@ impl Drop for Pipe {
 ///
 /// # Errors
 /// The first I/O error, with the side it happened on.
-pub async fn relay(
+pub(super) async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
     to_upstream: &Counter,

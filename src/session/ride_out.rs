@@ -30,7 +30,7 @@ use crate::upstream::{ConnectError, Connector};
 
 /// Why a held client was let go without an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(super) enum Refusal {
     /// The hold deadline passed.
     Deadline,
     /// staybound is ending the session (shutdown).
@@ -43,7 +43,7 @@ pub enum Refusal {
 ///
 /// # Errors
 /// A `Refusal` when the deadline passes, `stop` fires or the client leaves first.
-pub async fn connect(
+pub(super) async fn connect(
     svc: &Service,
     client: &TcpStream,
     stop: &CancellationToken,

@@ -31,7 +31,7 @@ thread_local! {
 /// Where a flow sends, and from which address: what the service's config and resolver said when it was made.
 /// A flow whose target is no longer the service's is made anew on its next datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Target {
+pub(super) struct Target {
     /// The upstream as resolved.
     pub peer: SocketAddr,
     /// The address the upstream socket is bound to (`source`), with `freebind`.
@@ -41,7 +41,7 @@ pub struct Target {
 
 /// What a flow's two directions share.
 #[derive(Debug)]
-pub struct Flow {
+pub(super) struct Flow {
     pub upstream: UdpSocket,
     pub target: Target,
     pub client: SocketAddr,
@@ -52,18 +52,18 @@ pub struct Flow {
 }
 
 impl Flow {
-    pub fn touch(&self, now_ms: u64) {
+    pub(super) fn touch(&self, now_ms: u64) {
         self.last.store(now_ms, Ordering::Relaxed);
     }
 
-    pub fn last(&self) -> u64 {
+    pub(super) fn last(&self) -> u64 {
         self.last.load(Ordering::Relaxed)
     }
 }
 
 /// A flow in the listener's table: dropping it ends the reply task, closes the socket and frees its place
 /// under `max_flows` and `max_flows_per_source`.
-pub struct FlowEntry {
+pub(super) struct FlowEntry {
     pub flow: Arc<Flow>,
     _reply_task: DropGuard,
     _active: CountGuard,
@@ -71,7 +71,7 @@ pub struct FlowEntry {
 }
 
 /// One place under `max_flows` and `max_flows_per_source`, taken with `Shared::take_slot`.
-pub struct FlowSlot {
+pub(super) struct FlowSlot {
     pub(super) shared: Arc<Shared>,
     /// The client's address.
     pub(super) source: IpAddr,
@@ -85,7 +85,7 @@ impl Drop for FlowSlot {
 
 impl FlowEntry {
     /// Starts the reply task of a new flow and returns its table entry.
-    pub fn start(
+    pub(super) fn start(
         shared: &Arc<Shared>,
         client_sock: &Arc<ClientSocket>,
         upstream: UdpSocket,

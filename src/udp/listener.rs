@@ -64,7 +64,7 @@ struct Listener {
 }
 
 /// Serves one bound listen socket until `stop`; its flows end with it.
-pub async fn run(sock: Arc<ClientSocket>, shared: Arc<Shared>, stop: CancellationToken) {
+pub(super) async fn run(sock: Arc<ClientSocket>, shared: Arc<Shared>, stop: CancellationToken) {
     let segments = sock.gro_segments();
     let (per_buf, batch) = if segments > 1 { (MAX_DATAGRAM * segments, 1) } else { (MAX_DATAGRAM, BATCH) };
     // Every receive buffer, allocated once for the life of the listener.

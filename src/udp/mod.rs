@@ -24,7 +24,7 @@
 
 mod flow;
 mod listener;
-pub mod pktinfo;
+pub(crate) mod pktinfo;
 mod table;
 
 /// The flow path's pure decisions, for tests and fuzzing: which datagrams are replies, and how a
@@ -76,11 +76,6 @@ impl BoundAddrs {
     /// The addresses bound now.
     pub fn bound(&self) -> Vec<SocketAddr> {
         self.0.borrow().iter().flatten().copied().collect()
-    }
-
-    /// Whether every listen address is bound.
-    pub fn all_bound(&self) -> bool {
-        self.0.borrow().iter().all(Option::is_some)
     }
 }
 
@@ -155,7 +150,7 @@ pub fn bind(
 
 impl Listeners {
     /// The addresses bound now (ports resolved).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+    pub(crate) fn local_addrs(&self) -> Vec<SocketAddr> {
         self.bound.iter().map(|s| s.local_addr()).collect()
     }
 
@@ -325,12 +320,12 @@ struct SourceGate {
 
 impl Shared {
     /// Milliseconds since the service started serving.
-    pub fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Counts a datagram not relayed, and runs `log` (with the count since the last line) when a line is due.
-    pub fn dropped(&self, reason: UdpDrop, log: impl FnOnce(u64)) {
+    pub(crate) fn dropped(&self, reason: UdpDrop, log: impl FnOnce(u64)) {
         self.metrics.udp_dropped(reason).increment(1);
         let index = reason.index();
         let due = lock(&self.logs[index]).hit();
@@ -377,7 +372,7 @@ impl Shared {
     }
 
     /// Counts a flow ended to make room, and runs `log` (with the count since the last line) when a line is due.
-    pub fn evicted(&self, log: impl FnOnce(u64)) {
+    pub(crate) fn evicted(&self, log: impl FnOnce(u64)) {
         self.metrics.udp_evicted.increment(1);
         let due = lock(&self.evict_log).hit();
         if let Some(n) = due {

@@ -20,7 +20,7 @@ use tokio::net::UdpSocket;
 use crate::sockopt;
 
 /// The largest UDP payload (IPv6 jumbograms aside); every receive buffer holds one.
-pub const MAX_DATAGRAM: usize = 65_535;
+pub(crate) const MAX_DATAGRAM: usize = 65_535;
 
 /// A bound listen socket that knows where each datagram was sent to.
 #[derive(Debug)]
@@ -81,12 +81,12 @@ impl ClientSocket {
     }
 
     /// Whether it listens on 0.0.0.0 or `::`, so that replies must name their source address.
-    pub fn is_wildcard(&self) -> bool {
+    pub(crate) fn is_wildcard(&self) -> bool {
         self.local.ip().is_unspecified()
     }
 
     /// How many datagrams one receive buffer may hold (see `RecvMeta::stride`).
-    pub fn gro_segments(&self) -> usize {
+    pub(crate) fn gro_segments(&self) -> usize {
         self.gro_segments
     }
 
@@ -96,7 +96,7 @@ impl ClientSocket {
     }
 
     /// Waits until a send may succeed.
-    pub async fn writable(&self) -> io::Result<()> {
+    pub(crate) async fn writable(&self) -> io::Result<()> {
         self.sock.writable().await
     }
 
@@ -113,13 +113,13 @@ impl ClientSocket {
     ///
     /// # Errors
     /// `WouldBlock` when the send buffer is full; EINVAL when `from` is no longer on this host; others.
-    pub fn try_send(&self, to: SocketAddr, from: Option<IpAddr>, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn try_send(&self, to: SocketAddr, from: Option<IpAddr>, data: &[u8]) -> io::Result<()> {
         let transmit = Transmit { destination: to, ecn: None, contents: data, segment_size: None, src_ip: from };
         self.sock.try_io(Interest::WRITABLE, || self.state.try_send(UdpSockRef::from(&self.sock), &transmit))
     }
 
     /// The source address a reply to a datagram sent to `dst` must carry.
-    pub fn reply_source(&self, dst: Option<IpAddr>) -> Option<IpAddr> {
+    pub(crate) fn reply_source(&self, dst: Option<IpAddr>) -> Option<IpAddr> {
         match dst {
             // why: a datagram to a multicast group is answered from a unicast address the kernel picks.
             Some(ip) if self.is_wildcard() && !ip.is_multicast() && !is_v4_broadcast(ip) => Some(ip),

@@ -5,7 +5,7 @@
 //! (`staybound_upstream_connect_attempts_total`), so its callers do not.
 
 mod resolve;
-pub mod retry;
+pub(crate) mod retry;
 
 use std::io;
 use std::net::SocketAddr;
@@ -74,7 +74,7 @@ impl Connector {
     /// # Errors
     /// No answer within `within` (`timeout`), the resolver's error (`other`), or no address of the source's
     /// family (`unreachable`).
-    pub async fn resolve(&self, within: Duration) -> Result<Vec<SocketAddr>, ConnectError> {
+    pub(crate) async fn resolve(&self, within: Duration) -> Result<Vec<SocketAddr>, ConnectError> {
         let Some(name) = &self.name else {
             let UpstreamAddr::Ip(addr) = &self.svc.upstream else { unreachable!("a name has a resolver") };
             return Ok(vec![*addr]);
@@ -103,7 +103,7 @@ impl Connector {
     ///
     /// # Errors
     /// The last attempt's error.
-    pub async fn connect_any(
+    pub(crate) async fn connect_any(
         &self,
         peers: &[SocketAddr],
         timeout: Duration,
@@ -132,7 +132,7 @@ impl Connector {
     }
 
     /// `peer` did not take a connection: a name's next address goes first from now on.
-    pub fn passed_over(&self, peer: SocketAddr, peers: &[SocketAddr]) {
+    pub(crate) fn passed_over(&self, peer: SocketAddr, peers: &[SocketAddr]) {
         if self.name.is_none() || peers.len() < 2 {
             return;
         }
@@ -154,7 +154,7 @@ impl Connector {
     ///
     /// # Errors
     /// A `ConnectError` whose class says why.
-    pub async fn connect_with(
+    pub(crate) async fn connect_with(
         &self,
         peer: SocketAddr,
         timeout: Duration,

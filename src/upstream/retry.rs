@@ -13,19 +13,19 @@ use crate::config::RideOutConfig;
 /// Jittered exponential backoff between connect attempts: the n-th delay is uniform in
 /// `[base/2, base]` with `base = min(initial * 2^n, max)`.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Backoff {
         Backoff { initial, max: max.max(initial), attempt: 0 }
     }
 
     /// The next delay.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.initial.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let half = base / 2;
@@ -33,7 +33,7 @@ impl Backoff {
     }
 
     /// Back to the short end (after a different kind of failure, or a success).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 }
@@ -113,20 +113,20 @@ impl RetryBudget {
     }
 
     /// New settings (a reload); what the window counted so far stays.
-    pub fn reconfigure(&self, hold: &RideOutConfig) {
+    pub(crate) fn reconfigure(&self, hold: &RideOutConfig) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         s.params = Params::of(hold);
     }
 
     /// A first attempt: earns `ratio` retries.
-    pub fn deposit(&self, now: Instant) {
+    pub(crate) fn deposit(&self, now: Instant) {
         let mut s = self.slots(now);
         let i = s.current;
         s.deposits[i] += s.params.ratio_milli;
     }
 
     /// A retry: allowed while withdrawals in the window stay within deposits plus the reserve.
-    pub fn try_withdraw(&self, now: Instant) -> bool {
+    pub(crate) fn try_withdraw(&self, now: Instant) -> bool {
         let mut s = self.slots(now);
         let earned = s.deposits.iter().sum::<u64>() + s.params.reserve_milli;
         if s.withdrawals.iter().sum::<u64>() + 1000 <= earned {
