@@ -198,14 +198,15 @@ pub fn report_full(
         let h = &s.ride_out;
         let _ = writeln!(
             out,
-            "  hold            deadline {}, connect_timeout {}, backoff {}..{}, budget {} per first attempt + {}/s over {}",
+            "  hold            deadline {}, connect_timeout {}, backoff {}..{}, budget {} per first attempt + {}/s over {}, release {}",
             d(h.deadline),
             d(h.connect_timeout),
             d(h.backoff_initial),
             d(h.backoff_max),
             h.budget_ratio,
             h.budget_min_per_sec,
-            d(h.budget_window)
+            d(h.budget_window),
+            h.release_rate.map_or("all at once".to_string(), |r| format!("{r}/s"))
         );
         if let Some(note) = neighbor.get(&s.name) {
             let damp = match (note.starts_with("available"), p.split_brain_window.is_zero()) {

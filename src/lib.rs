@@ -37,6 +37,7 @@ pub mod limits;
 pub(crate) mod listener;
 pub mod metrics;
 pub mod oserror;
+pub(crate) mod pace;
 pub(crate) mod ratelog;
 pub(crate) mod registry;
 pub mod server;

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::config::ServiceConfig;
 use crate::failover::{DetectorHandle, HostView};
 use crate::metrics::{ConnectCounts, ServiceMetrics};
+use crate::pace::Pacer;
 use crate::upstream::Connector;
 use crate::upstream::retry::RetryBudget;
 
@@ -28,6 +29,8 @@ pub struct Service {
     /// The services this one depends on, directly or transitively, by name.
     pub deps: Vec<(String, watch::Receiver<HostView>)>,
     pub budget: Arc<RetryBudget>,
+    /// The release of held clients after a takeover, paced (`pace`).
+    pub(crate) pacer: Arc<Pacer>,
     /// One permit per client session, held or proxying.
     pub limit: Arc<Limit>,
     pub counts: Arc<Counts>,
@@ -39,6 +42,7 @@ pub struct Lasting {
     pub counts: Arc<Counts>,
     pub limit: Arc<Limit>,
     pub budget: Arc<RetryBudget>,
+    pub(crate) pacer: Arc<Pacer>,
     pub connector: Arc<ArcSwap<Connector>>,
 }
 
@@ -48,11 +52,13 @@ impl Lasting {
             counts: Arc::new(Counts::default()),
             limit: Limit::new(cfg.max_connections),
             budget: Arc::new(RetryBudget::new(&cfg.ride_out, Instant::now())),
+            pacer: Arc::default(),
             connector: Arc::new(ArcSwap::from_pointee(Connector::new(cfg.clone(), counts))),
         }
     }
 
-    /// Takes a reload's settings: the limit is resized, the budget keeps its window, the connector is new.
+    /// Takes a reload's settings: the limit is resized, the budget keeps its window, the release keeps its
+    /// slots, the connector is new.
     pub(crate) fn reconfigure(&self, cfg: &Arc<ServiceConfig>) {
         self.limit.resize(cfg.max_connections);
         self.budget.reconfigure(&cfg.ride_out);
@@ -164,6 +170,7 @@ impl Service {
         Service {
             connector: lasting.connector.clone(),
             budget: lasting.budget.clone(),
+            pacer: lasting.pacer.clone(),
             limit: lasting.limit.clone(),
             counts: lasting.counts.clone(),
             cfg,
@@ -277,5 +284,32 @@ mod tests {
         assert_eq!(held.len(), 3);
         drop(held);
         assert_eq!((limit.available(), limit.size()), (3, 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_the_release_slots_and_takes_the_new_rate() {
+        let cfg = |rate: u32| {
+            let text = format!(
+                "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n[service.hold]\nrelease_rate = {rate}\n"
+            );
+            let c = crate::config::Config::from_toml_str(&text, std::path::Path::new("t.toml")).unwrap();
+            Arc::new(c.services[0].clone())
+        };
+        let old = cfg(10);
+        let lasting = Lasting::new(&old, ConnectCounts::unrecorded());
+        let now = Instant::now();
+        let rate = old.ride_out.release_rate.unwrap();
+        assert_eq!(lasting.pacer.slot(now, rate), now);
+        let pacer = lasting.pacer.clone();
+        let new = cfg(20);
+        lasting.reconfigure(&new);
+        assert!(Arc::ptr_eq(&pacer, &lasting.pacer), "the same slots after the reload");
+        // The slot taken before the reload is still taken: the next is 100 ms on, at the old spacing.
+        assert_eq!(
+            lasting.pacer.slot(now, new.ride_out.release_rate.unwrap()),
+            now + std::time::Duration::from_millis(100)
+        );
+        assert_eq!(new.ride_out.release_rate, Some(20));
+        assert_eq!(cfg(0).ride_out.release_rate, None, "0: all at once");
     }
 }

@@ -313,6 +313,8 @@ pub struct RideOutConfig {
     pub budget_ratio: f64,
     pub budget_min_per_sec: u32,
     pub budget_window: Duration,
+    /// Held clients released per second after a takeover (`None`: all at once); see `pace`.
+    pub release_rate: Option<u32>,
 }
 
 /// An address or a CIDR block whose datagrams count as the upstream's replies.

@@ -145,6 +145,7 @@ pub(super) struct RawHold {
     pub budget_ratio: Option<S<f64>>,
     pub budget_min_per_sec: Option<S<i64>>,
     pub budget_window: Option<S<DurationText>>,
+    pub release_rate: Option<S<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +202,7 @@ inherit_keys!(RawHold {
     backoff_max,
     budget_ratio,
     budget_min_per_sec,
-    budget_window
+    budget_window,
+    release_rate
 });
 inherit_keys!(RawUdp { reply_from, flow_idle, max_flows, max_flows_per_source });

@@ -1031,6 +1031,10 @@ fn hold(cx: &mut Ctx<'_>, h: RawHold, key: &str) -> RideOutConfig {
             defaults::BUDGET_WINDOW,
             (Duration::from_secs(1), Duration::from_secs(3600)),
         ),
+        release_rate: match cx.int(&h.release_rate, &key("release_rate"), defaults::RELEASE_RATE, (0, 10_000_000)) {
+            0 => None,
+            n => Some(n as u32),
+        },
     }
 }
 

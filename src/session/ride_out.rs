@@ -6,6 +6,9 @@
 //! A held client is watched: one that closes its connection with no byte of its own waiting to be relayed,
 //! or resets it, leaves at once with its permit and its place in the held gauge, and no upstream connect is
 //! made for it. One that sent a request (and perhaps half-closed after it) stays held: it waits for the reply.
+//!
+//! A held client's attempts take slots of the service's release pacer (`pace`, `release_rate`), so a herd
+//! released by a takeover reaches the new node at a bounded rate.
 
 use std::future::Future;
 use std::io;
@@ -83,7 +86,24 @@ pub(super) async fn connect(
             wait_change(&mut view_rx, &mut deps, Some(now + pause), deadline, stop, gone).await?;
             continue;
         }
+        if let (Some(_), Some(rate)) = (&held, hold.release_rate) {
+            // why: every held client wakes on the same change of the view; unpaced, the whole herd would dial
+            // the node that just took over in the same instant and overflow its listen queue.
+            let at = svc.pacer.slot(now, rate);
+            if at > now {
+                let gone = gone.get_or_insert_with(|| Box::pin(client_gone(client)));
+                tokio::select! {
+                    _ = sleep_until(at.min(deadline)) => {}
+                    _ = stop.cancelled() => return Err(Refusal::Shutdown),
+                    _ = gone.as_mut() => return Err(Refusal::ClientGone),
+                }
+                if Instant::now() >= deadline {
+                    return Err(Refusal::Deadline);
+                }
+            }
+        }
         first = false;
+        let now = Instant::now();
         let left = deadline.saturating_duration_since(now);
         let timeout = if hold.deadline.is_zero() { hold.connect_timeout } else { hold.connect_timeout.min(left) };
         if timeout.is_zero() {

@@ -152,6 +152,7 @@ mod tests {
             budget_ratio: ratio,
             budget_min_per_sec: min,
             budget_window: Duration::from_secs(10),
+            release_rate: None,
         }
     }
 
