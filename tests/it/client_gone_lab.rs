@@ -3,7 +3,7 @@
 //! TCP_USER_TIMEOUT on the accepted client socket ends the session within `keepalive.user_timeout`. A
 //! service with the user timeout off keeps the session, as the kernel would for ~15 minutes.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! cluster manager's failover hook, `/readyz`, `/status` and `staybound status`, and every series present
 //! from the start.
 
-mod support;
+use crate::support;
 
 use std::io::Read;
 use std::net::TcpStream;

@@ -1,7 +1,7 @@
 //! The binary as operators run it: exit codes, config errors that say where and what, `check`, and a
 //! SIGTERM drain.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -4,7 +4,7 @@
 //! that repeats the same MAC is no failover; an announcement lost on the client host (nftables) costs a
 //! closed-loop client at most 2.5 s, since staybound has the stale entry resolved anew.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

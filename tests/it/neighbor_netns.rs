@@ -209,7 +209,7 @@ impl Lab {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns("cli")])
             .arg(exe)
-            .args(["--ignored", "--exact", "neighbor_watch_child", "--nocapture", "--test-threads=1"])
+            .args(["--ignored", "--exact", &child_test_name(), "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, ips.join(","))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -356,6 +356,15 @@ impl Drop for Watcher {
         // Kill only the process started here (`ip netns exec` execs the test binary in place).
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The watcher's test name as libtest knows it, for `--exact`: its path in the test binary without the
+/// crate's name (`neighbor_netns::neighbor_watch_child`), taken from this module's path so it follows a move.
+fn child_test_name() -> String {
+    match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::neighbor_watch_child"),
+        None => "neighbor_watch_child".to_owned(),
     }
 }
 

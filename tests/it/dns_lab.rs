@@ -3,7 +3,7 @@
 //! second later. The name lives in the lab client namespace's own
 //! hosts file (`ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts).
 
-mod support;
+use crate::support;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

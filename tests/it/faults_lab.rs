@@ -2,7 +2,7 @@
 //! back, over and over) with clients through staybound, a double move inside one probe interval, a
 //! flapping address, and another service answering on the port.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

@@ -6,7 +6,7 @@
 //! connections a second; the figures in the README come from `STAYBOUND_UPGRADE_IDLE=5000
 //! STAYBOUND_UPGRADE_RATE=1000 cargo test --test upgrade -- --nocapture`.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

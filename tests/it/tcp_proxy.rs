@@ -1,7 +1,7 @@
 //! The TCP data path on real loopback sockets: bytes both ways, half-close, connect error classes,
 //! bind-before-connect, socket options read back, and max_connections.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! without staybound stays blocked), staybound's own probe session is spared (one epoch per move), and the
 //! sockets destroyed are counted.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};

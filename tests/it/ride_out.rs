@@ -1,7 +1,7 @@
 //! Riding out a takeover on loopback: held clients, retries under the budget, the hold deadline, and
 //! services that depend on others.
 
-mod support;
+use crate::support;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! A real client and server: redis-server (Debian's package) behind staybound, driven by redis-cli and
 //! redis-benchmark; what the client sees through staybound equals what it sees direct.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

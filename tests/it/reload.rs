@@ -5,7 +5,7 @@
 //! `backlog` and `freebind` apply to a kept listener, UDP flows follow a new upstream, and reloads every 200 ms
 //! under load lose nothing.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -2,7 +2,7 @@
 //! they prove the lab can model a logical-host failover before staybound's
 //! own failover tests rely on it. Each test skips loudly without root.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -3,7 +3,7 @@
 //! `role`) and holds new clients until it is primary again; a silent move is still caught within the
 //! bound `check` computes.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

@@ -1,7 +1,7 @@
 //! Riding out a takeover in the namespace lab: a closed-loop legacy client (SET then GET at about 200
 //! requests a second, one reconnect per request) through staybound and, beside it, direct.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Floods, slow and vanished clients, and an upstream that never reads, on loopback: staybound keeps
 //! working, refuses and counts what it must, and its memory stays bounded.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

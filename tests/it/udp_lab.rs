@@ -5,7 +5,7 @@
 //! the address it used; a listen address and a source address that are not on the host yet are bound when
 //! they appear.
 
-mod support;
+use crate::support;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The shipped monitoring (`deploy/prometheus/staybound-rules.yml`, `deploy/grafana/staybound-dashboard.json`)
 //! names only series a running staybound exports, and the rules pass `promtool` when it is installed.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! switchover; the server sees the configured `source`; the rules are gone after SIGTERM and SIGINT, replaced after a
 //! SIGKILL and a restart, removed by `staybound cleanup`, and a table of someone else's is never touched.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

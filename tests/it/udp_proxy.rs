@@ -4,7 +4,7 @@
 //! from 0 to 65 507 bytes, a burst of 100 000 datagrams with every loss accounted for, and 100 000 datagrams
 //! from thousands of spoofed-looking addresses that cannot lock out two real clients.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 //! budget of its own that slow clients cannot exhaust, and HTTP done right (405 with `Allow`, HEAD, JSON
 //! errors). Every refusal is counted.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -4,7 +4,7 @@
 //! while staybound is reloaded every 200 ms. A takeover onto a node that answers `-LOADING` for 5 s is one
 //! failover, and no client is released to it before it is ready.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
