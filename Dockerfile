@@ -46,7 +46,7 @@ LABEL org.opencontainers.image.title="staybound" \
       org.opencontainers.image.licenses="Apache-2.0"
 # packaging/image-check.sh supplies /out/staybound through `--build-context builder=DIR`: keep the path.
 COPY --from=builder /out/staybound /usr/local/bin/staybound
-# A loopback-only default (config/image.toml; tests/cli.rs checks that it stays so).
+# A loopback-only default (config/image.toml; tests/it/cli.rs checks that it stays so).
 COPY config/image.toml /etc/staybound/staybound.toml
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without looking the name up.
 USER 65532:65532

@@ -7,7 +7,7 @@
 //!   one problem and renders as a non-empty message;
 //! * on success, `check::report(&config)` does not panic and every service's `bounds(svc)` is finite.
 //!
-//! Seeds: fuzz/seeds/config (the shipped configs and the bad configs of tests/cli.rs); dictionary:
+//! Seeds: fuzz/seeds/config (the shipped configs and the bad configs of tests/it/cli.rs); dictionary:
 //! fuzz/dict/toml.dict (the config's tables, keys and typical values).
 #![no_main]
 

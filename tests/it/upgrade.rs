@@ -4,7 +4,7 @@
 //!
 //! `STAYBOUND_UPGRADE_IDLE` (default 500) idle sessions and `STAYBOUND_UPGRADE_RATE` (default 300) new
 //! connections a second; the figures in the README come from `STAYBOUND_UPGRADE_IDLE=5000
-//! STAYBOUND_UPGRADE_RATE=1000 cargo test --test upgrade -- --nocapture`.
+//! STAYBOUND_UPGRADE_RATE=1000 cargo test --test it upgrade:: -- --nocapture`.
 
 use crate::support;
 
