@@ -58,7 +58,6 @@
 //! Thomas Habets, or `iputils-arping`; `STAYBOUND_ARPING` overrides the path).
 
 use std::collections::HashMap;
-use std::ffi::c_int;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, Read, Write as _};
@@ -95,15 +94,15 @@ pub const ENV_ARPING: &str = "STAYBOUND_ARPING";
 
 const NETNS_DIR: &str = "/run/netns";
 const DIR_PREFIX: &str = "staybound-lab-";
-/// Signal numbers for [`Lab::signal`] (Linux, x86_64 and aarch64).
-pub const SIGTERM: i32 = 15;
+/// Signal numbers for [`Lab::signal`].
+pub const SIGTERM: i32 = libc::SIGTERM;
 /// See [`SIGTERM`].
-pub const SIGKILL: i32 = 9;
+pub const SIGKILL: i32 = libc::SIGKILL;
 /// Freezes a process (a hung server: the kernel still completes TCP
 /// handshakes into its backlog, but nothing is answered). See [`SIGTERM`].
-pub const SIGSTOP: i32 = 19;
+pub const SIGSTOP: i32 = libc::SIGSTOP;
 /// Resumes a process stopped with [`SIGSTOP`].
-pub const SIGCONT: i32 = 18;
+pub const SIGCONT: i32 = libc::SIGCONT;
 const KILL_GRACE: Duration = Duration::from_secs(5);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_POLLS: u32 = 100_000;
@@ -214,7 +213,7 @@ pub fn in_named_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
         let h = s.spawn(move || {
             // SAFETY: setns on a valid, open namespace fd; it affects only this new thread, which ends
             // when `f` returns.
-            let rc = unsafe { sys::setns(nsfd.as_raw_fd(), sys::CLONE_NEWNET) };
+            let rc = unsafe { libc::setns(nsfd.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
             drop(nsfd);
             f()
@@ -235,21 +234,6 @@ pub fn list_netns() -> Vec<String> {
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_owned)
         .collect()
-}
-
-/// Minimal libc bindings (std links libc anyway; no extra crate needed).
-mod sys {
-    use std::ffi::{c_int, c_ulong};
-
-    pub const CLONE_NEWNET: c_int = 0x4000_0000;
-    pub const PR_SET_PDEATHSIG: c_int = 1;
-
-    unsafe extern "C" {
-        pub safe fn geteuid() -> u32;
-        pub safe fn kill(pid: c_int, sig: c_int) -> c_int;
-        pub fn setns(fd: c_int, nstype: c_int) -> c_int;
-        pub fn prctl(option: c_int, arg2: c_ulong, ...) -> c_int;
-    }
 }
 
 struct Tracked {
@@ -582,7 +566,9 @@ impl Lab {
         let t = find(&mut children, pid);
         if t.poll_exit().is_none() {
             self.note(&format!("signal {sig} -> pid {pid} [{}]", t.name));
-            sys::kill(pid as c_int, sig);
+            // SAFETY: kill(2) takes no pointers; `pid` is a child of ours that has not been reaped, so it
+            // names that child and no recycled process.
+            unsafe { libc::kill(pid as libc::pid_t, sig) };
         }
     }
 
@@ -938,7 +924,7 @@ fn spawner_loop(rx: mpsc::Receiver<SpawnReq>) {
         // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
         unsafe {
             c.pre_exec(|| {
-                if sys::prctl(sys::PR_SET_PDEATHSIG, SIGKILL as std::ffi::c_ulong) != 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, SIGKILL as libc::c_ulong) != 0 {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())
@@ -1066,7 +1052,8 @@ fn require_tool(prog: &str, package: &str) {
 }
 
 fn preflight() -> Result<(), String> {
-    if sys::geteuid() != 0 {
+    // SAFETY: geteuid(2) takes no arguments and always succeeds.
+    if unsafe { libc::geteuid() } != 0 {
         return Err("not running as root".to_owned());
     }
     if find_in_path("ip").is_none() {

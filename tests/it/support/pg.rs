@@ -15,7 +15,7 @@ pub const PG_PORT: u16 = 5432;
 /// The superuser's password (SCRAM-SHA-256), also the probe's.
 pub const PG_PASSWORD: &str = "lab-pg-pass-51c2";
 /// SIGINT: a postgres fast shutdown (SIGTERM would wait for every session to end).
-const SIGINT: i32 = 2;
+const SIGINT: i32 = libc::SIGINT;
 
 /// The newest installed server's binary `name`.
 pub fn bin(name: &str) -> String {
