@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::lab::wait_until as wait;
 use support::process::{Running, echo};
+use support::wait::wait_until as wait;
 
 const TOKEN: &str = "c0ffee0123456789abcdef0123456789";
 

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::lab::{Host, Lab, wait_until};
+use support::lab::{Host, Lab};
 use support::sidecar::BIN;
+use support::wait::wait_until;
 
 const ADMIN: &str = "127.0.0.1:9901";
 const UPSTREAM_PORT: u16 = 7000;

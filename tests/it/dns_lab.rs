@@ -9,8 +9,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use support::lab::{Host, Lab, poll};
+use support::lab::{Host, Lab};
 use support::sidecar::{BIN, LISTEN, bin};
+use support::wait::poll;
 
 /// /etc/netns/NAME/, removed by exact name on drop.
 struct NetnsEtc(PathBuf);

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use staybound::config::Config;
 use staybound::failover::bounds::bounds;
-use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, wait_until};
+use support::lab::{Host, LOGICAL, Lab, REDIS_PORT};
 use support::loadclient::LoadClient;
 use support::sidecar::{Blocked, Sidecar, margin, runs, wait_blocked};
+use support::wait::wait_until;
 
 fn logical() -> SocketAddr {
     SocketAddr::from((LOGICAL, REDIS_PORT))
@@ -97,7 +98,7 @@ fn measure(
 fn reaches(lab: &Lab, sc: &Sidecar<'_>, want: &str) {
     let listen = sc.listen();
     let mut got = None;
-    let reached = support::lab::poll(Duration::from_secs(10), || {
+    let reached = support::wait::poll(Duration::from_secs(10), || {
         got = lab.redis_run_id(
             Host::Client,
             match listen.ip() {
@@ -411,7 +412,7 @@ fn chaos(tag: &str, name: &str, act: impl Fn(&Lab) -> Instant) {
                 via.ended(Duration::from_secs(15)).expect("the client through staybound learned within 15 s");
             sc.wait_state("up", Duration::from_secs(5));
             // The detector may declare the move after the client learned of it: give it the time it would take.
-            support::lab::poll(Duration::from_secs(5), || sc.epoch() >= 2);
+            support::wait::poll(Duration::from_secs(5), || sc.epoch() >= 2);
             let epoch_after_move = sc.epoch();
             // (3) A closed-loop client rides a 2 s takeover back to node 1.
             let load = LoadClient::start(&lab, Host::Client, sc.listen(), Duration::from_secs(5), "chaos");

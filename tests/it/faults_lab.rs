@@ -8,9 +8,10 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, poll, wait_until};
+use support::lab::{Host, LOGICAL, Lab, REDIS_PORT};
 use support::loadclient::LoadClient;
 use support::sidecar::{Sidecar, margin, two_nodes};
+use support::wait::{poll, wait_until};
 
 /// Open file descriptors and resident memory (KiB) of a process.
 fn fds_and_rss(pid: u32) -> (usize, u64) {
@@ -348,6 +349,6 @@ fn random_loss_on_the_client_link_is_no_failover_and_a_move_under_it_is_still_ca
     }
     // why: the blocked session may end by its own upstream keep-alive meeting the new node's RST a moment
     // before the detector decides; the failover is awaited, then counted.
-    support::lab::wait_until("the move is counted", Duration::from_secs(5), || failovers(&sc) >= 1.0);
+    support::wait::wait_until("the move is counted", Duration::from_secs(5), || failovers(&sc) >= 1.0);
     assert_eq!(failovers(&sc), 1.0, "one move, one failover");
 }

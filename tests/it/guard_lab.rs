@@ -9,9 +9,10 @@ use crate::support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use support::lab::{Host, LOGICAL, REDIS_PORT, wait_until};
+use support::lab::{Host, LOGICAL, REDIS_PORT};
 use support::loadclient::{LoadClient, switchover};
 use support::sidecar::{Blocked, Sidecar, margin, runs, two_nodes, wait_blocked};
+use support::wait::wait_until;
 
 fn logical() -> SocketAddr {
     SocketAddr::from((LOGICAL, REDIS_PORT))

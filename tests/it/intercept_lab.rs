@@ -9,9 +9,10 @@ use crate::support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, SIGTERM, wait_until};
+use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, SIGTERM};
 use support::loadclient::switchover;
 use support::sidecar::{BIN, Blocked, Sidecar, margin, runs, two_nodes, wait_blocked};
+use support::wait::wait_until;
 
 fn logical() -> SocketAddr {
     SocketAddr::from((LOGICAL, REDIS_PORT))

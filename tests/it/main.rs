@@ -2,7 +2,7 @@
 //!
 //! why: each file under `tests/` used to be a binary of its own, and each compiled `support/` and linked
 //! the library again; one binary compiles and links them once. Run one file's tests with a filter on its
-//! module, e.g. `cargo test --test it neighbor_lab::` (nextest: `cargo nextest run -E 'test(/^neighbor_lab::/)'`).
+//! module, e.g. `cargo test --test it neighbor_lab::` (nextest: the same arguments).
 //!
 //! Loopback tests drive staybound in this process ([`support::proxy`]) or as a child process
 //! ([`support::process`]); the `*_lab` tests build network namespaces ([`support::lab`]) and need root.

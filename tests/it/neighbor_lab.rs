@@ -9,9 +9,10 @@ use crate::support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, wait_until};
+use support::lab::{Host, LOGICAL, Lab, REDIS_PORT};
 use support::loadclient::LoadClient;
 use support::sidecar::{Blocked, Sidecar, margin, runs, two_nodes, wait_blocked};
+use support::wait::wait_until;
 
 fn moves() -> usize {
     std::env::var("STAYBOUND_NEIGHBOR_MOVES").ok().and_then(|v| v.parse().ok()).unwrap_or(10)

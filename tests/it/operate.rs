@@ -9,8 +9,8 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use support::lab::wait_until as wait;
 use support::process::{BIN, Running, echo, round_trip, svc};
+use support::wait::wait_until as wait;
 
 #[test]
 fn reload_adds_changes_and_removes_while_a_session_keeps_flowing() {

@@ -10,9 +10,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::lab::{Host, Lab, REDIS_PORT, wait_until};
+use support::lab::{Host, Lab, REDIS_PORT};
 use support::pg::{PG_PASSWORD, PG_PORT, Pg};
 use support::sidecar::{Sidecar, margin, runs};
+use support::wait::wait_until;
 
 const REDIS_PASSWORD: &str = "lab-probe-pass-7f3a";
 

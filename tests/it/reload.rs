@@ -12,8 +12,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::lab::wait_until as wait;
 use support::process::{Running, echo, round_trip, svc};
+use support::wait::wait_until as wait;
 
 const HEAD: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
 

@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use support::lab::{Host, LOGICAL, Lab, wait_until};
+use support::lab::{Host, LOGICAL, Lab};
 use support::proxy::metric_in;
 use support::sidecar::BIN;
+use support::wait::wait_until;
 
 const PORT: u16 = 7000;
 const ADMIN: &str = "127.0.0.1:9901";

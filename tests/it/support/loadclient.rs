@@ -146,7 +146,7 @@ fn request(
 /// `dial`: `from`'s service stops, the address moves, `to`'s service starts 2 s later.
 pub fn switchover(lab: &Lab, dial: SocketAddr, from: Host, to: Host, tag: &'static str) -> Stats {
     let load = LoadClient::start(lab, Host::Client, dial, Duration::from_secs(5), tag);
-    super::lab::wait_until("the closed-loop client runs", Duration::from_secs(5), || load.ok_so_far() >= 100);
+    super::wait::wait_until("the closed-loop client runs", Duration::from_secs(5), || load.ok_so_far() >= 100);
     let t0 = Instant::now();
     lab.stop_redis(from);
     lab.move_logical(from, to, true);
@@ -154,7 +154,7 @@ pub fn switchover(lab: &Lab, dial: SocketAddr, from: Host, to: Host, tag: &'stat
     std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
     lab.start_redis(to);
     let before = load.ok_so_far();
-    super::lab::wait_until("the closed-loop client is served by the new node", Duration::from_secs(10), || {
+    super::wait::wait_until("the closed-loop client is served by the new node", Duration::from_secs(10), || {
         load.ok_so_far() >= before + 100
     });
     load.finish()

@@ -7,3 +7,4 @@ pub mod pg;
 pub mod process;
 pub mod proxy;
 pub mod sidecar;
+pub mod wait;

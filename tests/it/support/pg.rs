@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::lab::{Host, Lab, wait_until};
+use super::lab::{Host, Lab};
+use super::wait::wait_until;
 
 /// The port every lab postgres listens on.
 pub const PG_PORT: u16 = 5432;
@@ -167,7 +168,7 @@ impl Drop for Pg<'_> {
         for (_, pid) in self.running.lock().unwrap().drain(..) {
             if self.lab.is_running(pid) {
                 self.lab.signal(pid, SIGINT);
-                let _ = super::lab::poll(Duration::from_secs(10), || !self.lab.is_running(pid));
+                let _ = super::wait::poll(Duration::from_secs(10), || !self.lab.is_running(pid));
             }
         }
     }

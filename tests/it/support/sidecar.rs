@@ -6,7 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::lab::{Host, LOGICAL, Lab, REDIS_PORT, wait_until};
+use super::lab::{Host, LOGICAL, Lab, REDIS_PORT};
+use super::wait::wait_until;
 use staybound::config::Config;
 use staybound::failover::bounds::{Bounds, bounds};
 
