@@ -1,5 +1,4 @@
 //! Test harnesses shared by the integration tests.
-#![allow(dead_code)]
 
 pub mod lab;
 pub mod loadclient;

@@ -140,11 +140,6 @@ impl Lab {
         let state = words.last().copied().unwrap_or_default().to_owned();
         Some(Neigh { lladdr, state })
     }
-
-    /// Flushes `viewer`'s neighbour table on eth0.
-    pub fn flush_neigh(&self, viewer: Host) {
-        self.ip(&format!("-n {} neigh flush dev eth0", self.ns_name(viewer)));
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -230,19 +230,9 @@ impl Lab {
         &self.prefix
     }
 
-    /// The tag given to [`Lab::new`].
-    pub fn tag(&self) -> &str {
-        &self.tag
-    }
-
     /// Network namespace name of `host`, for `ip netns exec NAME ...`.
     pub fn ns_name(&self, host: Host) -> &str {
         &self.ns[host.idx()]
-    }
-
-    /// Name of the internal switch namespace holding `br0`.
-    pub fn switch_ns(&self) -> &str {
-        &self.switch
     }
 
     /// Per-lab temp directory holding logs (`*.stdout`, `*.stderr`,
