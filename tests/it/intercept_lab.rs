@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, SIGTERM};
 use support::loadclient::switchover;
-use support::sidecar::{BIN, Blocked, Sidecar, margin, runs, two_nodes, wait_blocked};
+use support::sidecar::{BIN, Blocked, Sidecar, announced_moves, margin, runs, two_nodes, wait_blocked};
 use support::wait::wait_until;
 
 fn logical() -> SocketAddr {
@@ -282,27 +282,7 @@ fn an_announced_move_ends_the_redirected_session_within_200ms() {
     );
     sc.wait_state("up", Duration::from_secs(5));
     wait_until("the neighbour watch runs", Duration::from_secs(5), || sc.status()["neighbor_watch"] == "watching");
-    let mut times = Vec::new();
-    let (mut from, mut to) = (Host::Node1, Host::Node2);
-    for _ in 0..3 * runs() {
-        let epoch = sc.epoch();
-        let client = Blocked::start(&lab, Host::Client, logical());
-        wait_blocked(&lab, from, 1);
-        let t0 = Instant::now();
-        lab.move_logical(from, to, true);
-        let (t1, how) = client.ended(Duration::from_secs(10)).expect("the blocked session ended");
-        let took = t1.duration_since(t0);
-        eprintln!(
-            "FIGURES transparent, announced move {} -> {}: client dialling {} {how} after {:.1} ms",
-            from.role(),
-            to.role(),
-            logical(),
-            took.as_secs_f64() * 1000.0
-        );
-        times.push(took);
-        wait_until("the new epoch is up", Duration::from_secs(5), || sc.epoch() > epoch && sc.state() == "up");
-        std::mem::swap(&mut from, &mut to);
-    }
+    let mut times = announced_moves(&lab, &sc, logical(), 3 * runs(), "FIGURES transparent, announced move");
     times.sort();
     let limit = Duration::from_millis(200) + margin() / 2;
     assert!(times[times.len() / 2] <= Duration::from_millis(200), "median {:?}", times[times.len() / 2]);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use support::lab::{Host, LOGICAL, Lab, REDIS_PORT};
 use support::loadclient::LoadClient;
-use support::sidecar::{Blocked, Sidecar, margin, runs, two_nodes, wait_blocked};
+use support::sidecar::{Blocked, Sidecar, announced_moves, margin, runs, two_nodes, wait_blocked};
 use support::wait::wait_until;
 
 fn moves() -> usize {
@@ -26,26 +26,7 @@ fn an_announced_move_ends_the_session_within_200ms() {
     let sc = Sidecar::start(&lab, "[service.probe]\nsplit_brain_window = \"0s\"\n");
     sc.wait_state("up", Duration::from_secs(5));
     wait_until("the neighbour watch runs", Duration::from_secs(5), || sc.status()["neighbor_watch"] == "watching");
-    let mut times = Vec::new();
-    let (mut from, mut to) = (Host::Node1, Host::Node2);
-    for i in 0..moves() {
-        let epoch = sc.epoch();
-        let client = Blocked::start(&lab, Host::Client, sc.listen());
-        wait_blocked(&lab, from, 1);
-        let t0 = Instant::now();
-        lab.move_logical(from, to, true);
-        let (t1, how) = client.ended(Duration::from_secs(10)).expect("the blocked session ended");
-        let took = t1.duration_since(t0);
-        eprintln!(
-            "move {i}: {} -> {}: session {how} after {:.1} ms",
-            from.role(),
-            to.role(),
-            took.as_secs_f64() * 1000.0
-        );
-        times.push(took);
-        wait_until("the new epoch is up", Duration::from_secs(5), || sc.epoch() > epoch && sc.state() == "up");
-        std::mem::swap(&mut from, &mut to);
-    }
+    let mut times = announced_moves(&lab, &sc, sc.listen(), moves(), "move");
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     eprintln!(
@@ -105,19 +86,7 @@ fn the_same_announced_move_without_the_watch_waits_for_the_probe() {
     let sc = Sidecar::start(&lab, "[service.probe]\nneighbor = false\n");
     sc.wait_state("up", Duration::from_secs(5));
     assert_eq!(sc.status()["neighbor_watch"], "off: probe.neighbor = false");
-    let mut times = Vec::new();
-    let (mut from, mut to) = (Host::Node1, Host::Node2);
-    for _ in 0..moves().min(5) {
-        let epoch = sc.epoch();
-        let client = Blocked::start(&lab, Host::Client, sc.listen());
-        wait_blocked(&lab, from, 1);
-        let t0 = Instant::now();
-        lab.move_logical(from, to, true);
-        let (t1, _) = client.ended(Duration::from_secs(10)).expect("the blocked session ended");
-        times.push(t1.duration_since(t0));
-        wait_until("the new epoch is up", Duration::from_secs(5), || sc.epoch() > epoch && sc.state() == "up");
-        std::mem::swap(&mut from, &mut to);
-    }
+    let mut times = announced_moves(&lab, &sc, sc.listen(), moves().min(5), "move without the watch");
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     eprintln!(

@@ -205,3 +205,31 @@ pub fn two_nodes(tag: &str) -> Option<Lab> {
     lab.add_logical(Host::Node1, true);
     Some(lab)
 }
+
+/// Moves the logical address `n` times, announced, from node 1 to node 2 and back, each time under a new
+/// client blocked on `dial` (staybound's listener, or the logical host itself for transparent mode): how
+/// long after each move its blocked session ended, in the order of the moves. Each move's new epoch is up
+/// before the next one; a line per move goes to stderr, `label` first.
+pub fn announced_moves(lab: &Lab, sc: &Sidecar<'_>, dial: SocketAddr, n: usize, label: &str) -> Vec<Duration> {
+    let mut times = Vec::new();
+    let (mut from, mut to) = (Host::Node1, Host::Node2);
+    for i in 0..n {
+        let epoch = sc.epoch();
+        let client = Blocked::start(lab, Host::Client, dial);
+        wait_blocked(lab, from, 1);
+        let t0 = Instant::now();
+        lab.move_logical(from, to, true);
+        let (t1, how) = client.ended(Duration::from_secs(10)).expect("the blocked session ended");
+        let took = t1.duration_since(t0);
+        eprintln!(
+            "{label} {i}: {} -> {}: client dialling {dial} {how} after {:.1} ms",
+            from.role(),
+            to.role(),
+            took.as_secs_f64() * 1000.0
+        );
+        times.push(took);
+        wait_until("the new epoch is up", Duration::from_secs(5), || sc.epoch() > epoch && sc.state() == "up");
+        std::mem::swap(&mut from, &mut to);
+    }
+    times
+}
