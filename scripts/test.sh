@@ -32,5 +32,9 @@ python3 scripts/module-graph.py --check
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --locked --no-fail-fast "$@"
 else
+    # why: without nextest, libtest runs all of tests/it as threads of one process, where each file used to be
+    # a process of its own. That is safe: no test changes process-wide state (environment, signal handlers,
+    # limits, working directory); a lab names its namespaces by pid and a per-process counter and keeps its nft
+    # rules inside them; its children get PDEATHSIG from the lab's own spawner thread, not from a test thread.
     cargo test --locked --no-fail-fast "$@"
 fi
