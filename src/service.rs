@@ -287,7 +287,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_reload_keeps_the_release_slots_and_takes_the_new_rate() {
+    async fn a_reload_keeps_the_release_schedule_and_takes_the_new_rate() {
         let cfg = |rate: u32| {
             let text = format!(
                 "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n[service.hold]\nrelease_rate = {rate}\n"
@@ -297,18 +297,20 @@ mod tests {
         };
         let old = cfg(10);
         let lasting = Lasting::new(&old, ConnectCounts::unrecorded());
-        let now = Instant::now();
-        let rate = old.ride_out.release_rate.unwrap();
-        assert_eq!(lasting.pacer.slot(now, rate), now);
+        let t0 = Instant::now();
+        lasting.pacer.turn(old.ride_out.release_rate.unwrap()).await;
+        assert_eq!(Instant::now(), t0, "the first attempt goes at once");
         let pacer = lasting.pacer.clone();
         let new = cfg(20);
         lasting.reconfigure(&new);
-        assert!(Arc::ptr_eq(&pacer, &lasting.pacer), "the same slots after the reload");
-        // The slot taken before the reload is still taken: the next is 100 ms on, at the old spacing.
-        assert_eq!(
-            lasting.pacer.slot(now, new.ride_out.release_rate.unwrap()),
-            now + std::time::Duration::from_millis(100)
-        );
+        assert!(Arc::ptr_eq(&pacer, &lasting.pacer), "the same schedule after the reload");
+        // The turn taken before the reload still counts: the next waits out the old spacing (100 ms), the
+        // one after it the new one (50 ms).
+        let rate = new.ride_out.release_rate.unwrap();
+        lasting.pacer.turn(rate).await;
+        assert_eq!(Instant::now() - t0, std::time::Duration::from_millis(100));
+        lasting.pacer.turn(rate).await;
+        assert_eq!(Instant::now() - t0, std::time::Duration::from_millis(150));
         assert_eq!(new.ride_out.release_rate, Some(20));
         assert_eq!(cfg(0).ride_out.release_rate, None, "0: all at once");
     }

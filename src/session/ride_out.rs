@@ -27,6 +27,7 @@ use tracing::debug;
 
 use crate::failover::{HostState, HostView, Sign};
 use crate::oserror::ConnectClass;
+use crate::pace::Pacer;
 use crate::service::{CountGuard, Service};
 use crate::upstream::retry::Backoff;
 use crate::upstream::{ConnectError, Connector};
@@ -86,20 +87,16 @@ pub(super) async fn connect(
             wait_change(&mut view_rx, &mut deps, Some(now + pause), deadline, stop, gone).await?;
             continue;
         }
-        if let (Some(_), Some(rate)) = (&held, hold.release_rate) {
+        let pace = held.as_ref().and(hold.release_rate).map(|rate| (&*svc.pacer, rate));
+        if let Some((pacer, rate)) = pace {
             // why: every held client wakes on the same change of the view; unpaced, the whole herd would dial
             // the node that just took over in the same instant and overflow its listen queue.
-            let at = svc.pacer.slot(now, rate);
-            if at > now {
-                let gone = gone.get_or_insert_with(|| Box::pin(client_gone(client)));
-                tokio::select! {
-                    _ = sleep_until(at.min(deadline)) => {}
-                    _ = stop.cancelled() => return Err(Refusal::Shutdown),
-                    _ = gone.as_mut() => return Err(Refusal::ClientGone),
-                }
-                if Instant::now() >= deadline {
-                    return Err(Refusal::Deadline);
-                }
+            let gone = gone.get_or_insert_with(|| Box::pin(client_gone(client)));
+            tokio::select! {
+                _ = pacer.turn(rate) => {}
+                _ = sleep_until(deadline) => return Err(Refusal::Deadline),
+                _ = stop.cancelled() => return Err(Refusal::Shutdown),
+                _ = gone.as_mut() => return Err(Refusal::ClientGone),
             }
         }
         first = false;
@@ -111,7 +108,7 @@ pub(super) async fn connect(
         }
         let connector = svc.connector.load_full();
         let attempt = tokio::select! {
-            r = attempt(&connector, timeout, &mut view_rx) => r,
+            r = attempt(&connector, timeout, &mut view_rx, pace) => r,
             _ = stop.cancelled() => return Err(Refusal::Shutdown),
             _ = watching(&mut gone) => return Err(Refusal::ClientGone),
         };
@@ -154,10 +151,14 @@ pub(super) async fn connect(
 /// One connect attempt. When the detector's news comes while it is in flight (a new epoch, or the host back),
 /// a fresh attempt joins it and the first to connect wins: an attempt begun while the host was away may be
 /// waiting out a lost SYN or an unresolved neighbour entry for a second or more, which the news makes needless.
+///
+/// A held client's joining attempt takes a slot of the release pacer too (`pace`), so a view that changes
+/// twice during a release (down, then up in a new epoch) does not double the herd at the new node.
 async fn attempt(
     connector: &Connector,
     timeout: std::time::Duration,
     view: &mut watch::Receiver<HostView>,
+    pace: Option<(&Pacer, u32)>,
 ) -> Result<TcpStream, ConnectError> {
     let seen = {
         let v = view.borrow_and_update();
@@ -179,7 +180,12 @@ async fn attempt(
             }
         }
     }
-    let second = connector.connect(timeout);
+    let second = async {
+        if let Some((pacer, rate)) = pace {
+            pacer.turn(rate).await;
+        }
+        connector.connect(timeout).await
+    };
     tokio::pin!(second);
     tokio::select! {
         r = &mut first => match r {

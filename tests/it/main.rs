@@ -19,6 +19,7 @@ mod failover_lab;
 mod faults_lab;
 mod floods;
 mod guard_lab;
+mod herd_lab;
 mod intercept_lab;
 mod lab_smoke;
 mod monitoring;
