@@ -75,11 +75,14 @@ fn gate(tat: Option<Instant>, now: Instant, spacing: Duration) -> Option<Instant
 mod tests {
     use super::*;
 
+    /// When an attempt next wakes, which it is, its round, and the slot it woke for (`None`: it asks).
+    type Event = (Instant, usize, usize, Option<Instant>);
+
     /// Attempts that ask at the given times and wake `late(i, round)` after their slot: when each went.
     fn simulate(rate: u32, asks: &[Instant], late: impl Fn(usize, usize) -> Duration) -> Vec<Instant> {
         let (sp, mut next, mut tat, mut went) = (spacing(rate), None, None, Vec::new());
         // Attempts are processed in the order their next event comes; a heap of (time, attempt, round, slot).
-        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, usize, Option<Instant>)>> =
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<Event>> =
             asks.iter().enumerate().map(|(i, a)| std::cmp::Reverse((*a, i, 0, None))).collect();
         while let Some(std::cmp::Reverse((now, i, round, slot))) = heap.pop() {
             let passed = slot.and_then(|_| gate(tat, now, sp));
