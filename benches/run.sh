@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the benchmark: installs the load tools if they are missing (Debian, as root),
-# builds the staybound release binary, and runs benches/bench.py with the arguments given.
+# builds the staybound release binary and the plain tokio proxy it is compared with
+# (examples/plain_proxy.rs), and runs benches/bench.py with the arguments given.
 #
 #   benches/run.sh                      # 5 rounds, results in benches/results/latest.{md,svg,json}
 #   benches/run.sh --quick --rounds 1   # smoke run, about a minute
@@ -21,7 +22,8 @@ for a in "$@"; do
 done
 
 missing=()
-for tool in iperf3:iperf3 redis-server:redis-server redis-benchmark:redis-tools haproxy:haproxy; do
+for tool in iperf3:iperf3 redis-server:redis-server redis-benchmark:redis-tools haproxy:haproxy \
+  valgrind:valgrind strace:strace; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
 done
 if ((${#missing[@]})); then
@@ -31,12 +33,15 @@ if ((${#missing[@]})); then
     apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
       || { apt-get update >/dev/null && apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; }
   else
-    echo "run.sh: missing ${missing[*]} (Debian: apt-get install ${missing[*]}); haproxy is optional" >&2
+    echo "run.sh: missing ${missing[*]} (Debian: apt-get install ${missing[*]}); haproxy, valgrind and strace are optional" >&2
   fi
 fi
 
 if ((build)); then
   cargo build --release --locked
+  # why: a second command, so the staybound binary is the one `cargo build --release` makes: built together,
+  # the example's dev-dependencies would unify their features into staybound's crates.
+  cargo build --release --locked --example plain_proxy
 fi
 
 exec python3 benches/bench.py "${args[@]}"
