@@ -276,7 +276,7 @@ fn chaos_b(a: &str) -> String {
 }
 
 /// Sessions staybound carries to `node`'s redis: connections from the client host that sent a command (the
-/// held probe session sends none, so it shows `cmd=NULL`). Asked inside the node, over its loopback.
+/// probe connection sends none, so it shows `cmd=NULL`). Asked inside the node, over its loopback.
 fn sessions_at(lab: &Lab, node: Host) -> usize {
     let out = lab.try_exec_timeout(
         node,

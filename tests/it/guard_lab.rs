@@ -34,7 +34,7 @@ fn a_silent_move_aborts_the_direct_clients_sockets_at_the_epoch_s_end() {
 
         // Two unmodified clients straight to the logical host: they are what guard mode looks after.
         let blocked = [Blocked::start(&lab, Host::Client, logical()), Blocked::start(&lab, Host::Client, logical())];
-        // Both clients plus staybound's held probe session reach node 1.
+        // Both clients plus staybound's probe connection reach node 1.
         wait_blocked(&lab, Host::Node1, 2);
         let t0 = Instant::now();
         lab.move_logical(Host::Node1, Host::Node2, true);
@@ -75,7 +75,7 @@ fn a_silent_move_aborts_the_direct_clients_sockets_at_the_epoch_s_end() {
         assert_eq!(sweep["failed"].as_u64(), Some(0), "{st}");
         assert!(sc.metric("staybound_guard_sockets_destroyed_total", &[("service", "redis")]) >= 2.0);
         sc.wait_state("up", Duration::from_secs(5));
-        // The held probe session is staybound's own: spared, so the move made exactly one epoch.
+        // The probe connection is staybound's own: spared, so the move made exactly one epoch.
         assert_eq!(sc.epoch(), 2, "one epoch per move: {}", sc.status());
         // A client that reconnects by itself reaches the new node.
         let node2 = lab.redis_run_id(Host::Client, Host::Node2.addr()).unwrap();
