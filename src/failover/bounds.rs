@@ -20,7 +20,7 @@ pub struct Bounds {
 }
 
 impl Bounds {
-    pub(crate) fn warnings(&self) -> Vec<String> {
+    pub fn warnings(&self) -> Vec<String> {
         [
             ("a silent move", &self.silent_move),
             ("a black-holed host", &self.black_hole),
