@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::config::KeepaliveConfig;
 use crate::intercept;
 use crate::metrics::Outcome;
 use crate::oserror::{self, OsError};
@@ -21,8 +22,13 @@ use crate::session;
 use crate::sockopt;
 
 /// Accepts until `stop_accept`; sessions end on `stop_sessions`.
+///
+/// `tuned` is the keep-alive setting the listener's own options were set from (`sockopt::tune_listener`):
+/// accepted sockets inherit them, and only a client of a service whose setting differs (a reload changed it)
+/// is tuned one by one.
 pub(crate) async fn accept_loop(
     listener: Arc<TcpListener>,
+    tuned: Option<KeepaliveConfig>,
     svc: Arc<ArcSwap<Service>>,
     stop_accept: CancellationToken,
     stop_sessions: CancellationToken,
@@ -49,6 +55,9 @@ pub(crate) async fn accept_loop(
                 }
                 match current.limit.try_acquire() {
                     Some(permit) => {
+                        if tuned.as_ref() != Some(&current.cfg.keepalive) {
+                            sockopt::tune_client(&stream, &current.cfg.keepalive);
+                        }
                         tracker.spawn(session::serve(stream, peer, current, permit, stop_sessions.clone()));
                     }
                     None => {

@@ -384,7 +384,7 @@ impl Instance {
                             listeners.push((*addr, l));
                             continue;
                         }
-                        let l = sockopt::tcp_listener(*addr, s.backlog, s.freebind)
+                        let l = sockopt::tcp_listener(*addr, s.backlog, s.freebind, &s.keepalive)
                             .map_err(|source| StartError::Listen { service: s.name.clone(), addr: *addr, source })?;
                         listeners.push((*addr, Arc::new(l)));
                     }
@@ -524,8 +524,13 @@ impl Instance {
                         let addr = l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                         info!(service = %s.name, listen = %addr, upstream = %s.upstream, "listening");
                         addrs.push(addr);
+                        // why: accepted sockets inherit the listener's TCP options (Linux clones the
+                        // listening socket), so a listener that has them saves six system calls per client.
+                        // Read back, not assumed: a listener inherited from an older process may not.
+                        let tuned = sockopt::tuned_as(l, &s.keepalive).then(|| s.keepalive.clone());
                         self.background.spawn(listener::accept_loop(
                             l.clone(),
+                            tuned,
                             shared.clone(),
                             r.stop_accept.clone(),
                             self.stop_sessions.clone(),

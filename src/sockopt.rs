@@ -108,6 +108,33 @@ pub fn tune_client(stream: &TcpStream, keepalive: &KeepaliveConfig) {
     }
 }
 
+/// Sets on a listening socket the options `tune_client` sets on each accepted one: sockets it accepts
+/// inherit them (Linux clones the listening socket at accept). Best effort, like `tune_client`: what the
+/// listener has is read back by `tuned_as`.
+fn tune_listener(sock: &SockRef<'_>, keepalive: &KeepaliveConfig) {
+    let _ = sock.set_tcp_nodelay(true);
+    if let Some(idle) = keepalive.client_idle {
+        let _ = set_keepalive(sock, idle, keepalive);
+    }
+    if !keepalive.user_timeout.is_zero() {
+        let _ = sock.set_tcp_user_timeout(Some(keepalive.user_timeout));
+    }
+}
+
+/// Whether the sockets `listener` accepts have the client options of `keepalive` already (inherited from
+/// it), so `tune_client` need not set them one by one.
+pub(crate) fn tuned_as(listener: &TcpListener, keepalive: &KeepaliveConfig) -> bool {
+    let Ok(got) = read_back(&SockRef::from(listener)) else { return false };
+    let user_timeout = (!keepalive.user_timeout.is_zero()).then_some(keepalive.user_timeout);
+    let keepalive_ok = match keepalive.client_idle {
+        Some(idle) => {
+            got.keepalive && got.idle == idle && got.interval == keepalive.interval && got.count == keepalive.count
+        }
+        None => !got.keepalive,
+    };
+    got.nodelay && keepalive_ok && got.user_timeout == user_timeout
+}
+
 /// Ends a session's socket with RST instead of FIN when the stream is dropped.
 pub(crate) fn reset_on_close(stream: &TcpStream) {
     // why: SO_LINGER 0 makes close() send RST; a legacy client blocked in read() gets ECONNRESET at once,
@@ -129,11 +156,17 @@ pub(crate) fn set_freebind(socket: &Socket, ip: IpAddr) -> io::Result<()> {
     }
 }
 
-/// A listening TCP socket with the given backlog.
+/// A listening TCP socket with the given backlog, with the client options of `keepalive` set before it
+/// listens (see `tune_listener`).
 ///
 /// # Errors
 /// Bind or listen failures (address in use, address not on this host without `freebind`).
-pub(crate) fn tcp_listener(addr: SocketAddr, backlog: u32, freebind: bool) -> io::Result<TcpListener> {
+pub(crate) fn tcp_listener(
+    addr: SocketAddr,
+    backlog: u32,
+    freebind: bool,
+    keepalive: &KeepaliveConfig,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     // why: a restart must not wait for TIME_WAIT sessions of the previous process.
     socket.set_reuse_address(true)?;
@@ -144,6 +177,7 @@ pub(crate) fn tcp_listener(addr: SocketAddr, backlog: u32, freebind: bool) -> io
         set_freebind(&socket, addr.ip())?;
     }
     socket.bind(&addr.into())?;
+    tune_listener(&SockRef::from(&socket), keepalive);
     // why: after a failover every held client comes back at once; a small backlog would drop SYNs.
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     TcpListener::from_std(std::net::TcpListener::from(socket))
@@ -337,7 +371,8 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_client_sockets_get_keepalive_and_the_user_timeout() {
-        let listener = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::from_std(plain.into_std().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
@@ -366,5 +401,42 @@ mod tests {
         tune_client(&plain, &KeepaliveConfig { user_timeout: Duration::ZERO, client_idle: None, ..ka });
         let got = read_back(&SockRef::from(&plain)).unwrap();
         assert_eq!((got.keepalive, got.user_timeout), (false, None), "\"0s\" and \"off\" leave them unset");
+    }
+
+    /// The kernel decides: sockets accepted from a listener tuned at bind carry its options with no call of
+    /// their own, and `tuned_as` says so; a listener bound elsewhere (an older process's) is not taken as
+    /// tuned.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_options_of_a_tuned_listener() {
+        let ka = KeepaliveConfig {
+            idle: Duration::from_secs(1),
+            interval: Duration::from_secs(2),
+            count: 4,
+            user_timeout: Duration::from_millis(2500),
+            client_idle: Some(Duration::from_secs(7)),
+        };
+        let listener = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false, &ka).unwrap();
+        assert!(tuned_as(&listener, &ka));
+        let other = KeepaliveConfig { client_idle: Some(Duration::from_secs(8)), ..ka.clone() };
+        assert!(!tuned_as(&listener, &other), "another client_idle is not what the listener has");
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let got = read_back(&SockRef::from(&accepted)).unwrap();
+        assert_eq!(
+            got,
+            ReadBack {
+                keepalive: true,
+                idle: Duration::from_secs(7),
+                interval: Duration::from_secs(2),
+                count: 4,
+                user_timeout: Some(Duration::from_millis(2500)),
+                nodelay: true,
+            }
+        );
+        let off = KeepaliveConfig { user_timeout: Duration::ZERO, client_idle: None, ..ka };
+        let bare = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false, &off).unwrap();
+        assert!(tuned_as(&bare, &off), "\"off\" and \"0s\": nothing to set but no-delay");
+        let elsewhere = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(!tuned_as(&elsewhere, &off), "no no-delay on a listener bound without it");
     }
 }

@@ -67,7 +67,7 @@ pub(crate) const BUDGET_MIN_PER_SEC: i64 = 10;
 /// `hold.budget_window`.
 pub(crate) const BUDGET_WINDOW: Duration = secs(10);
 /// `hold.release_rate`: held clients released per second after a takeover (0: all at once).
-pub(crate) const RELEASE_RATE: i64 = 20_000;
+pub(crate) const RELEASE_RATE: i64 = 10_000;
 
 // [service.udp]
 /// `udp.flow_idle`.

@@ -32,7 +32,6 @@ pub(crate) async fn serve(
     _permit: Permit,
     stop: CancellationToken,
 ) {
-    sockopt::tune_client(&client, &svc.cfg.keepalive);
     let name = &svc.cfg.name;
     let (upstream, view) = match ride_out::connect(&svc, &client, &stop).await {
         Ok(ok) => ok,
