@@ -93,18 +93,21 @@ pub fn tune_client(stream: &TcpStream, keepalive: &KeepaliveConfig) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY on a client socket");
     }
-    if let Some(idle) = keepalive.client_idle {
+    // why: "off" is set too, not left alone: an accepted socket inherits its listener's options, which a
+    // reload may have turned off since the listener was tuned.
+    let set = match keepalive.client_idle {
         // why: a client that crashed or was cut off would otherwise hold its session and upstream forever.
-        if let Err(e) = set_keepalive(&sock, idle, keepalive) {
-            tracing::warn!(error = %e, "could not set keep-alive on a client socket");
-        }
+        Some(idle) => set_keepalive(&sock, idle, keepalive),
+        None => sock.set_keepalive(false),
+    };
+    if let Err(e) = set {
+        tracing::warn!(error = %e, "could not set keep-alive on a client socket");
     }
-    if !keepalive.user_timeout.is_zero() {
-        // why: keep-alive probes wait while data is unacknowledged; a client that vanished with bytes in
-        // flight to it would pin its session for the kernel's ~15 minutes of retransmissions.
-        if let Err(e) = sock.set_tcp_user_timeout(Some(keepalive.user_timeout)) {
-            tracing::warn!(error = %e, "could not set TCP_USER_TIMEOUT on a client socket");
-        }
+    // why: keep-alive probes wait while data is unacknowledged; a client that vanished with bytes in flight
+    // to it would pin its session for the kernel's ~15 minutes of retransmissions.
+    let user_timeout = (!keepalive.user_timeout.is_zero()).then_some(keepalive.user_timeout);
+    if let Err(e) = sock.set_tcp_user_timeout(user_timeout) {
+        tracing::warn!(error = %e, "could not set TCP_USER_TIMEOUT on a client socket");
     }
 }
 

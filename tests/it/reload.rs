@@ -574,3 +574,35 @@ fn reloads_every_200ms_lose_no_request_and_never_exceed_max_connections() {
     assert!(refused_limit > 0.0, "the limit was reached, so it was tested");
     assert_eq!(sb.metric("staybound_epoch", &[("service", "chaos")]), 1.0, "no reload was taken for a failover");
 }
+
+/// Whether staybound's side of `client`'s session (accepted on `listen`) runs a keep-alive timer, as `ss -o`
+/// shows it.
+fn accepted_keepalive(listen: SocketAddr, client: &TcpStream) -> bool {
+    let (sport, dport) = (format!(":{}", listen.port()), format!(":{}", client.local_addr().unwrap().port()));
+    let filter = ["(", "sport", "=", &sport, "and", "dport", "=", &dport, ")"];
+    let out = Command::new("ss").args(["-Htno", "state", "established"]).args(filter).output().expect("ss runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(text.lines().count(), 1, "one accepted socket: {text}");
+    text.contains("timer:(keepalive")
+}
+
+/// Accepted sockets take the client options from the listener (set once, inherited); a reload that changes
+/// them reaches the clients accepted after it on the same listener.
+#[test]
+fn client_keepalive_comes_from_the_listener_and_a_reload_changes_it() {
+    let up = echo();
+    let ka = |idle: &str| format!("[service.keepalive]\nclient_idle = \"{idle}\"\n");
+    let sb = Running::start(&format!("{HEAD}{}", svc("ka", up, &ka("7s"))));
+    let listen = sb.listens()["ka"][0];
+    let mut first = TcpStream::connect(listen).unwrap();
+    round_trip(&mut first, b"a");
+    assert!(accepted_keepalive(listen, &first), "client_idle 7s from the listener");
+    reload(&sb, &format!("{HEAD}{}", svc_at("ka", listen, up, &ka("off"))), 1.0);
+    let mut second = TcpStream::connect(listen).unwrap();
+    round_trip(&mut second, b"b");
+    assert!(!accepted_keepalive(listen, &second), "client_idle off after the reload, on the same listener");
+    reload(&sb, &format!("{HEAD}{}", svc_at("ka", listen, up, &ka("5s"))), 2.0);
+    let mut third = TcpStream::connect(listen).unwrap();
+    round_trip(&mut third, b"c");
+    assert!(accepted_keepalive(listen, &third), "client_idle 5s after the second reload");
+}
