@@ -372,6 +372,29 @@ pub(crate) fn last_ack_age(stream: &TcpStream) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    /// Client options of every kind: keep-alive after 7 s, every 2 s, 4 probes; a 2.5 s user timeout.
+    fn client_keepalive() -> KeepaliveConfig {
+        KeepaliveConfig {
+            idle: Duration::from_secs(1),
+            interval: Duration::from_secs(2),
+            count: 4,
+            user_timeout: Duration::from_millis(2500),
+            client_idle: Some(Duration::from_secs(7)),
+        }
+    }
+
+    /// What a client socket tuned with `client_keepalive` reads back.
+    fn tuned_client() -> ReadBack {
+        ReadBack {
+            keepalive: true,
+            idle: Duration::from_secs(7),
+            interval: Duration::from_secs(2),
+            count: 4,
+            user_timeout: Some(Duration::from_millis(2500)),
+            nodelay: true,
+        }
+    }
+
     #[tokio::test]
     async fn accepted_client_sockets_get_keepalive_and_the_user_timeout() {
         let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -379,26 +402,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        let ka = KeepaliveConfig {
-            idle: Duration::from_secs(1),
-            interval: Duration::from_secs(2),
-            count: 4,
-            user_timeout: Duration::from_millis(2500),
-            client_idle: Some(Duration::from_secs(7)),
-        };
+        let ka = client_keepalive();
         tune_client(&accepted, &ka);
         let got = read_back(&SockRef::from(&accepted)).unwrap();
-        assert_eq!(
-            got,
-            ReadBack {
-                keepalive: true,
-                idle: Duration::from_secs(7),
-                interval: Duration::from_secs(2),
-                count: 4,
-                user_timeout: Some(Duration::from_millis(2500)),
-                nodelay: true,
-            }
-        );
+        assert_eq!(got, tuned_client());
         let _other = std::net::TcpStream::connect(addr).unwrap();
         let (plain, _) = listener.accept().await.unwrap();
         tune_client(&plain, &KeepaliveConfig { user_timeout: Duration::ZERO, client_idle: None, ..ka });
@@ -411,13 +418,7 @@ mod tests {
     /// tuned.
     #[tokio::test]
     async fn accepted_sockets_inherit_the_options_of_a_tuned_listener() {
-        let ka = KeepaliveConfig {
-            idle: Duration::from_secs(1),
-            interval: Duration::from_secs(2),
-            count: 4,
-            user_timeout: Duration::from_millis(2500),
-            client_idle: Some(Duration::from_secs(7)),
-        };
+        let ka = client_keepalive();
         let listener = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false, &ka).unwrap();
         assert!(tuned_as(&listener, &ka));
         let other = KeepaliveConfig { client_idle: Some(Duration::from_secs(8)), ..ka.clone() };
@@ -425,17 +426,7 @@ mod tests {
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         let got = read_back(&SockRef::from(&accepted)).unwrap();
-        assert_eq!(
-            got,
-            ReadBack {
-                keepalive: true,
-                idle: Duration::from_secs(7),
-                interval: Duration::from_secs(2),
-                count: 4,
-                user_timeout: Some(Duration::from_millis(2500)),
-                nodelay: true,
-            }
-        );
+        assert_eq!(got, tuned_client());
         let off = KeepaliveConfig { user_timeout: Duration::ZERO, client_idle: None, ..ka };
         let bare = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false, &off).unwrap();
         assert!(tuned_as(&bare, &off), "\"off\" and \"0s\": nothing to set but no-delay");
