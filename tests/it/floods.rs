@@ -230,3 +230,53 @@ fn a_five_thousand_connection_burst_fits_the_backlog() {
     assert_eq!(ok, 5000);
     assert_eq!(after, before, "no connection dropped by a full listen queue");
 }
+
+/// Idle sessions cost little memory: a session task is sized for the relay, not for the connect phase.
+/// Regression: the connect phase's state (2.3 KiB) sat in every session's task, and 8 000 idle
+/// connections cost 3.99 KiB each against 2.05 KiB once it was boxed (release builds, `benches/`).
+#[test]
+fn an_idle_session_costs_under_three_kib() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = l.local_addr().unwrap();
+    // The upstream accepts and keeps every connection, never reading: the sessions stay idle.
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for s in l.incoming() {
+            let Ok(s) = s else { break };
+            kept.push(s);
+        }
+    });
+    let sb = Running::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"idle\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\nmax_connections = 10000\n[service.probe]\nmode = \"off\"\n"
+    ));
+    let listen = sb.listens()["idle"][0];
+    let active = || sb.metric("staybound_client_connections_active", &[("service", "idle")]);
+    const BATCH: usize = 250;
+    const BATCHES: usize = 18;
+    let mut clients: Vec<TcpStream> = Vec::new();
+    let mut points: Vec<(f64, f64)> = Vec::new();
+    for b in 0..BATCHES {
+        // why: in batches, each awaited, so at most a batch is in the connect phase at once: the memory
+        // that phase frees stays with the allocator, and a burst would measure the burst.
+        clients.extend((0..BATCH).map(|_| TcpStream::connect(listen).unwrap()));
+        let want = clients.len() as f64;
+        wait("every client's session is relaying", Duration::from_secs(60), || active() >= want);
+        // The first batches warm up what is made once (runtime, buffer pool, the allocator's first pages).
+        if b >= 2 {
+            points.push((want, rss_kib(sb.child.id()) as f64));
+        }
+    }
+    // why: the allocator takes memory from the kernel in 2 MiB steps; the slope of a least-squares line
+    // through every batch's RSS is the cost of a session, where two points would measure the steps.
+    let n = points.len() as f64;
+    let (mx, my) = (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let per = sxy / sxx;
+    let (first, last) = (points[0], points[points.len() - 1]);
+    eprintln!(
+        "FIGURES idle sessions: staybound RSS {} KiB at {} sessions, {} KiB at {}: {per:.2} KiB each (fitted)",
+        first.1, first.0, last.1, last.0
+    );
+    assert!(per < 3.0, "an idle session costs {per:.2} KiB (about 4 when its task carried the connect phase)");
+}

@@ -28,12 +28,13 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// Starts `staybound run` on `text`; returns once the admin endpoint and every listener are up.
+    /// Starts `staybound run` (`sidecar::bin()`: `STAYBOUND_BIN` runs another build) on `text`; returns once
+    /// the admin endpoint and every listener are up.
     pub fn start(text: &str) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("s.toml");
         std::fs::write(&config, text).unwrap();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(super::sidecar::bin())
             .args(["--log-format", "json", "--log-level", "debug", "run", "--config"])
             .arg(&config)
             .stderr(Stdio::piped())
