@@ -5,18 +5,23 @@
 //! per-thread pool for as long as the bytes it read are not yet written, and gives it back. Backpressure
 //! is the kernel's: a direction whose writer is full stops reading. Per read there is one atomic add for
 //! the byte counter and nothing else: no lock, allocation or channel send.
+//!
+//! A wake-up polls only the direction that has work: each direction remembers that it registered the
+//! session's waker for readability (it is *armed*), and an armed direction whose socket the reactor has not
+//! marked readable since costs one atomic load, not a readiness poll (a lock and a waker compare).
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use metrics::Counter;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::task::coop;
 
 /// Size of one relay buffer.
 pub(super) const BUF_SIZE: usize = 32 * 1024;
@@ -59,13 +64,27 @@ struct Pipe {
     buf: Option<Box<[u8]>>,
     pos: usize,
     end: usize,
+    /// The last read was short: it emptied the socket, and the reactor's readiness for it was cleared.
+    drained: bool,
+    /// The reader's readiness poll returned `Pending`: the reactor holds the session's waker for `from`
+    /// and takes it only when it marks `from` readable, so until the readiness is seen set there is
+    /// nothing to poll. Cleared when the readiness is seen, and by `relay` if the session's waker changes.
+    armed: bool,
     eof: bool,
     done: bool,
 }
 
+/// What a read found.
+enum Got {
+    /// The reactor has not marked the socket readable: no syscall was made.
+    NotReady,
+    /// The socket was read (or the read failed).
+    Done(io::Result<usize>),
+}
+
 impl Pipe {
     fn new() -> Pipe {
-        Pipe { buf: None, pos: 0, end: 0, eof: false, done: false }
+        Pipe { buf: None, pos: 0, end: 0, drained: false, armed: false, eof: false, done: false }
     }
 
     /// Copies from `from` to `to` until `from` ends and the end is passed on.
@@ -84,10 +103,13 @@ impl Pipe {
             }
             if let Some(buf) = &self.buf {
                 if self.pos < self.end {
-                    ready!(to.0.poll_write_ready(cx)).map_err(err(to.1))?;
+                    // why: the write is tried first; `try_write` makes no syscall unless the reactor says
+                    // the socket is writable, and a readiness poll is needed only to register for it.
                     match to.0.try_write(&buf[self.pos..self.end]) {
                         Ok(n) => self.pos += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            ready!(to.0.poll_write_ready(cx)).map_err(err(to.1))?;
+                        }
                         Err(e) => return Poll::Ready(Err(err(to.1)(e))),
                     }
                     continue;
@@ -107,46 +129,70 @@ impl Pipe {
                 self.done = true;
                 continue;
             }
-            ready!(from.0.poll_read_ready(cx)).map_err(err(from.1))?;
-            let mut buf = take_buf();
-            match read_once(from.0, &mut buf) {
-                Ok(0) => {
-                    give_buf(buf);
-                    self.eof = true;
-                }
-                Ok(n) => {
+            if self.drained {
+                // The socket is known empty: register for its next data (or find it already there).
+                self.drained = false;
+                ready!(self.poll_arm(cx, from.0)).map_err(err(from.1))?;
+            }
+            // why: a socket that always has data would never return `Pending`; the task budget makes a
+            // busy session yield to the others, as tokio's own readiness polls do.
+            let coop = ready!(coop::poll_proceed(cx));
+            match read_once(from.0, &mut self.buf, &mut self.drained) {
+                Got::NotReady if self.armed => return Poll::Pending,
+                Got::NotReady => ready!(self.poll_arm(cx, from.0)).map_err(err(from.1))?,
+                Got::Done(Ok(n)) if n > 0 => {
+                    self.armed = false;
+                    coop.made_progress();
                     bytes.increment(n as u64);
                     activity.fetch_add(1, Ordering::Relaxed);
-                    self.buf = Some(buf);
                     self.pos = 0;
                     self.end = n;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_buf(buf),
-                Err(e) => {
-                    give_buf(buf);
-                    return Poll::Ready(Err(err(from.1)(e)));
+                Got::Done(r) => {
+                    self.armed = false;
+                    if let Some(buf) = self.buf.take() {
+                        give_buf(buf);
+                    }
+                    match r {
+                        Ok(_) => self.eof = true,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(err(from.1)(e))),
+                    }
                 }
             }
         }
     }
+
+    /// Registers the session's waker for `from`'s readability; `Pending` arms the direction.
+    fn poll_arm(&mut self, cx: &mut Context<'_>, from: &TcpStream) -> Poll<io::Result<()>> {
+        let r = from.poll_read_ready(cx);
+        self.armed = r.is_pending();
+        r.map_ok(|_| ())
+    }
 }
 
-/// One read from a socket the reactor says is readable.
+/// One read into `slot` (a pool buffer, taken only if the read is made), made only if the reactor says
+/// the socket is readable. Sets `drained` when the read was short.
 ///
 /// why: a read shorter than the buffer drained the socket; telling the reactor so saves the read that
 /// would only return EAGAIN: one syscall in three on a request/response path. The reactor clears the
 /// readiness only for the event it reported, so data that arrives meanwhile is not missed.
-fn read_once(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+fn read_once(stream: &TcpStream, slot: &mut Option<Box<[u8]>>, drained: &mut bool) -> Got {
     let mut got = None;
     let r = stream.try_io(Interest::READABLE, || {
+        let buf = slot.get_or_insert_with(take_buf);
         let n = (&*SockRef::from(stream)).read(buf)?;
         got = Some(n);
         if n > 0 && n < buf.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(n) }
     });
     match (r, got) {
-        (Ok(n), _) => Ok(n),
-        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
-        (Err(e), _) => Err(e),
+        (Ok(n), _) => Got::Done(Ok(n)),
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => {
+            *drained = true;
+            Got::Done(Ok(n))
+        }
+        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock && slot.is_none() => Got::NotReady,
+        (Err(e), _) => Got::Done(Err(e)),
     }
 }
 
@@ -174,7 +220,15 @@ pub(super) async fn relay(
 ) -> Result<(), RelayError> {
     let mut up = Pipe::new();
     let mut down = Pipe::new();
+    let mut registered: Option<Waker> = None;
     poll_fn(|cx| {
+        // why: an armed direction relies on the reactor holding this waker; polled with another (never, as
+        // the session's task polls it, but cheap to make sure) both directions register again.
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            registered = Some(cx.waker().clone());
+            up.armed = false;
+            down.armed = false;
+        }
         let a = up.poll_copy(cx, (client, Side::Client), (upstream, Side::Upstream), to_upstream, activity)?;
         let b = down.poll_copy(cx, (upstream, Side::Upstream), (client, Side::Client), to_client, activity)?;
         match (a, b) {
