@@ -14,6 +14,12 @@ use staybound::upgrade;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+// why: a new connection makes three cache-line-aligned allocations (tokio's task and two I/O
+// registrations); glibc serves those through its slow aligned path, mimalloc from its size classes.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
 
