@@ -87,12 +87,14 @@ impl Pipe {
         Pipe { buf: None, pos: 0, end: 0, drained: false, armed: false, eof: false, done: false }
     }
 
-    /// Copies from `from` to `to` until `from` ends and the end is passed on.
+    /// Copies from `from` to `to` until `from` ends and the end is passed on. `to_ended`: the other
+    /// direction has read `to`'s end, so the relay ends with this direction and closes both sockets.
     fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
         from: (&TcpStream, Side),
         to: (&TcpStream, Side),
+        to_ended: bool,
         bytes: &Counter,
         activity: &AtomicU64,
     ) -> Poll<Result<(), RelayError>> {
@@ -120,7 +122,12 @@ impl Pipe {
             }
             if self.eof {
                 // why: a half-close is passed on, not turned into a full close: the other direction may
-                // still carry the reply.
+                // still carry the reply. When it has ended too, the close that follows sends the FIN
+                // (nothing is left unread on `to`, so it is not a reset): one system call fewer.
+                if to_ended {
+                    self.done = true;
+                    continue;
+                }
                 match SockRef::from(to.0).shutdown(Shutdown::Write) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
@@ -229,8 +236,9 @@ pub(super) async fn relay(
             up.armed = false;
             down.armed = false;
         }
-        let a = up.poll_copy(cx, (client, Side::Client), (upstream, Side::Upstream), to_upstream, activity)?;
-        let b = down.poll_copy(cx, (upstream, Side::Upstream), (client, Side::Client), to_client, activity)?;
+        let a =
+            up.poll_copy(cx, (client, Side::Client), (upstream, Side::Upstream), down.done, to_upstream, activity)?;
+        let b = down.poll_copy(cx, (upstream, Side::Upstream), (client, Side::Client), up.done, to_client, activity)?;
         match (a, b) {
             (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
             _ => Poll::Pending,
