@@ -172,6 +172,12 @@ impl Pipe {
 
     /// Registers the session's waker for `from`'s readability; `Pending` arms the direction.
     fn poll_arm(&mut self, cx: &mut Context<'_>, from: &TcpStream) -> Poll<io::Result<()>> {
+        // why: a readiness poll is `Pending` too when the task's budget is spent, and then it registers
+        // nothing with the reactor (the task is only rescheduled): that `Pending` must not arm.
+        if !coop::has_budget_remaining() {
+            self.armed = false;
+            ready!(coop::poll_proceed(cx)).made_progress();
+        }
         let r = from.poll_read_ready(cx);
         self.armed = r.is_pending();
         r.map_ok(|_| ())
@@ -245,4 +251,70 @@ pub(super) async fn relay(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::pin;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected loopback pair: (the end the relay gets, its peer).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (l.accept().await.unwrap().0, peer)
+    }
+
+    /// Takes up to `limit` units of the task's budget in this poll; returns how many it took.
+    fn spend(cx: &mut Context<'_>, limit: usize) -> usize {
+        let mut n = 0;
+        while n < limit {
+            match coop::poll_proceed(cx) {
+                Poll::Ready(r) => r.made_progress(),
+                Poll::Pending => break,
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Regression: a readiness poll that was `Pending` only because the task's budget was spent left the
+    /// direction armed (believed registered with the reactor) when no waker was registered, and the next
+    /// bytes from a one-way stream never woke the session (iperf3: 0 Gbit/s in two rounds of three).
+    #[tokio::test]
+    async fn a_direction_whose_budget_ran_out_still_wakes_for_its_next_bytes() {
+        let (client, mut client_peer) = pair().await;
+        let (upstream, mut upstream_peer) = pair().await;
+        let (bytes, activity) = (Counter::noop(), AtomicU64::new(0));
+        let mut relay = pin!(relay(&client, &upstream, &bytes, &bytes, &activity));
+        client_peer.write_all(b"a").await.unwrap();
+        client.readable().await.unwrap();
+        // How many budget units a poll has (tokio's constant), then a poll of the relay with one left:
+        // it reads the byte (a short read), relays it, and its readiness poll for more finds no budget.
+        // (Each measure starts a poll of its own: `yield_now` ends the one before.)
+        tokio::task::yield_now().await;
+        let units = poll_fn(|cx| Poll::Ready(spend(cx, usize::MAX))).await;
+        assert!(units > 1, "a poll has a budget ({units} units)");
+        tokio::task::yield_now().await;
+        poll_fn(|cx| {
+            assert_eq!(spend(cx, units - 1), units - 1);
+            assert!(relay.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        let mut got = [0u8; 1];
+        upstream_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"a");
+        client_peer.write_all(b"b").await.unwrap();
+        // why: a bound on a test that fails, not a pace: a stalled direction never wakes again.
+        tokio::select! {
+            r = &mut relay => panic!("the relay ended: {:?}", r.err()),
+            r = upstream_peer.read_exact(&mut got) => { r.unwrap(); }
+            () = tokio::time::sleep(Duration::from_secs(10)) => panic!("the second byte was never relayed"),
+        }
+        assert_eq!(&got, b"b");
+    }
 }

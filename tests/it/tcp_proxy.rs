@@ -280,3 +280,64 @@ async fn no_open_relay_whatever_the_client_sends() {
         1.0
     );
 }
+
+/// One direction only, the way iperf3 sends: nothing comes the other way to wake the session, so a
+/// direction that stops polling stalls for good. The stall iperf3 found (0 and 0.04 Gbit/s in two rounds
+/// of three: a readiness poll `Pending` only for want of task budget was taken for a registration) needs
+/// a timing this test does not force; `session::relay`'s unit test forces it. This is the end-to-end check.
+#[test]
+fn a_one_way_stream_never_stalls_either_way() {
+    use std::io::{Read, Write};
+    for client_sends in [true, false] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = l.local_addr().unwrap();
+        let sb =
+            support::process::Running::start(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{}", svc("oneway", up, "")));
+        let listen = sb.listens()["oneway"][0];
+        const TOTAL: usize = 512 << 20;
+        // why: a bound on a test that fails, not a pace: a stalled stream never moves again.
+        let stall = Some(Duration::from_secs(15));
+        let sender = move |mut s: std::net::TcpStream| {
+            s.set_write_timeout(stall).unwrap();
+            let chunk = vec![5u8; 128 * 1024];
+            let mut sent = 0;
+            while sent < TOTAL {
+                s.write_all(&chunk).expect("the stream stalled: a write blocked for 15 s");
+                sent += chunk.len();
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let _ = s.read(&mut [0u8; 1]); // until the other end closes
+        };
+        let receiver = move |mut s: std::net::TcpStream| -> usize {
+            s.set_read_timeout(stall).unwrap();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return got,
+                    Ok(n) => got += n,
+                    Err(e) => panic!("the stream stalled after {} MiB: {e}", got >> 20),
+                }
+            }
+        };
+        let upstream = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            if client_sends {
+                receiver(s)
+            } else {
+                sender(s);
+                TOTAL
+            }
+        });
+        let c = std::net::TcpStream::connect(listen).unwrap();
+        let got = if client_sends {
+            sender(c);
+            upstream.join().unwrap()
+        } else {
+            let got = receiver(c);
+            upstream.join().unwrap();
+            got
+        };
+        assert_eq!(got, TOTAL, "client sends: {client_sends}");
+    }
+}
