@@ -136,17 +136,24 @@ impl Pipe {
                 self.done = true;
                 continue;
             }
+            // why: a socket that always has data would never return `Pending`; the task budget makes a
+            // busy session yield to the others, as tokio's own readiness polls do. It is taken before a
+            // readiness poll too, and given back (dropped unused): a readiness poll is also `Pending` when
+            // the budget is spent, and then it registers nothing, so that `Pending` must not arm.
+            let coop = ready!(coop::poll_proceed(cx));
             if self.drained {
                 // The socket is known empty: register for its next data (or find it already there).
                 self.drained = false;
+                drop(coop);
                 ready!(self.poll_arm(cx, from.0)).map_err(err(from.1))?;
+                continue;
             }
-            // why: a socket that always has data would never return `Pending`; the task budget makes a
-            // busy session yield to the others, as tokio's own readiness polls do.
-            let coop = ready!(coop::poll_proceed(cx));
             match read_once(from.0, &mut self.buf, &mut self.drained) {
                 Got::NotReady if self.armed => return Poll::Pending,
-                Got::NotReady => ready!(self.poll_arm(cx, from.0)).map_err(err(from.1))?,
+                Got::NotReady => {
+                    drop(coop);
+                    ready!(self.poll_arm(cx, from.0)).map_err(err(from.1))?;
+                }
                 Got::Done(Ok(n)) if n > 0 => {
                     self.armed = false;
                     coop.made_progress();
@@ -170,14 +177,9 @@ impl Pipe {
         }
     }
 
-    /// Registers the session's waker for `from`'s readability; `Pending` arms the direction.
+    /// Registers the session's waker for `from`'s readability; `Pending` arms the direction. Called only
+    /// with budget left (see `poll_copy`), so a `Pending` is the reactor's, not the budget's.
     fn poll_arm(&mut self, cx: &mut Context<'_>, from: &TcpStream) -> Poll<io::Result<()>> {
-        // why: a readiness poll is `Pending` too when the task's budget is spent, and then it registers
-        // nothing with the reactor (the task is only rescheduled): that `Pending` must not arm.
-        if !coop::has_budget_remaining() {
-            self.armed = false;
-            ready!(coop::poll_proceed(cx)).made_progress();
-        }
         let r = from.poll_read_ready(cx);
         self.armed = r.is_pending();
         r.map_ok(|_| ())
@@ -283,38 +285,49 @@ mod tests {
 
     /// Regression: a readiness poll that was `Pending` only because the task's budget was spent left the
     /// direction armed (believed registered with the reactor) when no waker was registered, and the next
-    /// bytes from a one-way stream never woke the session (iperf3: 0 Gbit/s in two rounds of three).
+    /// bytes from a one-way stream never woke the session (iperf3: 0 Gbit/s in two rounds of three). The
+    /// relay is polled with 1, 2 and 3 units of budget left, so the budget runs out at each step of the
+    /// read, relay and register sequence.
     #[tokio::test]
     async fn a_direction_whose_budget_ran_out_still_wakes_for_its_next_bytes() {
-        let (client, mut client_peer) = pair().await;
-        let (upstream, mut upstream_peer) = pair().await;
-        let (bytes, activity) = (Counter::noop(), AtomicU64::new(0));
-        let mut relay = pin!(relay(&client, &upstream, &bytes, &bytes, &activity));
-        client_peer.write_all(b"a").await.unwrap();
-        client.readable().await.unwrap();
-        // How many budget units a poll has (tokio's constant), then a poll of the relay with one left:
-        // it reads the byte (a short read), relays it, and its readiness poll for more finds no budget.
-        // (Each measure starts a poll of its own: `yield_now` ends the one before.)
-        tokio::task::yield_now().await;
-        let units = poll_fn(|cx| Poll::Ready(spend(cx, usize::MAX))).await;
-        assert!(units > 1, "a poll has a budget ({units} units)");
-        tokio::task::yield_now().await;
-        poll_fn(|cx| {
-            assert_eq!(spend(cx, units - 1), units - 1);
-            assert!(relay.as_mut().poll(cx).is_pending());
-            Poll::Ready(())
-        })
-        .await;
-        let mut got = [0u8; 1];
-        upstream_peer.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"a");
-        client_peer.write_all(b"b").await.unwrap();
-        // why: a bound on a test that fails, not a pace: a stalled direction never wakes again.
-        tokio::select! {
-            r = &mut relay => panic!("the relay ended: {:?}", r.err()),
-            r = upstream_peer.read_exact(&mut got) => { r.unwrap(); }
-            () = tokio::time::sleep(Duration::from_secs(10)) => panic!("the second byte was never relayed"),
+        for left in 1..=3 {
+            let (client, mut client_peer) = pair().await;
+            let (upstream, mut upstream_peer) = pair().await;
+            let (bytes, activity) = (Counter::noop(), AtomicU64::new(0));
+            let mut relay = pin!(relay(&client, &upstream, &bytes, &bytes, &activity));
+            client_peer.write_all(b"a").await.unwrap();
+            client.readable().await.unwrap();
+            // How many budget units a poll has (tokio's constant), then a poll of the relay with `left`
+            // of them. (Each measure starts a poll of its own: `yield_now` ends the one before.)
+            tokio::task::yield_now().await;
+            let units = poll_fn(|cx| Poll::Ready(spend(cx, usize::MAX))).await;
+            assert!(units > left, "a poll has a budget ({units} units)");
+            tokio::task::yield_now().await;
+            poll_fn(|cx| {
+                assert_eq!(spend(cx, units - left), units - left);
+                assert!(relay.as_mut().poll(cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            let mut got = [0u8; 1];
+            upstream_peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"a");
+            client_peer.write_all(b"b").await.unwrap();
+            // why: a bound on a test that fails, not a pace: a stalled direction never wakes again.
+            tokio::select! {
+                r = &mut relay => panic!("the relay ended: {:?}", r.err()),
+                r = upstream_peer.read_exact(&mut got) => { r.unwrap(); }
+                () = tokio::time::sleep(Duration::from_secs(10)) => panic!("{left} units left: the second byte was never relayed"),
+            }
+            assert_eq!(&got, b"b");
+            // The other direction was first polled with what budget the first left: it must wake too.
+            upstream_peer.write_all(b"c").await.unwrap();
+            tokio::select! {
+                r = &mut relay => panic!("the relay ended: {:?}", r.err()),
+                r = client_peer.read_exact(&mut got) => { r.unwrap(); }
+                () = tokio::time::sleep(Duration::from_secs(10)) => panic!("{left} units left: the reply was never relayed"),
+            }
+            assert_eq!(&got, b"c");
         }
-        assert_eq!(&got, b"b");
     }
 }
