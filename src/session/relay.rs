@@ -258,7 +258,8 @@ pub(super) async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::pin;
+    use std::future::Future;
+    use std::pin::{Pin, pin};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -268,6 +269,20 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         (l.accept().await.unwrap().0, peer)
+    }
+
+    /// Reads one byte from `peer` while `relay` runs; `None` if none came within 10 s.
+    async fn one_byte<F>(relay: &mut Pin<&mut F>, peer: &mut TcpStream) -> Option<u8>
+    where
+        F: Future<Output = Result<(), RelayError>>,
+    {
+        let mut got = [0u8; 1];
+        // why: a bound on a test that fails, not a pace: a stalled direction never wakes again.
+        tokio::select! {
+            r = relay.as_mut() => panic!("the relay ended: {:?}", r.err()),
+            r = peer.read_exact(&mut got) => { r.unwrap(); Some(got[0]) }
+            () = tokio::time::sleep(Duration::from_secs(10)) => None,
+        }
     }
 
     /// Takes up to `limit` units of the task's budget in this poll; returns how many it took.
@@ -313,21 +328,12 @@ mod tests {
             upstream_peer.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"a");
             client_peer.write_all(b"b").await.unwrap();
-            // why: a bound on a test that fails, not a pace: a stalled direction never wakes again.
-            tokio::select! {
-                r = &mut relay => panic!("the relay ended: {:?}", r.err()),
-                r = upstream_peer.read_exact(&mut got) => { r.unwrap(); }
-                () = tokio::time::sleep(Duration::from_secs(10)) => panic!("{left} units left: the second byte was never relayed"),
-            }
-            assert_eq!(&got, b"b");
+            let got = one_byte(&mut relay, &mut upstream_peer).await;
+            assert_eq!(got, Some(b'b'), "{left} units left: the second byte was never relayed");
             // The other direction was first polled with what budget the first left: it must wake too.
             upstream_peer.write_all(b"c").await.unwrap();
-            tokio::select! {
-                r = &mut relay => panic!("the relay ended: {:?}", r.err()),
-                r = client_peer.read_exact(&mut got) => { r.unwrap(); }
-                () = tokio::time::sleep(Duration::from_secs(10)) => panic!("{left} units left: the reply was never relayed"),
-            }
-            assert_eq!(&got, b"c");
+            let got = one_byte(&mut relay, &mut client_peer).await;
+            assert_eq!(got, Some(b'c'), "{left} units left: the reply was never relayed");
         }
     }
 }
