@@ -129,6 +129,16 @@ pub fn report_full(
                     if s.freebind { ", freebind" } else { "" }
                 );
             }
+            None if s.intercept => {
+                // why: the redirected clients and staybound's own upstream connections then go from one
+                // address to one address and port, and share its ephemeral ports and TIME_WAIT table
+                // (README, "Transparent mode"): at a high rate of new connections that is the cost to know.
+                let _ = writeln!(
+                    out,
+                    "  source          (the kernel's choice, the same as the redirected clients': both share this host's ephemeral ports to {}; a `source` address of staybound's own separates them)",
+                    s.upstream
+                );
+            }
             None => {
                 let _ = writeln!(out, "  source          (the kernel's choice)");
             }

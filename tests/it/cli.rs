@@ -124,6 +124,19 @@ fn check_says_the_token_is_set_and_never_shows_it() {
 }
 
 #[test]
+fn check_shows_a_transparent_service_and_whose_ports_its_upstream_leg_shares() {
+    let shared = format!("{OK}intercept = true\n");
+    let (code, stdout, stderr) = check(&shared);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("transparent: this host's TCP to 127.0.0.1:6379 is redirected"), "{stdout}");
+    assert!(stdout.contains("share this host's ephemeral ports to 127.0.0.1:6379"), "{stdout}");
+    let (code, stdout, stderr) = check(&format!("{shared}source = \"127.0.0.2\"\n"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("source          127.0.0.2 (bound before connect)"), "{stdout}");
+    assert!(!stdout.contains("ephemeral ports"), "{stdout}");
+}
+
+#[test]
 fn several_problems_are_reported_together() {
     let (code, _, err) =
         check("[[service]]\nname = \"a\"\nlisten = \"x\"\nupstream = \"y\"\n[service.hold]\ndeadline = \"soon\"\n");
