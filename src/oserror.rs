@@ -17,7 +17,9 @@ label_enum! {
         /// Nothing answered within the connect timeout.
         Timeout = "timeout",
         Reset = "reset",
-        /// The `source` address is not on this host (bind failed).
+        /// This host has no local address or port for the attempt: the `source` address is not on it (bind
+        /// failed), or every ephemeral port toward the upstream is in use (connect failed). Says nothing of
+        /// the upstream.
         AddrUnavailable = "addr_unavailable",
         Other = "other",
     }
@@ -42,7 +44,7 @@ pub enum OsError {
     Reset,
     /// ECONNABORTED: this host aborted the session (a destroyed socket, an accept of a dead connection).
     Aborted,
-    /// EADDRNOTAVAIL: the local address is not on this host.
+    /// EADDRNOTAVAIL: the local address is not on this host, or no local port is left for the destination.
     AddrUnavailable,
     /// EMFILE, ENFILE, ENOBUFS, ENOMEM: out of descriptors or memory; the same call fails again at once.
     Exhausted,

@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use crate::config::{KeepaliveConfig, ProbeMode, Protocol, ServiceConfig};
 use crate::metrics::{ServiceMetrics, Signal};
 use crate::oserror::ConnectClass;
+use crate::ratelog::RateLimitedLog;
 use crate::sockopt;
 use crate::upstream::Connector;
 use crate::upstream::retry::Backoff;
@@ -246,6 +247,8 @@ pub(crate) struct Detector {
     confirming: Option<Confirming>,
     /// Knocking was refused (no `CAP_NET_RAW`): said once; the keep-alive confirms instead.
     knock_refused: bool,
+    /// Probe connects this host could not make (no local port or address), said at most once a minute.
+    local_failures: RateLimitedLog,
 }
 
 /// A neighbour change being confirmed by the probe connection: a fresh ACK on it says the address still
@@ -310,6 +313,7 @@ impl Detector {
             flaps: flaps::Flaps::default(),
             confirming: None,
             knock_refused: false,
+            local_failures: RateLimitedLog::new(Duration::from_secs(60)),
         };
         (detector, DetectorHandle { view: view_rx, signs: sign_tx }, Reconfigure(settings_tx))
     }
@@ -574,7 +578,10 @@ impl Detector {
                 self.on_neighbor_change(now).await;
             }
             Sign::SessionReset | Sign::SessionTimeout | Sign::ConnectFailed(_) => {
-                if self.svc.probe.mode == ProbeMode::Off {
+                // why: a client's connect that found no local port says nothing of the upstream (its
+                // attempt is counted as `addr_unavailable`); suspecting on it would ask the probe, which
+                // finds no port either.
+                if self.svc.probe.mode == ProbeMode::Off || sign == Sign::ConnectFailed(ConnectClass::AddrUnavailable) {
                     return;
                 }
                 let signal = match sign {
@@ -752,13 +759,13 @@ impl Detector {
                 if self.probe_conn.is_none() {
                     // why: a connect alone is not readiness: the exchange on the new session decides.
                     let (reach, identity) = self.confirm().await;
-                    self.observe(evidence_of(reach, identity));
+                    self.observe_reach(reach, identity);
                     return;
                 }
                 match self.ask(false).await {
                     Ok(answer) => {
                         let (reach, identity) = self.reach_of(answer);
-                        self.observe(evidence_of(reach, identity));
+                        self.observe_reach(reach, identity);
                     }
                     Err(ExchangeError::Timeout) => {
                         self.probe_conn = None;
@@ -981,7 +988,7 @@ impl Detector {
     async fn reset_then_confirm(&mut self) {
         self.observe(Evidence::Reset { signal: Signal::Probe });
         let (reach, identity) = self.confirm().await;
-        self.observe(evidence_of(reach, identity));
+        self.observe_reach(reach, identity);
     }
 
     /// Why the node is not ready, for `/status` and the log.
@@ -992,7 +999,7 @@ impl Detector {
     /// Connects a new probe session and reports the result as evidence.
     async fn reconnect_check(&mut self) {
         let (class, identity) = self.open_probe_conn().await;
-        self.observe(evidence_of(Reach::from(class), identity));
+        self.observe_reach(Reach::from(class), identity);
     }
 
     /// Opens the probe connection; returns how the attempt ended and the identity a banner gave.
@@ -1025,10 +1032,25 @@ impl Detector {
                 self.probe_conn = Some(ProbeStream::new(stream));
                 (ConnectClass::Ok, identity)
             }
+            Err(e) if e.class == ConnectClass::AddrUnavailable => {
+                if let Some(n) = self.local_failures.hit() {
+                    warn!(service = %self.svc.name, error = %e, count = n, "the probe could not connect from this host (no local port or address: every ephemeral port toward the upstream in use, or the source address gone); that says nothing of the upstream, and its state stays");
+                }
+                (e.class, None)
+            }
             Err(e) => {
                 debug!(service = %self.svc.name, error = %e, "probe connect failed");
                 (e.class, None)
             }
+        }
+    }
+
+    /// Feeds a probe's reach to the machine as evidence. An attempt this host could not make (no local port
+    /// or address: `Reach::Unknown`) is none: the state stays, and the connect attempt was counted
+    /// (`result="addr_unavailable"`) and logged where it failed.
+    fn observe_reach(&mut self, reach: Reach, identity: Option<String>) {
+        if let Some(ev) = evidence_of(reach, identity) {
+            self.observe(ev);
         }
     }
 
@@ -1165,14 +1187,16 @@ fn answered_since(c: Confirming, acked: Instant) -> bool {
 }
 
 /// A probe's reach as evidence: a reach alone (no sign before it) ends no epoch unless the machine says so.
-fn evidence_of(reach: Reach, identity: Option<String>) -> Evidence {
-    match reach {
+/// An attempt this host could not make is none.
+fn evidence_of(reach: Reach, identity: Option<String>) -> Option<Evidence> {
+    Some(match reach {
         Reach::Ready => Evidence::Ok { at: Instant::now(), identity },
         Reach::NotReady => Evidence::NotReady,
         Reach::NotPrimary => Evidence::NotPrimary,
         Reach::Refused => Evidence::Refused,
         Reach::Silent => Evidence::Silent { signal: Signal::Probe },
-    }
+        Reach::Unknown => return None,
+    })
 }
 
 /// Why a reply is not a ready node's, with the reply shown (truncated, lossy UTF-8).

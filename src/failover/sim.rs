@@ -192,7 +192,8 @@ impl Run {
     }
 
     fn reach(&mut self) -> Reach {
-        [Reach::Ready, Reach::NotReady, Reach::NotPrimary, Reach::Refused, Reach::Silent][self.rng.usize(0..5)]
+        [Reach::Ready, Reach::NotReady, Reach::NotPrimary, Reach::Refused, Reach::Silent, Reach::Unknown]
+            [self.rng.usize(0..6)]
     }
 
     fn signal(&mut self) -> Signal {
@@ -278,11 +279,17 @@ impl Run {
 
         let m = &self.shell.machine;
         let (epoch, join, reached, identity) = (m.epoch(), m.join(), m.reached(), m.identity().map(String::from));
+        let state = m.state();
         let mut failover = None;
         match action {
             Action::Evidence(ev) => {
                 let decisive = is_move(&ev);
                 let f = self.shell.observe(self.now, ev.clone());
+                if matches!(ev, Evidence::Closed { confirm: Reach::Unknown, .. })
+                    && (f.is_some() || self.shell.machine.state() != state)
+                {
+                    self.broken("an attempt this host could not make changed what the machine says of the host");
+                }
                 if let Some(f) = &f {
                     match &ev {
                         Evidence::Ok { identity: Some(new), .. }

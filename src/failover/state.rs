@@ -57,6 +57,10 @@ pub(crate) enum Reach {
     Refused,
     /// Nothing answered.
     Silent,
+    /// This host could not make the attempt: it has no local address or port for it (EADDRNOTAVAIL: every
+    /// ephemeral port toward the upstream is in use, or the `source` address is not on this host). Says
+    /// nothing of the logical host, so it is no evidence either way.
+    Unknown,
 }
 
 impl From<ConnectClass> for Reach {
@@ -64,6 +68,9 @@ impl From<ConnectClass> for Reach {
         match class {
             ConnectClass::Ok => Reach::Ready,
             ConnectClass::Refused | ConnectClass::Reset => Reach::Refused,
+            // why: a local shortage taken for silence would end the epoch and reset every session of a
+            // host that is still there (a client busy opening short connections can use up the ports).
+            ConnectClass::AddrUnavailable => Reach::Unknown,
             _ => Reach::Silent,
         }
     }
@@ -302,6 +309,8 @@ impl Machine {
                 Reach::NotPrimary => self.not_primary(now),
                 Reach::Refused => self.fail(now, Signal::Probe, HostState::FailingOver),
                 Reach::Silent => self.fail(now, Signal::Probe, HostState::Down),
+                // why: the server closed the probe session, which is no sign; what follows is not known.
+                Reach::Unknown => None,
             },
             Evidence::NotReady => self.not_ready(),
             Evidence::NotPrimary => self.not_primary(now),
@@ -476,6 +485,9 @@ impl Machine {
             Reach::NotReady | Reach::NotPrimary => self.state = HostState::NotReady,
             Reach::Refused => self.state = HostState::FailingOver,
             Reach::Silent => self.state = HostState::Down,
+            // why: the epoch ended on a reset or a move, and this host could not reach whoever holds the
+            // address now: new clients wait until a probe says more, as after a reset.
+            Reach::Unknown => self.state = HostState::FailingOver,
         }
     }
 
@@ -843,6 +855,27 @@ mod tests {
         assert_eq!(m.epoch(), 1);
         let f = m.observe(Instant::now(), Evidence::Closed { confirm: Reach::Refused, identity: None });
         assert_eq!(f.map(|f| f.epoch), Some(2));
+        assert_eq!(m.state(), HostState::FailingOver);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_this_host_could_not_make_says_nothing_of_the_host() {
+        assert_eq!(Reach::from(ConnectClass::AddrUnavailable), Reach::Unknown);
+        let mut m = Machine::new(1, 1, Instant::now());
+        m.observe(Instant::now(), Evidence::Ok { at: Instant::now(), identity: None });
+        let unknown = || Evidence::Closed { confirm: Reach::Unknown, identity: None };
+        for state in [HostState::Up, HostState::Suspect] {
+            if state == HostState::Suspect {
+                m.observe(Instant::now(), Evidence::Sign { signal: Signal::SessionReset });
+            }
+            for _ in 0..3 {
+                assert_eq!(m.observe(Instant::now(), unknown()), None);
+            }
+            assert_eq!((m.state(), m.epoch()), (state, 1));
+        }
+        // A move is decided by its own signal; where the address went is then not known: clients wait.
+        let moved = Evidence::Moved { signal: Signal::Neighbor, confirm: Reach::Unknown, identity: None };
+        assert_eq!(m.observe(Instant::now(), moved).map(|f| f.epoch), Some(2));
         assert_eq!(m.state(), HostState::FailingOver);
     }
 

@@ -352,3 +352,75 @@ fn random_loss_on_the_client_link_is_no_failover_and_a_move_under_it_is_still_ca
     support::wait::wait_until("the move is counted", Duration::from_secs(5), || failovers(&sc) >= 1.0);
     assert_eq!(failovers(&sc), 1.0, "one move, one failover");
 }
+
+/// PING on `c`, which must answer `+PONG` within 5 s.
+fn ping(c: &mut std::net::TcpStream) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+    let mut buf = [0u8; 7];
+    c.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"+PONG\r\n");
+    Ok(())
+}
+
+#[test]
+fn a_host_out_of_ephemeral_ports_is_no_failover() {
+    let Some(lab) = two_nodes("ports") else { return };
+    // why: the client host's whole ephemeral range is 64 ports, so the test can take what is left with
+    // connections of its own, as a client busy opening short connections does with the default range (the
+    // more so in transparent mode, where staybound's upstream legs share it). The probe connects once a
+    // second, and each of its connects leaves a port in TIME_WAIT for a minute.
+    lab.exec(Host::Client, &["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40063"]);
+    let sc = Sidecar::start(&lab, "[service.probe]\nmode = \"connect\"\ninterval = \"1s\"\nfall = 2\n");
+    sc.wait_state("up", Duration::from_secs(5));
+    let epoch = sc.epoch();
+    let mut session = lab.connect_tcp(Host::Client, sc.listen(), Duration::from_secs(2)).unwrap();
+    ping(&mut session).unwrap();
+    // Take every port that is left (the probe's own closed connections hold some in TIME_WAIT).
+    let upstream = SocketAddr::from((LOGICAL, REDIS_PORT));
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        match lab.connect_tcp(Host::Client, upstream, Duration::from_secs(2)) {
+            Ok(s) => {
+                // why: closed with a reset, the port is free at once (no TIME_WAIT) when the test lets go.
+                socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+                held.push(s)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => break,
+            Err(e) => panic!("connect to the logical host: {e}"),
+        }
+    }
+    let no_port = || {
+        sc.metric("staybound_upstream_connect_attempts_total", &[("service", "redis"), ("result", "addr_unavailable")])
+    };
+    let before = no_port();
+    // Twice `fall` probe connects that found no port.
+    wait_until("four probe connects found no local port", Duration::from_secs(10), || no_port() >= before + 4.0);
+    eprintln!(
+        "FIGURES {} ports held by the test; probe connects without a port: {}; state {}, epoch {} -> {}",
+        held.len(),
+        no_port() - before,
+        sc.state(),
+        epoch,
+        sc.epoch()
+    );
+    assert_eq!(sc.epoch(), epoch, "no port on this host is no failover of the upstream");
+    assert_eq!(sc.state(), "up");
+    ping(&mut session).expect("the session made before is still served");
+    assert!(lab.read_log(sc.pid).contains("the probe could not connect from this host"), "a warning says why");
+    // A client that comes now is held (its upstream connect finds no port either) and no sign of a move.
+    let mut late = lab.connect_tcp(Host::Client, sc.listen(), Duration::from_secs(2)).unwrap();
+    late.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    wait_until("the late client is held", Duration::from_secs(5), || sc.status()["held_clients"] == 1);
+    assert_eq!((sc.state().as_str(), sc.epoch()), ("up", epoch));
+    // Ports free again: the held client is served and the probe reaches the host, in the same epoch.
+    drop(held);
+    late.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 7];
+    late.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"+PONG\r\n");
+    let attempts = || sc.metric("staybound_upstream_connect_attempts_total", &[("service", "redis"), ("result", "ok")]);
+    let ok = attempts();
+    wait_until("a probe connect succeeds again", Duration::from_secs(10), || attempts() > ok);
+    assert_eq!(sc.epoch(), epoch);
+}
