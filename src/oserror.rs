@@ -21,6 +21,9 @@ label_enum! {
         /// failed), or every ephemeral port toward the upstream is in use (connect failed). Says nothing of
         /// the upstream.
         AddrUnavailable = "addr_unavailable",
+        /// This process or host is out of descriptors, memory or buffers (EMFILE, ENFILE, ENOMEM, ENOBUFS).
+        /// Says nothing of the upstream.
+        Exhausted = "exhausted",
         Other = "other",
     }
 }
@@ -29,6 +32,12 @@ impl ConnectClass {
     /// Whether the logical host's address answered (on whichever node), though the connect failed.
     pub(crate) fn address_answered(self) -> bool {
         matches!(self, ConnectClass::Ok | ConnectClass::Refused | ConnectClass::Reset)
+    }
+
+    /// Whether this host could not make the attempt at all (no local port, address, descriptor or memory):
+    /// the attempt says nothing of the upstream.
+    pub(crate) fn local(self) -> bool {
+        matches!(self, ConnectClass::AddrUnavailable | ConnectClass::Exhausted)
     }
 }
 
@@ -99,8 +108,8 @@ pub fn classify(err: &io::Error) -> ConnectClass {
         OsError::TimedOut => ConnectClass::Timeout,
         OsError::Reset | OsError::Aborted => ConnectClass::Reset,
         OsError::AddrUnavailable => ConnectClass::AddrUnavailable,
-        OsError::Exhausted
-        | OsError::NotPermitted
+        OsError::Exhausted => ConnectClass::Exhausted,
+        OsError::NotPermitted
         | OsError::NotSupported
         | OsError::NotFound
         | OsError::Invalid
@@ -124,6 +133,10 @@ mod tests {
         assert_eq!(classify(&e(libc::EADDRNOTAVAIL)), ConnectClass::AddrUnavailable);
         assert_eq!(classify(&e(libc::ECONNABORTED)), ConnectClass::Reset);
         assert_eq!(classify(&e(libc::EACCES)), ConnectClass::Other);
+        assert_eq!(classify(&e(libc::EMFILE)), ConnectClass::Exhausted);
+        assert_eq!(classify(&e(libc::ENFILE)), ConnectClass::Exhausted);
+        let local: Vec<_> = ConnectClass::ALL.into_iter().filter(|c| c.local()).collect();
+        assert_eq!(local, [ConnectClass::AddrUnavailable, ConnectClass::Exhausted]);
     }
 
     #[test]

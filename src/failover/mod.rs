@@ -247,7 +247,8 @@ pub(crate) struct Detector {
     confirming: Option<Confirming>,
     /// Knocking was refused (no `CAP_NET_RAW`): said once; the keep-alive confirms instead.
     knock_refused: bool,
-    /// Probe connects this host could not make (no local port or address), said at most once a minute.
+    /// Probe connects this host could not make (no local port, address, descriptor or memory), said at most
+    /// once a minute.
     local_failures: RateLimitedLog,
 }
 
@@ -578,10 +579,10 @@ impl Detector {
                 self.on_neighbor_change(now).await;
             }
             Sign::SessionReset | Sign::SessionTimeout | Sign::ConnectFailed(_) => {
-                // why: a client's connect that found no local port says nothing of the upstream (its
-                // attempt is counted as `addr_unavailable`); suspecting on it would ask the probe, which
-                // finds no port either.
-                if self.svc.probe.mode == ProbeMode::Off || sign == Sign::ConnectFailed(ConnectClass::AddrUnavailable) {
+                // why: a client's connect this host could not make (no local port, descriptor or memory)
+                // says nothing of the upstream (it is counted by its class); suspecting on it would ask the
+                // probe, which is short of the same.
+                if self.svc.probe.mode == ProbeMode::Off || matches!(sign, Sign::ConnectFailed(c) if c.local()) {
                     return;
                 }
                 let signal = match sign {
@@ -1032,9 +1033,10 @@ impl Detector {
                 self.probe_conn = Some(ProbeStream::new(stream));
                 (ConnectClass::Ok, identity)
             }
-            Err(e) if e.class == ConnectClass::AddrUnavailable => {
+            Err(e) if e.class.local() => {
+                debug!(service = %self.svc.name, error = %e, "probe connect failed");
                 if let Some(n) = self.local_failures.hit() {
-                    warn!(service = %self.svc.name, error = %e, count = n, "the probe could not connect from this host (no local port or address: every ephemeral port toward the upstream in use, or the source address gone); that says nothing of the upstream, and its state stays");
+                    warn!(service = %self.svc.name, error = %e, count = n, "the probe could not connect from this host (no local port, address, descriptor or memory); that says nothing of the upstream, and its state stays");
                 }
                 (e.class, None)
             }
@@ -1045,9 +1047,9 @@ impl Detector {
         }
     }
 
-    /// Feeds a probe's reach to the machine as evidence. An attempt this host could not make (no local port
-    /// or address: `Reach::Unknown`) is none: the state stays, and the connect attempt was counted
-    /// (`result="addr_unavailable"`) and logged where it failed.
+    /// Feeds a probe's reach to the machine as evidence. An attempt this host could not make (no local port,
+    /// address, descriptor or memory: `Reach::Unknown`) is none: the state stays, and the connect attempt
+    /// was counted (`result="addr_unavailable"` or `"exhausted"`) and logged where it failed.
     fn observe_reach(&mut self, reach: Reach, identity: Option<String>) {
         if let Some(ev) = evidence_of(reach, identity) {
             self.observe(ev);

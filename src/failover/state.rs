@@ -58,8 +58,9 @@ pub(crate) enum Reach {
     /// Nothing answered.
     Silent,
     /// This host could not make the attempt: it has no local address or port for it (EADDRNOTAVAIL: every
-    /// ephemeral port toward the upstream is in use, or the `source` address is not on this host). Says
-    /// nothing of the logical host, so it is no evidence either way.
+    /// ephemeral port toward the upstream is in use, or the `source` address is not on this host), or no
+    /// descriptor or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS). Says nothing of the logical host, so it is
+    /// no evidence either way.
     Unknown,
 }
 
@@ -70,7 +71,7 @@ impl From<ConnectClass> for Reach {
             ConnectClass::Refused | ConnectClass::Reset => Reach::Refused,
             // why: a local shortage taken for silence would end the epoch and reset every session of a
             // host that is still there (a client busy opening short connections can use up the ports).
-            ConnectClass::AddrUnavailable => Reach::Unknown,
+            c if c.local() => Reach::Unknown,
             _ => Reach::Silent,
         }
     }
@@ -861,6 +862,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_attempt_this_host_could_not_make_says_nothing_of_the_host() {
         assert_eq!(Reach::from(ConnectClass::AddrUnavailable), Reach::Unknown);
+        assert_eq!(Reach::from(ConnectClass::Exhausted), Reach::Unknown);
         let mut m = Machine::new(1, 1, Instant::now());
         m.observe(Instant::now(), Evidence::Ok { at: Instant::now(), identity: None });
         let unknown = || Evidence::Closed { confirm: Reach::Unknown, identity: None };

@@ -119,7 +119,7 @@ fn a_flapping_address_causes_no_retry_storm() {
     let flapped = t0.elapsed();
     let stats: Vec<_> = clients.into_iter().map(LoadClient::finish).collect();
     let m = |name: &str, labels: &[(&str, &str)]| sc.metric(name, labels);
-    let attempts: f64 = ["ok", "refused", "unreachable", "timeout", "reset", "addr_unavailable", "other"]
+    let attempts: f64 = ["ok", "refused", "unreachable", "timeout", "reset", "addr_unavailable", "exhausted", "other"]
         .iter()
         .map(|r| m("staybound_upstream_connect_attempts_total", &[("service", "redis"), ("result", r)]))
         .sum();

@@ -280,3 +280,61 @@ fn an_idle_session_costs_under_three_kib() {
     );
     assert!(per < 3.0, "an idle session costs {per:.2} KiB (about 4 when its task carried the connect phase)");
 }
+
+#[test]
+fn a_process_out_of_descriptors_is_no_failover() {
+    let up = echo();
+    // why: 320 descriptors in all, so a flood of clients uses them up (max_connections is well above what
+    // they allow, which staybound warns of at start); each probe connect then fails with EMFILE.
+    let sb = Running::start_wrapped(
+        &["prlimit", "--nofile=320:320", "--"],
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"fds\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\nmax_connections = 1000\n[service.probe]\nmode = \"connect\"\ninterval = \"200ms\"\nfall = 2\n"
+        ),
+    );
+    let listen = sb.listens()["fds"][0];
+    let status =
+        || -> serde_json::Value { serde_json::from_str::<serde_json::Value>(&sb.get("/status")).unwrap()[0].clone() };
+    wait("the service is up", Duration::from_secs(5), || status()["state"] == "up");
+    let mut first = TcpStream::connect(listen).unwrap();
+    support::process::round_trip(&mut first, b"before");
+    // The flood: connections held open until the process has no descriptor left.
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        match TcpStream::connect(listen) {
+            Ok(s) => flood.push(s),
+            Err(_) => break,
+        }
+    }
+    // Nothing is accepted now, the admin endpoint's clients neither: the log tells. The probe connects
+    // every 200 ms; twice `fall` of them fail for want of a descriptor.
+    let probe_failures = || {
+        let log = sb.log.lock().unwrap();
+        log.iter()
+            .filter(|v| {
+                v["message"] == "probe connect failed" && v["error"].as_str().is_some_and(|e| e.contains("os error 24"))
+            })
+            .count()
+    };
+    wait("four probe connects failed with EMFILE", Duration::from_secs(10), || probe_failures() >= 4);
+    drop(flood);
+    wait("the admin endpoint answers again", Duration::from_secs(10), || {
+        staybound::status::fetch(sb.admin, "/status").is_ok()
+    });
+    let s = status();
+    let failed: f64 = ["exhausted", "other"]
+        .iter()
+        .filter_map(|r| {
+            let labels = [("service", "fds"), ("result", *r)];
+            support::proxy::metric_opt(&sb.get("/metrics"), "staybound_upstream_connect_attempts_total", &labels)
+        })
+        .sum();
+    eprintln!(
+        "FIGURES probe connects failed with EMFILE: {}; connects failed for want of a descriptor: {failed} (\"exhausted\", or \"other\" before that class); state {}, epoch {}",
+        probe_failures(),
+        s["state"],
+        s["epoch"]
+    );
+    assert_eq!(s["epoch"], 1, "a process out of descriptors is no failover of the upstream: {s}");
+    support::process::round_trip(&mut first, b"after");
+}

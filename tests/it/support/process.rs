@@ -31,10 +31,21 @@ impl Running {
     /// Starts `staybound run` (`sidecar::bin()`: `STAYBOUND_BIN` runs another build) on `text`; returns once
     /// the admin endpoint and every listener are up.
     pub fn start(text: &str) -> Running {
+        Running::start_wrapped(&[], text)
+    }
+
+    /// As [`Running::start`], with `wrapper` (such as `prlimit` and its arguments) in front of staybound.
+    pub fn start_wrapped(wrapper: &[&str], text: &str) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("s.toml");
         std::fs::write(&config, text).unwrap();
-        let mut child = Command::new(super::sidecar::bin())
+        let bin = super::sidecar::bin();
+        let (program, args) = match wrapper.split_first() {
+            Some((first, rest)) => (first.to_string(), rest.iter().map(|a| a.to_string()).chain([bin]).collect()),
+            None => (bin, Vec::new()),
+        };
+        let mut child = Command::new(program)
+            .args(args)
             .args(["--log-format", "json", "--log-level", "debug", "run", "--config"])
             .arg(&config)
             .stderr(Stdio::piped())
