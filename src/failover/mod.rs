@@ -886,6 +886,13 @@ impl Detector {
             }
             // ICMP port unreachable: the address is up on some node, the service is not.
             Err(ExchangeError::Failed(ConnectClass::Refused, _)) => self.observe(Evidence::Refused),
+            // why: no socket, source address or buffer on this host says nothing of the upstream.
+            Err(ExchangeError::Failed(class, e)) if class.local() => {
+                debug!(service = %self.svc.name, error = %e, "UDP probe not sent");
+                if let Some(n) = self.local_failures.hit() {
+                    warn!(service = %self.svc.name, error = %e, count = n, "the probe could not be sent from this host (no source address, descriptor, memory or buffer); that says nothing of the upstream, and its state stays");
+                }
+            }
             Err(e) => {
                 debug!(service = %self.svc.name, error = ?e, "UDP probe got no reply");
                 self.observe(Evidence::Silent { signal: Signal::Probe });
@@ -902,6 +909,7 @@ impl Detector {
                 (Reach::NotReady, None)
             }
             Err(ExchangeError::Failed(ConnectClass::Refused, _)) => (Reach::Refused, None),
+            Err(ExchangeError::Failed(class, _)) if class.local() => (Reach::Unknown, None),
             Err(_) => (Reach::Silent, None),
         }
     }

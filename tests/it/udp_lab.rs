@@ -3,7 +3,7 @@
 //! staybound (which counts the stationary addresses through `reply_from`) before and after the logical address
 //! moves to node 2, and none going direct. Also: a client on another host gets large replies whole and from
 //! the address it used; a listen address and a source address that are not on the host yet are bound when
-//! they appear.
+//! they appear; a source address that leaves the host is no failover.
 
 use crate::support;
 
@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use support::lab::{Host, LOGICAL, Lab};
 use support::proxy::metric_in;
-use support::sidecar::BIN;
 use support::wait::wait_until;
 
 const PORT: u16 = 7000;
@@ -62,6 +61,7 @@ impl Drop for NodeEcho {
 /// staybound in the client namespace with one UDP service `echo` in front of the logical host.
 struct Staybound<'a> {
     lab: &'a Lab,
+    pid: u32,
 }
 
 impl<'a> Staybound<'a> {
@@ -72,11 +72,20 @@ impl<'a> Staybound<'a> {
         let path = lab.dir().join("staybound.toml");
         std::fs::write(&path, &text).unwrap();
         let path = path.to_str().unwrap().to_string();
-        lab.spawn(
+        let pid = lab.spawn(
             Host::Client,
-            &["env", "RUST_LOG=staybound=debug", BIN, "--log-format", "json", "run", "--config", &path],
+            &[
+                "env",
+                "RUST_LOG=staybound=debug",
+                &support::sidecar::bin(),
+                "--log-format",
+                "json",
+                "run",
+                "--config",
+                &path,
+            ],
         );
-        let sb = Staybound { lab };
+        let sb = Staybound { lab, pid };
         wait_until("staybound's admin endpoint answers", Duration::from_secs(10), || sb.try_get("/healthz").is_ok());
         sb
     }
@@ -237,4 +246,41 @@ fn listen_and_source_addresses_that_arrive_later_are_bound_when_they_do() {
     client.send(b"who").unwrap();
     let len = client.recv(&mut buf).unwrap();
     assert_eq!(String::from_utf8_lossy(&buf[..len]), format!("node1 {source} who"));
+}
+
+#[test]
+fn a_source_address_that_leaves_the_host_is_no_failover() {
+    let Some(lab) = Lab::new("udp-gone") else { return };
+    let _echo = NodeEcho::start(&lab, Host::Node1);
+    lab.add_logical(Host::Node1, true);
+    let source = Ipv4Addr::new(198, 18, 0, 52);
+    lab.exec(Host::Client, &["ip", "addr", "add", &format!("{source}/24"), "dev", "eth0"]);
+    let sb = Staybound::start(
+        &lab,
+        &format!(
+            "listen = \"127.0.0.1:{PORT}\"\nsource = \"{source}\"\n[service.udp]\nreply_from = [\"198.18.0.0/24\"]\n[service.probe]\nmode = \"send-expect\"\nsend = \"ping\"\nexpect = \"node1\"\ninterval = \"200ms\"\nfall = 2\n"
+        ),
+    );
+    wait_until("the service is up", Duration::from_secs(5), || sb.status()["state"] == "up");
+    // The source address leaves the host (its package moved elsewhere, or an operator took it away):
+    // every probe's socket fails to bind to it (EADDRNOTAVAIL). The upstream did not move.
+    lab.exec(Host::Client, &["ip", "addr", "del", &format!("{source}/24"), "dev", "eth0"]);
+    // why: EADDRNOTAVAIL is errno 99, shown as "os error 99" (or "code: 99" in a build that logged it by Debug).
+    let unsent = || {
+        let log = lab.read_log(sb.pid);
+        log.lines().filter(|l| l.contains("UDP probe") && (l.contains("os error 99") || l.contains("code: 99"))).count()
+    };
+    wait_until("four probes could not bind to the source", Duration::from_secs(10), || unsent() >= 4);
+    let st = sb.status();
+    eprintln!("UDP LAB source gone: {} probes not sent; state {} epoch {}", unsent(), st["state"], st["epoch"]);
+    assert_eq!(st["epoch"], 1, "a source address gone from this host is no failover of the upstream: {st}");
+    // It comes back: the probe reaches the host as before.
+    lab.exec(Host::Client, &["ip", "addr", "add", &format!("{source}/24"), "dev", "eth0"]);
+    let client = connected(&lab, Host::Client, SocketAddr::from(([127, 0, 0, 1], PORT)));
+    let mut answered = (0, Vec::new());
+    wait_until("flows are made again", Duration::from_secs(10), || {
+        answered = exchange(&client, 1, Duration::from_millis(300), "back");
+        answered.0 == 1
+    });
+    assert_eq!(sb.status()["epoch"], 1);
 }
