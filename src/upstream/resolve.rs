@@ -3,7 +3,9 @@
 //! lookup shared by every caller that asks while it runs, so a thousand clients released together make one
 //! query, and a stalled resolver holds none of them past its own deadline. The system's configuration
 //! (`/etc/resolv.conf` and `/etc/hosts`, or the files `ip netns exec` mounts over them) is read again when
-//! either file changes, as the C library does.
+//! either file changes, as the C library does. When the resolver fails or stalls (not when it says the name
+//! has no address), the last good answer serves until it answers again (serve-stale, RFC 8767): a resolver
+//! outage is no outage of the upstream, and the detector's probe must not read it as one.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,7 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::ResolveHosts;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 /// The files whose change makes the resolver read the system's configuration again.
 const SYSTEM_FILES: [&str; 2] = ["/etc/resolv.conf", "/etc/hosts"];
@@ -71,6 +73,17 @@ struct State {
     cached: Option<(Arc<[SocketAddr]>, Instant, Stamp)>,
     /// The lookup in flight: `None` in the channel until it ends.
     flight: Option<watch::Receiver<Option<Answer>>>,
+    /// The resolver failed or did not answer in time, and the last good answer serves meanwhile.
+    stale: bool,
+}
+
+/// Why a query gave no addresses.
+#[derive(Debug)]
+enum QueryError {
+    /// The name has no address: an answer, which replaces the last one.
+    NoAddress(String),
+    /// The resolver failed (no server reached, a server error, its configuration unreadable).
+    Failed(String),
 }
 
 impl Name {
@@ -82,7 +95,7 @@ impl Name {
     /// one, shared with every caller that asks meanwhile. Waits at most `within`.
     pub(crate) async fn lookup(self: &Arc<Self>, within: Duration) -> Answer {
         let deadline = Instant::now() + within;
-        let mut rx = {
+        let (mut rx, last) = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((addrs, until, made)) = &st.cached
                 && Instant::now() < *until
@@ -90,7 +103,7 @@ impl Name {
             {
                 return Ok(addrs.clone());
             }
-            match &st.flight {
+            let rx = match &st.flight {
                 Some(rx) => rx.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
@@ -100,34 +113,85 @@ impl Name {
                         let answer = me.query().await;
                         let mut st = me.state.lock().unwrap_or_else(|e| e.into_inner());
                         st.flight = None;
-                        let _ = tx.send(Some(answer.map(|(addrs, _)| addrs)));
+                        let answer = match answer {
+                            Ok((addrs, _)) => Ok(addrs),
+                            Err(QueryError::NoAddress(why)) => {
+                                st.cached = None;
+                                st.stale = false;
+                                Err(why)
+                            }
+                            Err(QueryError::Failed(why)) => {
+                                me.serve_stale(&mut st, &why);
+                                Err(why)
+                            }
+                        };
+                        let _ = tx.send(Some(answer));
                         drop(st);
                     });
                     rx
                 }
+            };
+            let last = st.cached.as_ref().map(|(addrs, ..)| addrs.clone());
+            // why: the resolver failed last time; the last answer serves at once while the lookup goes on,
+            // rather than after every caller's own wait for a resolver that does not answer.
+            if st.stale
+                && let Some(addrs) = last
+            {
+                return Ok(addrs);
             }
+            (rx, last)
         };
-        match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+        let answer = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
             Ok(Ok(answer)) => answer.clone().unwrap_or_else(|| Err("the lookup ended without an answer".into())),
             Ok(Err(_)) => Err("the lookup was dropped".into()),
-            Err(_) => Err(format!("no answer from the resolver within {}", humantime::format_duration(within))),
+            Err(_) => {
+                let why = format!("no answer from the resolver within {}", humantime::format_duration(within));
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                self.serve_stale(&mut st, &why);
+                Err(why)
+            }
+        };
+        answer.or_else(|why| {
+            // why: only a failure leaves the last answer to serve; a name that has no address now emptied it.
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match (st.stale, last) {
+                (true, Some(addrs)) if st.cached.is_some() => Ok(addrs),
+                _ => Err(why),
+            }
+        })
+    }
+
+    /// The resolver failed: the last good answer, if there is one, serves until it answers again; said once.
+    fn serve_stale(&self, st: &mut State, why: &str) {
+        if st.cached.is_some() && !st.stale {
+            st.stale = true;
+            warn!(name = %self.host, error = why, "the resolver did not answer; the name's last answer serves until it does");
         }
     }
 
     /// Asks the resolver; caches a good answer for its TTL (at most `MAX_KEEP`).
-    async fn query(&self) -> Result<(Arc<[SocketAddr]>, Instant), String> {
-        let (made, resolver) = system_resolver()?;
+    async fn query(&self) -> Result<(Arc<[SocketAddr]>, Instant), QueryError> {
+        let (made, resolver) = system_resolver().map_err(QueryError::Failed)?;
         let began = Instant::now();
-        let lookup = resolver.lookup_ip(self.host.as_str()).await.map_err(|e| e.to_string())?;
+        let lookup = resolver.lookup_ip(self.host.as_str()).await.map_err(|e| {
+            if e.is_nx_domain() || e.is_no_records_found() {
+                QueryError::NoAddress(e.to_string())
+            } else {
+                QueryError::Failed(e.to_string())
+            }
+        })?;
         let addrs: Arc<[SocketAddr]> = lookup.iter().map(|ip| SocketAddr::new(ip, self.port)).collect();
         if addrs.is_empty() {
-            return Err("no address".into());
+            return Err(QueryError::NoAddress("no address".into()));
         }
         let ttl = lookup.valid_until().saturating_duration_since(std::time::Instant::now()).min(MAX_KEEP);
         let until = Instant::now() + ttl;
         debug!(name = %self.host, addresses = ?addrs, ttl_s = ttl.as_secs(), took_ms = began.elapsed().as_millis() as u64, "upstream name resolved");
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.cached = Some((addrs.clone(), until, made));
+        if std::mem::take(&mut st.stale) {
+            info!(name = %self.host, addresses = ?addrs, "the resolver answers again");
+        }
         Ok((addrs, until))
     }
 }

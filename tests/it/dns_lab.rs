@@ -1,7 +1,9 @@
 //! An upstream given as a name is resolved again on every connect: when the name moves to another
 //! address (DNS-based failover), new clients follow it, and a UDP flow follows it on a datagram at most a
 //! second later. The name lives in the lab client namespace's own
-//! hosts file (`ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts).
+//! hosts file (`ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts), or behind a name server the
+//! test runs in the namespace. A resolver that stalls holds clients no longer than their deadline, and one
+//! that stops answering is no failover: the last answer serves.
 
 use crate::support;
 
@@ -224,4 +226,120 @@ fn a_stalled_resolver_refuses_held_clients_at_the_deadline_with_one_shared_looku
     // Queries for A and AAAA per shared lookup, a lookup per query timeout (2 s) or the detector's probe
     // timeout: a handful, not several per client (the C library's resolver sent 202 here).
     assert!(asked <= 25, "{asked} queries for {clients} clients");
+}
+
+/// A name server on 127.0.0.1:53 in `host`'s namespace. While `answering`, it answers every A query with
+/// `ip` (TTL 1 s) and any other query with no records; then it reads queries and answers none. It counts
+/// the queries.
+fn name_server(
+    lab: &Lab,
+    host: Host,
+    ip: Ipv4Addr,
+    answering: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    queries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let sock = lab.in_ns(host, || std::net::UdpSocket::bind("127.0.0.1:53")).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            queries.fetch_add(1, Relaxed);
+            if !answering.load(Relaxed) || n < 12 {
+                continue;
+            }
+            // The question: the name's labels up to the zero byte, then its type and class.
+            let mut i = 12;
+            while i < n && buf[i] != 0 {
+                i += 1 + usize::from(buf[i]);
+            }
+            if i + 5 > n {
+                continue;
+            }
+            let a = buf[i + 1..i + 3] == [0, 1];
+            let mut r = Vec::with_capacity(n + 16);
+            r.extend_from_slice(&buf[..2]); // the query's id
+            r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(a), 0, 0, 0, 0]); // an answer, no error
+            r.extend_from_slice(&buf[12..i + 5]);
+            if a {
+                // The name (a pointer to the question's), A, IN, TTL 1 s, four bytes of address.
+                r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
+                r.extend_from_slice(&ip.octets());
+            }
+            let _ = sock.send_to(&r, from);
+        }
+    });
+}
+
+#[test]
+fn a_resolver_that_stops_answering_is_no_failover_and_the_last_answer_serves() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let Some(lab) = Lab::new("dnsdown") else { return };
+    lab.start_redis(Host::Node1);
+    lab.add_logical(Host::Node1, true);
+    let etc = NetnsEtc(PathBuf::from("/etc/netns").join(lab.ns_name(Host::Client)));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(etc.0.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+    std::fs::write(etc.0.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+    let (answering, queries) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
+    name_server(&lab, Host::Client, support::lab::LOGICAL, answering.clone(), queries.clone());
+    start_tcp(
+        &lab,
+        "dnsdown",
+        "db.lab:6379",
+        "deadline = \"5s\"\n[service.probe]\nmode = \"connect\"\ninterval = \"200ms\"\nfall = 2\n",
+    );
+    let admin: std::net::SocketAddr = "127.0.0.1:9901".parse().unwrap();
+    let status = || -> serde_json::Value {
+        let body = lab.in_ns(Host::Client, || staybound::status::fetch(admin, "/status")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+    };
+    let attempts = || -> f64 {
+        let text = lab.in_ns(Host::Client, || staybound::status::fetch(admin, "/metrics")).unwrap();
+        ["ok", "refused", "unreachable", "timeout", "reset", "addr_unavailable", "exhausted", "other"]
+            .iter()
+            .filter_map(|r| {
+                let labels = [("service", "dnsdown"), ("result", *r)];
+                support::proxy::metric_opt(&text, "staybound_upstream_connect_attempts_total", &labels)
+            })
+            .sum()
+    };
+    assert!(poll(Duration::from_secs(10), || status()["state"] == "up"), "up: {}", status());
+    let listen: std::net::SocketAddr = LISTEN.parse().unwrap();
+    let mut session = lab.connect_tcp(Host::Client, listen, Duration::from_secs(2)).unwrap();
+    session.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ping = |s: &mut std::net::TcpStream| -> std::io::Result<()> {
+        s.write_all(b"PING\r\n")?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf)?;
+        assert_eq!(&buf, b"+PONG\r\n");
+        Ok(())
+    };
+    ping(&mut session).unwrap();
+    // The resolver stops answering. The answer's TTL is 1 s; after it, every probe (each 200 ms, plus the
+    // lookup's own wait) asks again.
+    answering.store(false, Relaxed);
+    let (q0, a0) = (queries.load(Relaxed), attempts());
+    assert!(
+        poll(Duration::from_secs(30), || queries.load(Relaxed) >= q0 + 2 && attempts() >= a0 + 8.0),
+        "the resolver was asked again and the probe tried 8 times"
+    );
+    let st = status();
+    eprintln!(
+        "FIGURES resolver silent: {} queries unanswered, {} connect attempts since; state {} epoch {}",
+        queries.load(Relaxed) - q0,
+        attempts() - a0,
+        st["state"],
+        st["epoch"]
+    );
+    assert_eq!(st["epoch"], 1, "a resolver that does not answer is no failover of the upstream: {st}");
+    ping(&mut session).expect("the session made before is still served");
+    // A new client is served too: the name's last answer serves while the resolver is silent.
+    let t = std::time::Instant::now();
+    let mut late = lab.connect_tcp(Host::Client, listen, Duration::from_secs(2)).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ping(&mut late).expect("a new client is served from the last answer");
+    eprintln!("FIGURES a new client served in {:.0} ms while the resolver is silent", t.elapsed().as_secs_f64() * 1e3);
+    drop(etc);
 }
