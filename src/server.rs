@@ -453,10 +453,6 @@ impl Instance {
                 continue;
             }
             let metrics = self.registry.telemetry.service(&s.name);
-            let (detector, handle, reconfigure) = Detector::new(cfg.clone(), metrics.clone());
-            let stop_detector = CancellationToken::new();
-            self.background.spawn(detector.run(stop_detector.clone()));
-            started.push(s.name.clone());
             let lasting = match self.draining.remove(&s.name) {
                 Some(l) => {
                     l.reconfigure(&cfg);
@@ -464,6 +460,11 @@ impl Instance {
                 }
                 None => Lasting::new(&cfg, metrics.connect_counts()),
             };
+            let (detector, handle, reconfigure) =
+                Detector::new(cfg.clone(), metrics.clone(), lasting.connector.clone());
+            let stop_detector = CancellationToken::new();
+            self.background.spawn(detector.run(stop_detector.clone()));
+            started.push(s.name.clone());
             let placeholder = Arc::new(Entry {
                 name: s.name.clone(),
                 service: Arc::new(ArcSwap::from_pointee(Service::new(

@@ -33,6 +33,7 @@ mod state;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
@@ -208,7 +209,9 @@ impl Reconfigure {
 /// The detector of one service.
 pub(crate) struct Detector {
     svc: Arc<ServiceConfig>,
-    connector: Connector,
+    /// The service's connector, shared with the data path (one name cache, one address that last took a
+    /// connection); a reload replaces it before the detector hears of the new settings.
+    connector: Arc<ArcSwap<Connector>>,
     metrics: Arc<ServiceMetrics>,
     machine: Machine,
     view: watch::Sender<HostView>,
@@ -268,6 +271,7 @@ impl Detector {
     pub(crate) fn new(
         svc: Arc<ServiceConfig>,
         metrics: Arc<ServiceMetrics>,
+        connector: Arc<ArcSwap<Connector>>,
     ) -> (Detector, DetectorHandle, Reconfigure) {
         let now = Instant::now();
         let view = HostView {
@@ -289,7 +293,7 @@ impl Detector {
         metrics.upstream_up.set(1.0);
         metrics.epoch.set(1.0);
         let detector = Detector {
-            connector: Connector::new(svc.clone(), metrics.connect_counts()),
+            connector,
             machine: Machine::new(svc.probe.fall, svc.probe.rise, now),
             probe_keepalive: probe::probe_keepalive(&svc.probe, &svc.keepalive),
             backoff: Backoff::new(svc.ride_out.backoff_initial, svc.probe.interval.min(svc.ride_out.backoff_max)),
@@ -372,7 +376,6 @@ impl Detector {
         let change = reconfig::Change::between(&self.svc, &new);
         let old_upstream = self.svc.upstream.clone();
         self.svc = new.clone();
-        self.connector = self.connector.reloaded(new.clone());
         self.machine.set_thresholds(new.probe.fall, new.probe.rise);
         self.probe_keepalive = probe::probe_keepalive(&new.probe, &new.keepalive);
         self.backoff = Backoff::new(new.ride_out.backoff_initial, new.probe.interval.min(new.ride_out.backoff_max));
@@ -826,11 +829,12 @@ impl Detector {
         }
         let silent_at = last_ack + ka.idle + ka.interval;
         if now < silent_at {
-            let reach = match self.connector.resolve(silent_at - now).await {
+            let connector = self.connector.load_full();
+            let reach = match connector.resolve(silent_at - now).await {
                 Ok(peers) => {
                     // why: the probe connection's address is the one that last took a connection, first here.
                     let peer = peers[0];
-                    let (ka, connector) = (self.probe_keepalive.clone(), self.connector.clone());
+                    let (ka, connector) = (self.probe_keepalive.clone(), (*connector).clone());
                     // why: the race's last attempt would run its own timeout past the bound; the bound decides.
                     let race = race_connect(&connector, peer, silent_at - now, &ka);
                     tokio::pin!(race);
@@ -875,7 +879,7 @@ impl Detector {
 
     /// One send-expect exchange over UDP (a UDP service's probe), reported as evidence.
     async fn check_udp(&mut self) {
-        match probe_udp::exchange(&self.svc, &self.connector).await {
+        match probe_udp::exchange(&self.svc, &self.connector.load_full()).await {
             Ok(reply) => {
                 let identity = probe::identity_of(&self.svc.probe, &reply);
                 self.observe(Evidence::Ok { at: Instant::now(), identity });
@@ -902,7 +906,7 @@ impl Detector {
 
     /// A UDP service's confirmation of a sign: one probe exchange.
     async fn udp_confirm(&mut self) -> (Reach, Option<String>) {
-        match probe_udp::exchange(&self.svc, &self.connector).await {
+        match probe_udp::exchange(&self.svc, &self.connector.load_full()).await {
             Ok(reply) => (Reach::Ready, probe::identity_of(&self.svc.probe, &reply)),
             Err(ExchangeError::Mismatch(reply)) => {
                 self.not_ready_because(lacks_expect(&reply));
@@ -1015,19 +1019,20 @@ impl Detector {
     async fn open_probe_conn(&mut self) -> (ConnectClass, Option<String>) {
         let timeout = self.svc.probe.timeout;
         // why: a stalled resolver must not stall the detector; the lookup has the probe's timeout.
-        let result = match self.connector.resolve(timeout).await {
+        let connector = self.connector.load_full();
+        let result = match connector.resolve(timeout).await {
             // why: while the address does not answer, a SYN already sent waits for its retransmission
             // (a second or more) even after the address is back; staggered attempts put a fresh SYN on
             // the wire every RECOVERY_PACE, so the first one after the takeover is answered at once. A
             // name's next address is raced next time when this one does not answer.
             Ok(peers) if self.machine.state() == HostState::Down => {
-                let r = race_connect(&self.connector, peers[0], timeout, &self.probe_keepalive).await;
+                let r = race_connect(&connector, peers[0], timeout, &self.probe_keepalive).await;
                 if r.is_err() {
-                    self.connector.passed_over(peers[0], &peers);
+                    connector.passed_over(peers[0], &peers);
                 }
                 r
             }
-            Ok(peers) => self.connector.connect_any(&peers, timeout, &self.probe_keepalive).await,
+            Ok(peers) => connector.connect_any(&peers, timeout, &self.probe_keepalive).await,
             Err(e) => Err(e),
         };
         match result {
