@@ -893,9 +893,7 @@ impl Detector {
             // why: no socket, source address or buffer on this host says nothing of the upstream.
             Err(ExchangeError::Failed(class, e)) if class.local() => {
                 debug!(service = %self.svc.name, error = %e, "UDP probe not sent");
-                if let Some(n) = self.local_failures.hit() {
-                    warn!(service = %self.svc.name, error = %e, count = n, "the probe could not be sent from this host (no source address, descriptor, memory or buffer); that says nothing of the upstream, and its state stays");
-                }
+                self.local_failure(&e);
             }
             Err(e) => {
                 debug!(service = %self.svc.name, error = ?e, "UDP probe got no reply");
@@ -912,8 +910,8 @@ impl Detector {
                 self.not_ready_because(lacks_expect(&reply));
                 (Reach::NotReady, None)
             }
-            Err(ExchangeError::Failed(ConnectClass::Refused, _)) => (Reach::Refused, None),
-            Err(ExchangeError::Failed(class, _)) if class.local() => (Reach::Unknown, None),
+            // Refused (ICMP port unreachable), a local shortage (unknown), or silence.
+            Err(ExchangeError::Failed(class, _)) => (Reach::from(class), None),
             Err(_) => (Reach::Silent, None),
         }
     }
@@ -1046,17 +1044,21 @@ impl Detector {
                 self.probe_conn = Some(ProbeStream::new(stream));
                 (ConnectClass::Ok, identity)
             }
-            Err(e) if e.class.local() => {
+            Err(e) => {
                 debug!(service = %self.svc.name, error = %e, "probe connect failed");
-                if let Some(n) = self.local_failures.hit() {
-                    warn!(service = %self.svc.name, error = %e, count = n, "the probe could not connect from this host (no local port, address, descriptor or memory); that says nothing of the upstream, and its state stays");
+                if e.class.local() {
+                    self.local_failure(&e);
                 }
                 (e.class, None)
             }
-            Err(e) => {
-                debug!(service = %self.svc.name, error = %e, "probe connect failed");
-                (e.class, None)
-            }
+        }
+    }
+
+    /// A probe this host could not make or send (no local port, address, descriptor, memory or buffer):
+    /// warned of at most once a minute, with the count since.
+    fn local_failure(&mut self, error: &dyn std::fmt::Display) {
+        if let Some(n) = self.local_failures.hit() {
+            warn!(service = %self.svc.name, error = %error, count = n, "the probe could not be made from this host (no local port, address, descriptor, memory or buffer); that says nothing of the upstream, and its state stays");
         }
     }
 

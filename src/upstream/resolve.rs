@@ -77,6 +77,13 @@ struct State {
     stale: bool,
 }
 
+impl State {
+    /// The last good answer, while the resolver fails.
+    fn stale_answer(&self) -> Option<Arc<[SocketAddr]>> {
+        self.cached.as_ref().filter(|_| self.stale).map(|(addrs, ..)| addrs.clone())
+    }
+}
+
 /// Why a query gave no addresses.
 #[derive(Debug)]
 enum QueryError {
@@ -95,7 +102,7 @@ impl Name {
     /// one, shared with every caller that asks meanwhile. Waits at most `within`.
     pub(crate) async fn lookup(self: &Arc<Self>, within: Duration) -> Answer {
         let deadline = Instant::now() + within;
-        let (mut rx, last) = {
+        let mut rx = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((addrs, until, made)) = &st.cached
                 && Instant::now() < *until
@@ -131,15 +138,12 @@ impl Name {
                     rx
                 }
             };
-            let last = st.cached.as_ref().map(|(addrs, ..)| addrs.clone());
             // why: the resolver failed last time; the last answer serves at once while the lookup goes on,
             // rather than after every caller's own wait for a resolver that does not answer.
-            if st.stale
-                && let Some(addrs) = last
-            {
+            if let Some(addrs) = st.stale_answer() {
                 return Ok(addrs);
             }
-            (rx, last)
+            rx
         };
         let answer = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
             Ok(Ok(answer)) => answer.clone().unwrap_or_else(|| Err("the lookup ended without an answer".into())),
@@ -151,14 +155,8 @@ impl Name {
                 Err(why)
             }
         };
-        answer.or_else(|why| {
-            // why: only a failure leaves the last answer to serve; a name that has no address now emptied it.
-            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            match (st.stale, last) {
-                (true, Some(addrs)) if st.cached.is_some() => Ok(addrs),
-                _ => Err(why),
-            }
-        })
+        // why: only a failure leaves the last answer to serve; a name that has no address now emptied it.
+        answer.or_else(|why| self.state.lock().unwrap_or_else(|e| e.into_inner()).stale_answer().ok_or(why))
     }
 
     /// The resolver failed: the last good answer, if there is one, serves until it answers again; said once.

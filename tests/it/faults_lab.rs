@@ -407,7 +407,7 @@ fn a_host_out_of_ephemeral_ports_is_no_failover() {
     assert_eq!(sc.epoch(), epoch, "no port on this host is no failover of the upstream");
     assert_eq!(sc.state(), "up");
     ping(&mut session).expect("the session made before is still served");
-    assert!(lab.read_log(sc.pid).contains("the probe could not connect from this host"), "a warning says why");
+    assert!(lab.read_log(sc.pid).contains("the probe could not be made from this host"), "a warning says why");
     // A client that comes now is held (its upstream connect finds no port either) and no sign of a move.
     let mut late = lab.connect_tcp(Host::Client, sc.listen(), Duration::from_secs(2)).unwrap();
     late.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
