@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::config::{Config, ProbeMode, Protocol, UpstreamAddr, escape_bytes};
+use crate::config::{Config, InterceptMethod, ProbeMode, Protocol, UpstreamAddr, escape_bytes};
 use crate::failover::bounds::{self, fmt};
 
 /// The report `check` prints for a valid config.
@@ -108,12 +108,21 @@ pub fn report_full(
             let _ = writeln!(out, "  listen          {} (backlog {})", listen.join(", "), s.backlog);
         }
         if s.intercept {
-            let _ = writeln!(
-                out,
-                "  mode            transparent: this host's TCP to {} is redirected into the listener (nftables table inet {}; needs CAP_NET_ADMIN, or `staybound setup` beforehand)",
-                s.upstream,
-                crate::intercept::TABLE
-            );
+            let how = match config.intercept.method {
+                InterceptMethod::Nat => format!(
+                    "redirected into the listener (nftables table inet {}; needs CAP_NET_ADMIN, or `staybound setup` beforehand)",
+                    crate::intercept::TABLE
+                ),
+                InterceptMethod::Connect => format!(
+                    "sent to the listener at connect() by the connect hook on cgroup {} (eBPF, no NAT; needs CAP_BPF and CAP_NET_ADMIN)",
+                    config
+                        .intercept
+                        .cgroup
+                        .as_ref()
+                        .map_or("(the cgroup v2 root: every process)".into(), |c| c.display().to_string())
+                ),
+            };
+            let _ = writeln!(out, "  mode            transparent: this host's TCP to {} is {how}", s.upstream);
         }
         let kind = match &s.upstream {
             UpstreamAddr::Ip(_) => "address",
@@ -129,7 +138,7 @@ pub fn report_full(
                     if s.freebind { ", freebind" } else { "" }
                 );
             }
-            None if s.intercept => {
+            None if s.intercept && config.intercept.method == InterceptMethod::Nat => {
                 // why: the redirected clients and staybound's own upstream connections then go from one
                 // address to one address and port, and share its ephemeral ports and TIME_WAIT table
                 // (README, "Transparent mode"): at a high rate of new connections that is the cost to know.

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminHandle};
-use crate::config::{Config, Protocol, ServiceConfig};
+use crate::config::{Config, InterceptConfig, InterceptMethod, Protocol, ServiceConfig};
 use crate::failover::{Detector, DetectorHandle, Reconfigure};
 use crate::intercept;
 use crate::listener;
@@ -186,6 +186,9 @@ pub struct Instance {
     /// The interception rules this process installed (nftables table `staybound`), removed at shutdown
     /// unless an upgrade's new process took them over.
     rules: Option<Vec<intercept::Redirect>>,
+    /// The connect hook this process attached (`[intercept] method = "connect"`) and what it redirects. Its
+    /// links end with the process, however it ends.
+    hook: Option<(intercept::Hook, Vec<intercept::Redirect>)>,
 }
 
 impl Instance {
@@ -220,6 +223,7 @@ impl Instance {
             stop_sessions: CancellationToken::new(),
             admin: None,
             rules: None,
+            hook: None,
         };
         // why: bound first (or taken from the process this one upgrades), so a busy admin port fails the
         // start before any service says it listens; served after the services, so an admin endpoint that
@@ -570,13 +574,77 @@ impl Instance {
             }
         }
         // Interception rules last, once every listener they send clients to accepts.
-        self.intercept(intercept::redirects(config)).await;
+        self.intercept(intercept::redirects(config), &config.intercept).await;
         Ok(())
+    }
+
+    /// Redirects `want` the configured way, and ends the other way's redirects if a reload changed it.
+    async fn intercept(&mut self, want: Vec<intercept::Redirect>, how: &InterceptConfig) {
+        match how.method {
+            InterceptMethod::Nat => {
+                self.detach_hook();
+                self.install_rules(want).await;
+            }
+            InterceptMethod::Connect => {
+                self.remove_rules().await;
+                self.attach_hook(want, how.cgroup.as_deref());
+            }
+        }
+    }
+
+    /// Attaches, updates or detaches the connect hook so it redirects `want`. A failure is logged and shown
+    /// in `/status`; the services run on (their listen addresses still work). A changed cgroup gets the new
+    /// hook before the old one goes, so no connect in between goes past staybound.
+    fn attach_hook(&mut self, want: Vec<intercept::Redirect>, cgroup: Option<&std::path::Path>) {
+        if want.is_empty() {
+            self.detach_hook();
+            return;
+        }
+        let cgroup = match cgroup.map(|c| Ok(c.to_path_buf())).unwrap_or_else(intercept::cgroup2_root) {
+            Ok(c) => c,
+            Err(e) => return self.hook_failed(&e.to_string()),
+        };
+        let result = match self.hook.as_ref().filter(|(hook, _)| hook.cgroup() == cgroup) {
+            Some((_, had)) if *had == want => return,
+            Some((hook, _)) => hook.update(&want, intercept::Exempt::default()),
+            None => intercept::Hook::attach(&cgroup, &want, intercept::Exempt::default())
+                .map(|hook| self.hook = Some((hook, Vec::new()))),
+        };
+        match result {
+            Ok(()) => {
+                for r in &want {
+                    info!(service = %r.service, upstream = %r.upstream, to = %r.to, cgroup = %cgroup.display(), "intercepting: connects to the upstream from this cgroup are sent to the listener");
+                }
+                self.registry.intercept.set(Some(format!(
+                    "attached by this process: connect hook on cgroup {}, {} redirect(s)",
+                    cgroup.display(),
+                    want.len()
+                )));
+                if let Some((_, had)) = &mut self.hook {
+                    *had = want;
+                }
+            }
+            Err(e) => self.hook_failed(&e.to_string()),
+        }
+    }
+
+    fn hook_failed(&mut self, e: &str) {
+        error!(error = %e, "cannot attach the connect hook: clients that dial the upstream go past staybound (they can still use the listen address); it needs a cgroup v2 and CAP_BPF with CAP_NET_ADMIN");
+        let state = if self.hook.is_some() { "the previous redirects stay" } else { "not attached" };
+        self.registry.intercept.set(Some(format!("{state}: {e}")));
+    }
+
+    /// Ends this process's connect hook, if it has one: a connect from now on goes where it was meant to.
+    fn detach_hook(&mut self) {
+        if let Some((hook, _)) = self.hook.take() {
+            info!(cgroup = %hook.cgroup().display(), "connect hook detached");
+            self.registry.intercept.set(None);
+        }
     }
 
     /// Installs, replaces or removes the interception rules so they redirect `want`. A failure is logged
     /// and shown in `/status`; the services run on (their listen addresses still work).
-    async fn intercept(&mut self, want: Vec<intercept::Redirect>) {
+    async fn install_rules(&mut self, want: Vec<intercept::Redirect>) {
         if self.rules.as_ref() == Some(&want) || (self.rules.is_none() && want.is_empty()) {
             return;
         }
@@ -624,6 +692,7 @@ impl Instance {
         // why: first, so a client that dials the upstream from now on goes to it directly instead of to a
         // listener that no longer accepts; redirected sessions keep their NAT record and drain.
         self.remove_rules().await;
+        self.detach_hook();
         for r in self.running.values_mut() {
             r.stop_accept.cancel();
             // The listening sockets close now: a new connect is refused, not queued.

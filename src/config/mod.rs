@@ -28,7 +28,27 @@ pub struct Config {
     /// small host shared with the client avoids cross-thread wake-ups. Takes effect at start.
     pub workers: usize,
     pub admin: AdminConfig,
+    pub intercept: InterceptConfig,
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[intercept]`: how the connections of the `intercept` services are redirected into their listeners.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterceptConfig {
+    pub method: InterceptMethod,
+    /// The cgroup (v2) whose processes the connect hook redirects; `None`: the hierarchy's root, every
+    /// process of the host.
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InterceptMethod {
+    /// nftables rules in the table `inet staybound`: destination NAT on the output hook.
+    #[default]
+    Nat,
+    /// eBPF programs on a cgroup's `connect4`/`connect6` hooks: the destination is rewritten at `connect()`,
+    /// so no packet is translated.
+    Connect,
 }
 
 #[derive(Debug, Clone, PartialEq)]

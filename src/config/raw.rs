@@ -57,6 +57,7 @@ pub(super) struct RawConfig {
     pub shutdown_grace: Option<S<DurationText>>,
     pub workers: Option<S<i64>>,
     pub admin: Option<RawAdmin>,
+    pub intercept: Option<RawIntercept>,
     pub defaults: Option<RawDefaults>,
     #[serde(default)]
     pub service: Vec<S<RawService>>,
@@ -68,6 +69,14 @@ pub(super) struct RawAdmin {
     pub listen: Option<S<String>>,
     pub token_file: Option<S<String>>,
     pub failover_rate: Option<S<DurationText>>,
+}
+
+/// `[intercept]`: how the `intercept` services' connections are redirected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIntercept {
+    pub method: Option<S<String>>,
+    pub cgroup: Option<S<String>>,
 }
 
 /// `[defaults]`: tables every service inherits key by key unless it sets the key itself.

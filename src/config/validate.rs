@@ -9,7 +9,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{DurationText, Inherit, RawAdmin, RawHold, RawKeepalive, RawProbe, RawService, RawUdp, S};
+use super::raw::{
+    DurationText, Inherit, RawAdmin, RawHold, RawIntercept, RawKeepalive, RawProbe, RawService, RawUdp, S,
+};
 use super::*;
 
 /// One thing wrong in a config file, located.
@@ -218,6 +220,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
     );
     let workers = cx.int(&raw.workers, "workers", defaults::WORKERS, (0, 256)) as usize;
     let admin = admin(&mut cx, raw.admin.as_ref(), path);
+    let intercept = intercept(&mut cx, raw.intercept.as_ref());
 
     let defaults = raw.defaults.unwrap_or_default();
     if raw.service.is_empty() {
@@ -242,7 +245,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigError> {
     if !cx.problems.is_empty() {
         return Err(ConfigError::Invalid { path: path.to_path_buf(), problems: in_line_order(cx.problems) });
     }
-    Ok(Config { path: path.to_path_buf(), shutdown_grace, workers, admin, services })
+    Ok(Config { path: path.to_path_buf(), shutdown_grace, workers, admin, intercept, services })
 }
 
 /// `[admin]`: where it listens, the hook's token (read from its file now, and again at every reload) and
@@ -289,6 +292,31 @@ fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>, config_path: &Path) -> AdminC
         }
     };
     AdminConfig { listen, token, token_file, failover_rate }
+}
+
+/// `[intercept]`: the method, and for the connect hook the cgroup it goes on (an absolute path; whether it
+/// is a cgroup is found out when the hook is attached, and said then).
+fn intercept(cx: &mut Ctx<'_>, raw: Option<&RawIntercept>) -> InterceptConfig {
+    let Some(raw) = raw else { return InterceptConfig::default() };
+    let method = cx.one_of(
+        &raw.method,
+        "intercept.method",
+        InterceptMethod::Nat,
+        &[("nat", InterceptMethod::Nat), ("connect", InterceptMethod::Connect)],
+    );
+    let cgroup = raw.cgroup.as_ref().and_then(|v| {
+        let p = Path::new(v.get_ref());
+        if !p.is_absolute() {
+            cx.at(v.span(), "intercept.cgroup", format!("{:?} is not an absolute path", v.get_ref()));
+            None
+        } else if method != InterceptMethod::Connect {
+            cx.at(v.span(), "intercept.cgroup", "only the connect method uses a cgroup: set method = \"connect\"");
+            None
+        } else {
+            Some(p.to_path_buf())
+        }
+    });
+    InterceptConfig { method, cgroup }
 }
 
 /// A relative `token_file` is taken from the config file's directory, wherever staybound was started.

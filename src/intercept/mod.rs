@@ -17,6 +17,11 @@
 //!   the new one; after SIGKILL the next start replaces it, and `staybound cleanup` deletes it. Only the
 //!   table named `staybound` is ever touched.
 
+mod bpf;
+mod connect_hook;
+
+pub use bpf::{Hook, cgroup2_root};
+
 use std::net::{IpAddr, SocketAddr};
 
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField};

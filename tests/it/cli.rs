@@ -137,6 +137,30 @@ fn check_shows_a_transparent_service_and_whose_ports_its_upstream_leg_shares() {
 }
 
 #[test]
+fn check_shows_the_connect_hook_and_no_shared_ports() {
+    let text =
+        format!("{OK}intercept = true\n[intercept]\nmethod = \"connect\"\ncgroup = \"/sys/fs/cgroup/legacy.slice\"\n");
+    let (code, stdout, stderr) = check(&text);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout
+            .contains("is sent to the listener at connect() by the connect hook on cgroup /sys/fs/cgroup/legacy.slice"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("ephemeral ports"), "the client dials the listener, not the upstream: {stdout}");
+    let (code, _, stderr) = check(&format!("{OK}[intercept]\nmethod = \"bpf\"\ncgroup = \"sys/fs/cgroup\"\n"));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("intercept.method") && stderr.contains("\"bpf\" is not one of \"nat\", \"connect\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("intercept.cgroup") && stderr.contains("not an absolute path"), "{stderr}");
+    let (code, _, stderr) = check(&format!("{OK}[intercept]\ncgroup = \"/sys/fs/cgroup\"\n"));
+    assert_eq!(code, 78);
+    assert!(stderr.contains("only the connect method uses a cgroup"), "{stderr}");
+}
+
+#[test]
 fn several_problems_are_reported_together() {
     let (code, _, err) =
         check("[[service]]\nname = \"a\"\nlisten = \"x\"\nupstream = \"y\"\n[service.hold]\ndeadline = \"soon\"\n");

@@ -12,6 +12,7 @@ mod support;
 mod admin;
 mod cli;
 mod client_gone_lab;
+mod connect_hook_lab;
 mod demo;
 mod deploy;
 mod dns_lab;

@@ -1,0 +1,210 @@
+//! Transparent mode by the connect hook (`[intercept] method = "connect"`) in the namespace lab: the
+//! unmodified client dials the logical host's address, and the eBPF programs staybound attaches to the
+//! cgroup v2 root rewrite that `connect()` to its listener; no nftables rule and no NAT are involved. The
+//! same checks as through the nftables redirect (a silent move within the bound, nothing lost through a 2 s
+//! switchover, the `source` address), and the hook's life: it ends with the process however it ends
+//! (SIGTERM, SIGKILL), follows reloads (to the nftables method and back) and upgrades, and leaves every
+//! other network namespace alone.
+
+use crate::support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, SIGTERM};
+use support::loadclient::switchover;
+use support::sidecar::{Blocked, LISTEN, Sidecar, margin, runs, two_nodes, wait_blocked};
+use support::wait::wait_until;
+
+const SIGHUP: i32 = 1;
+
+fn logical() -> SocketAddr {
+    SocketAddr::from((LOGICAL, REDIS_PORT))
+}
+
+const SOURCE: &str = "198.18.0.20";
+
+/// The service's keys and, after them, the top-level `[intercept]` table choosing the hook (a table header
+/// is a path from the top, so it may come last).
+const HOOKED: &str = "intercept = true\nsource = \"198.18.0.20\"\n[service.probe]\nneighbor = false\n[intercept]\nmethod = \"connect\"\n";
+
+/// `ip netns exec` gives the process a sysfs of the namespace's own, without the cgroup file systems
+/// mounted under it: this mounts the cgroup v2 hierarchy at /sys/fs/cgroup in that private mount namespace
+/// (where a host or a container has it), then runs staybound.
+const MOUNT_CGROUP2: [&str; 4] = ["sh", "-c", "mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\"", "sh"];
+
+/// staybound with the hook, in the client namespace.
+fn hooked(lab: &Lab) -> Sidecar<'_> {
+    Sidecar::start_as(lab, &MOUNT_CGROUP2, &format!("listen = \"{LISTEN}\"\n"), HOOKED)
+}
+
+fn with_source(lab: &Lab) {
+    lab.exec(Host::Client, &["ip", "addr", "add", &format!("{SOURCE}/24"), "dev", "eth0"]);
+}
+
+fn nft_ruleset(lab: &Lab) -> String {
+    String::from_utf8_lossy(&lab.exec(Host::Client, &["nft", "list", "ruleset"]).stdout).to_string()
+}
+
+fn proxied(sc: &Sidecar<'_>) -> f64 {
+    sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")])
+}
+
+/// Which node answers a client in the client namespace that dials the logical host (through staybound or
+/// not), by its redis run id.
+fn answering(lab: &Lab) -> Option<String> {
+    lab.redis_run_id(Host::Client, LOGICAL)
+}
+
+#[test]
+fn a_client_dialling_the_logical_host_learns_of_a_silent_move_through_the_connect_hook() {
+    for run in 0..runs() {
+        let Some(lab) = two_nodes("hook-move") else { return };
+        with_source(&lab);
+        let sc = hooked(&lab);
+        sc.wait_state("up", Duration::from_secs(5));
+        let st = sc.status();
+        assert!(
+            st["intercept"]["rules"].as_str().unwrap_or("").starts_with("attached by this process: connect hook"),
+            "{st}"
+        );
+        assert!(!nft_ruleset(&lab).contains("staybound"), "no nftables rule is involved");
+        let blocked = Blocked::start(&lab, Host::Client, logical());
+        wait_blocked(&lab, Host::Node1, 1);
+        let seen = lab.redis_cli_at(Host::Client, Host::Node1.addr(), &["CLIENT", "LIST"]);
+        let seen = String::from_utf8_lossy(&seen.stdout).to_string();
+        assert!(
+            seen.lines().filter(|l| !l.contains("cmd=client|list")).all(|l| l.contains(&format!("addr={SOURCE}:"))),
+            "node 1 sees every client at the source address:\n{seen}"
+        );
+        assert_eq!(proxied(&sc), 1.0);
+        let t0 = Instant::now();
+        lab.move_logical(Host::Node1, Host::Node2, true);
+        let (t1, how) = blocked.ended(Duration::from_secs(10)).expect("the hooked client learned within 10 s");
+        let after = t1.duration_since(t0);
+        let bound = sc.bounds().silent_move.0;
+        eprintln!(
+            "FIGURES connect hook, silent move run {run}: client dialling {} {how} after {:.3}s (bound {:.1}s)",
+            logical(),
+            after.as_secs_f64(),
+            bound.as_secs_f64()
+        );
+        assert!(after <= bound + margin(), "noticed after {after:?}, bound {bound:?}");
+        sc.wait_state("up", Duration::from_secs(5));
+        let node2 = lab.redis_run_id(Host::Client, Host::Node2.addr()).unwrap();
+        wait_until("a new client reaches node 2", Duration::from_secs(5), || {
+            answering(&lab).as_deref() == Some(&node2)
+        });
+        assert!(proxied(&sc) >= 2.0);
+    }
+}
+
+#[test]
+fn a_closed_loop_client_loses_nothing_through_a_two_second_switchover_by_the_connect_hook() {
+    for run in 0..runs() {
+        let Some(lab) = two_nodes("hook-switch") else { return };
+        with_source(&lab);
+        lab.stop_redis(Host::Node2);
+        let direct = switchover(&lab, logical(), Host::Node1, Host::Node2, "direct");
+        let sc = hooked(&lab);
+        sc.wait_state("up", Duration::from_secs(5));
+        let stats = switchover(&lab, logical(), Host::Node2, Host::Node1, "connect hook");
+        eprintln!(
+            "FIGURES 2 s switchover run {run}: connect hook {} answered, {} lost, longest stall {:.2}s; direct {} \
+             answered, {} lost, longest stall {:.2}s",
+            stats.ok,
+            stats.lost,
+            stats.longest_stall().as_secs_f64(),
+            direct.ok,
+            direct.lost,
+            direct.longest_stall().as_secs_f64()
+        );
+        assert_eq!(stats.lost, 0, "no request lost through the switchover");
+        assert!(proxied(&sc) >= 1.0, "the client came through staybound");
+    }
+}
+
+#[test]
+fn the_connect_hook_ends_with_the_process_however_it_ends() {
+    let Some(lab) = two_nodes("hook-life") else { return };
+    with_source(&lab);
+    let node1 = lab.redis_run_id(Host::Client, Host::Node1.addr()).unwrap();
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()), "direct before staybound");
+
+    // SIGTERM: from then on a client dialling the logical host reaches it directly.
+    let sc = hooked(&lab);
+    sc.wait_state("up", Duration::from_secs(5));
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()));
+    assert_eq!(proxied(&sc), 1.0, "through staybound");
+    lab.signal(sc.pid, SIGTERM);
+    assert!(lab.wait_exit(sc.pid, Duration::from_secs(10)).success());
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()), "direct after SIGTERM");
+
+    // SIGKILL: the links go with the process's descriptors; nothing is left to clean up.
+    let killed = hooked(&lab);
+    killed.wait_state("up", Duration::from_secs(5));
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()));
+    assert_eq!(proxied(&killed), 1.0);
+    lab.kill_hard(killed.pid);
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()), "direct at once after SIGKILL, no cleanup run");
+    assert!(!nft_ruleset(&lab).contains("staybound"));
+
+    // Another network namespace is never redirected, though the hook is on the root of the cgroup tree that
+    // every process of this machine is in: node 2's namespace dials the logical host and reaches node 1.
+    let again = hooked(&lab);
+    again.wait_state("up", Duration::from_secs(5));
+    assert_eq!(lab.redis_run_id(Host::Node2, LOGICAL).as_deref(), Some(node1.as_str()));
+    assert_eq!(proxied(&again), 0.0, "node 2's client did not come through staybound");
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()));
+    assert_eq!(proxied(&again), 1.0, "the client namespace's did");
+    lab.kill_hard(again.pid);
+}
+
+#[test]
+fn the_connect_hook_survives_reloads_and_follows_a_change_of_method() {
+    let Some(lab) = two_nodes("hook-reload") else { return };
+    with_source(&lab);
+    let sc = hooked(&lab);
+    sc.wait_state("up", Duration::from_secs(5));
+    let path = lab.dir().join("staybound.toml");
+    let hooked = std::fs::read_to_string(&path).unwrap();
+    let nat = hooked.replace("method = \"connect\"", "method = \"nat\"");
+    let reloads = |n: f64| {
+        wait_until("the reload is applied", Duration::from_secs(10), || {
+            sc.metric("staybound_config_reloads_total", &[("result", "ok")]) >= n
+        });
+    };
+    let check = |label: &str, hook: bool, reloads_done: f64| {
+        reloads(reloads_done);
+        let st = sc.status();
+        let rules = st["intercept"]["rules"].as_str().unwrap_or("").to_string();
+        assert_eq!(rules.starts_with("attached by this process: connect hook"), hook, "{label}: {rules}");
+        assert_eq!(nft_ruleset(&lab).contains("table inet staybound"), !hook, "{label}");
+        let before = proxied(&sc);
+        drop(Blocked::start(&lab, Host::Client, logical()));
+        assert_eq!(proxied(&sc), before + 1.0, "{label}: the client dialling the logical host came through staybound");
+    };
+    check("at start", true, 0.0);
+    // The same file again: the hook stays as it is.
+    lab.signal(sc.pid, SIGHUP);
+    check("reloaded unchanged", true, 1.0);
+    // To the nftables method: the hook goes once the rules are in; and back.
+    std::fs::write(&path, &nat).unwrap();
+    lab.signal(sc.pid, SIGHUP);
+    check("reloaded to nat", false, 2.0);
+    std::fs::write(&path, &hooked).unwrap();
+    lab.signal(sc.pid, SIGHUP);
+    check("reloaded back to connect", true, 3.0);
+    // No intercept service left: the hook is detached and the client goes straight to the host.
+    std::fs::write(&path, hooked.replace("intercept = true\n", "")).unwrap();
+    lab.signal(sc.pid, SIGHUP);
+    reloads(4.0);
+    assert!(sc.status()["intercept"]["rules"].is_null(), "{}", sc.status());
+    let node1 = lab.redis_run_id(Host::Client, Host::Node1.addr()).unwrap();
+    let before = proxied(&sc);
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()));
+    assert_eq!(proxied(&sc), before, "not through staybound once the hook is detached");
+    lab.signal(sc.pid, SIGTERM);
+    assert!(lab.wait_exit(sc.pid, Duration::from_secs(10)).success());
+    assert!(!nft_ruleset(&lab).contains("staybound"));
+}
