@@ -177,6 +177,7 @@ class Contender:
     name: str  # column label
     kind: str  # "direct", "haproxy", "staybound", "transparent", "plain"
     threads: int = 0
+    intercept: str = ""  # transparent: "nat" (an nftables rule) or "connect" (the connect hook)
     cmd: list[str] = field(default_factory=list)  # staybound, transparent, plain: argv template
     standin: bool = False
 
@@ -344,6 +345,21 @@ def wait_intercepting(upstream: str, proc: subprocess.Popen, what: str, log: Pat
     raise BenchError(f"{what}: no interception rule for {upstream} after {timeout:.0f}s: {tail(log)}")
 
 
+def wait_hooked(proc: subprocess.Popen, what: str, log: Path, timeout: float = 10.0) -> None:
+    """Wait until staybound has attached its connect hook: it logs it after binding its listener."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode} before intercepting: {tail(log)}")
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if "intercepting: connects to the upstream" in text:
+            return
+        if "cannot attach the connect hook" in text:
+            raise BenchError(f"{what}: {tail(log)}")
+        time.sleep(0.02)
+    raise BenchError(f"{what}: no connect hook after {timeout:.0f}s: {tail(log)}")
+
+
 def tail(path: Path, n: int = 6) -> str:
     try:
         lines = path.read_text(errors="replace").strip().splitlines()
@@ -465,10 +481,13 @@ backend bench
 """)
         return cfg
 
-    def staybound_cfg(self, listen: str, upstream: str, intercept: bool = False) -> Path:
+    def staybound_cfg(self, listen: str, upstream: str, intercept: str = "") -> Path:
+        """`intercept`: "" (explicit), "nat" (an nftables rule) or "connect" (the connect hook)."""
         cfg = self._path("staybound.toml")
-        # transparent: the client dials the upstream itself; staybound's nftables rule sends it to listen.
+        # transparent: the client dials the upstream itself; staybound's nftables rule (or connect hook)
+        # sends it to listen.
         extra = "intercept = true\n" if intercept else ""
+        top = f'[intercept]\nmethod = "{intercept}"\n' if intercept else ""
         if self.args.own_source:
             # why: a transparent client and staybound's upstream leg otherwise both connect from
             # 127.0.0.1 to the upstream address and port, and share one ephemeral port range and one
@@ -483,6 +502,7 @@ workers = {workers}
 [admin]
 listen = "{listen}:{ADMIN_PORT}"
 
+{top}
 [[service]]
 name = "bench"
 listen = "{listen}:{LISTEN_PORT}"
@@ -513,15 +533,17 @@ mode = "off"
             }
             template = " ".join(c.cmd)
             if "{config}" in template:
-                values["config"] = str(self.staybound_cfg(listen, upstream, c.kind == "transparent"))
+                values["config"] = str(self.staybound_cfg(listen, upstream, c.intercept))
             if "{haproxy_cfg}" in template:
                 values["haproxy_cfg"] = str(self.haproxy_cfg(listen, upstream, 2))
             argv = [a.format(**values) for a in c.cmd]
         log = self._path(f"{c.name}.log")
         p = PROCS.spawn((wrap or []) + argv, log)
         wait_listening(listen, LISTEN_PORT, p, c.name, log, timeout=start_timeout)
-        if c.kind == "transparent":
+        if c.intercept == "nat":
             wait_intercepting(upstream, p, c.name, log, timeout=start_timeout)
+        elif c.intercept == "connect":
+            wait_hooked(p, c.name, log, timeout=start_timeout)
         return p
 
     # -- one measurement: fresh addresses, fresh upstream, fresh proxy
@@ -1065,7 +1087,7 @@ def counted_values(row: Row, counted: dict, name: str) -> list:
     return [None if not m else m.get(row.metric) for m in counted.get(row.test, {}).get(name, [])]
 
 
-COLORS = {"staybound": "#d9480f", "transparent": "#f08c00", "haproxy-1t": "#1c7ed6", "haproxy-2t": "#5c940d",
+COLORS = {"staybound": "#d9480f", "transparent": "#f08c00", "transparent-hook": "#e8590c", "haproxy-1t": "#1c7ed6", "haproxy-2t": "#5c940d",
           "plain": "#868e96"}
 FALLBACK_COLORS = ["#862e9c", "#e67700", "#0b7285", "#495057"]
 
@@ -1267,9 +1289,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="short durations, 1 000 held connections")
     p.add_argument("--only", default="", help="comma-separated rows, groups or tests to run")
-    p.add_argument("--contenders", default="direct,staybound,transparent,haproxy-1t,haproxy-2t,plain",
-                   help="comma-separated subset of direct,staybound,transparent,haproxy-1t,"
-                        "haproxy-2t,plain for the timed rounds (transparent needs root and nft)")
+    p.add_argument("--contenders",
+                   default="direct,staybound,transparent,transparent-hook,haproxy-1t,haproxy-2t,plain",
+                   help="comma-separated subset of direct,staybound,transparent,transparent-hook,haproxy-1t,"
+                        "haproxy-2t,plain for the timed rounds (transparent needs root and nft; "
+                        "transparent-hook, the connect hook, needs root and a cgroup v2)")
     p.add_argument("--counted", default="staybound,haproxy-1t,plain",
                    help="comma-separated proxies for the counted rows (instructions and syscalls "
                         "per request; default staybound,haproxy-1t,plain)")
@@ -1367,6 +1391,19 @@ def make_contender(w: str, args: argparse.Namespace, notes: list[str]
                      "data path, without the application keep-alive.")
         return (Contender("staybound", "staybound", cmd=["{staybound}", "run", "--config", "{config}"]),
                 f"`{shown} run --config …` ({tool_version([args.staybound, '--version'])}), probe off")
+    if w == "transparent-hook":
+        if not os.access(args.staybound, os.X_OK):
+            skip(f"no executable at {args.staybound}")
+        elif os.geteuid() != 0:
+            skip("its connect hook needs root (CAP_BPF and CAP_NET_ADMIN)")
+        else:
+            return (Contender("transparent-hook", "transparent", intercept="connect",
+                              cmd=["{staybound}", "run", "--config", "{config}"]),
+                    "staybound with `intercept = true` and `[intercept] method = \"connect\"`, probe off: "
+                    "the client dials the server's own address and staybound's eBPF program on the cgroup "
+                    "v2 root's connect hooks rewrites that connect to its listener (no NAT; the links end "
+                    "with the process)")
+        return None
     if w == "transparent":
         if not os.access(args.staybound, os.X_OK):
             skip(f"no executable at {args.staybound}")
@@ -1375,7 +1412,7 @@ def make_contender(w: str, args: argparse.Namespace, notes: list[str]
         elif not shutil.which("nft"):
             skip("nft not found (Debian: apt-get install nftables)")
         else:
-            return (Contender("transparent", "transparent",
+            return (Contender("transparent", "transparent", intercept="nat",
                               cmd=["{staybound}", "run", "--config", "{config}"]),
                     "staybound with `intercept = true`, probe off: the client dials the server's own "
                     "address and an nftables rule (table `inet staybound`, removed when staybound "

@@ -606,9 +606,8 @@ impl Instance {
         };
         let result = match self.hook.as_ref().filter(|(hook, _)| hook.cgroup() == cgroup) {
             Some((_, had)) if *had == want => return,
-            Some((hook, _)) => hook.update(&want, intercept::Exempt::default()),
-            None => intercept::Hook::attach(&cgroup, &want, intercept::Exempt::default())
-                .map(|hook| self.hook = Some((hook, Vec::new()))),
+            Some((hook, _)) => hook.update(&want),
+            None => intercept::Hook::attach(&cgroup, &want).map(|hook| self.hook = Some((hook, Vec::new()))),
         };
         match result {
             Ok(()) => {

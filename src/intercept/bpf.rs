@@ -12,8 +12,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use super::Redirect;
 use super::connect_hook::{self, Family, Insn};
-use super::{Exempt, Redirect};
 
 const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_LINK_CREATE: libc::c_int = 28;
@@ -159,13 +159,13 @@ impl Hook {
     ///
     /// # Errors
     /// The cgroup cannot be opened, or the kernel refused a program or the link (the message says which).
-    pub fn attach(cgroup: &Path, redirects: &[Redirect], exempt: Exempt) -> io::Result<Hook> {
+    pub fn attach(cgroup: &Path, redirects: &[Redirect]) -> io::Result<Hook> {
         let dir = std::fs::File::open(cgroup)
             .map_err(|e| io::Error::new(e.kind(), format!("cgroup {}: {e}", cgroup.display())))?;
         let netns = netns_cookie()?;
         let mut links = Vec::with_capacity(2);
         for (family, attach) in [(Family::V4, BPF_CGROUP_INET4_CONNECT), (Family::V6, BPF_CGROUP_INET6_CONNECT)] {
-            let prog = load(family, &connect_hook::program(family, redirects, exempt, netns))?;
+            let prog = load(family, &connect_hook::program(family, redirects, netns))?;
             let mut attr = Link { a: prog.as_raw_fd() as u32, b: dir.as_raw_fd() as u32, c: attach, ..Link::default() };
             let link = bpf(BPF_LINK_CREATE, &mut attr)
                 .map_err(|e| io::Error::new(e.kind(), format!("attaching to cgroup {}: {e}", cgroup.display())))?;
@@ -179,10 +179,10 @@ impl Hook {
     ///
     /// # Errors
     /// The kernel refused a new program or the swap; the old programs then stay.
-    pub fn update(&self, redirects: &[Redirect], exempt: Exempt) -> io::Result<()> {
+    pub fn update(&self, redirects: &[Redirect]) -> io::Result<()> {
         let netns = netns_cookie()?;
-        let progs = [Family::V4, Family::V6]
-            .map(|family| load(family, &connect_hook::program(family, redirects, exempt, netns)));
+        let progs =
+            [Family::V4, Family::V6].map(|family| load(family, &connect_hook::program(family, redirects, netns)));
         for (link, prog) in self.links.iter().zip(progs) {
             let prog = prog?;
             let mut attr = Link { a: link.as_raw_fd() as u32, b: prog.as_fd().as_raw_fd() as u32, ..Link::default() };

@@ -5,12 +5,12 @@
 //! it: no NAT, no conntrack, nothing per packet. [`super::bpf`] loads and attaches them.
 //!
 //! What a program leaves alone: another network namespace (its cookie differs from staybound's), every
-//! socket that is not TCP, staybound's own upstream and probe sockets (the mark [`MARK`]) and, where set,
-//! every socket of the exempt user.
+//! socket that is not TCP, and staybound's own upstream and probe sockets (the mark [`MARK`], which
+//! staybound can always set here: attaching the hook needs `CAP_NET_ADMIN` too).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::{Exempt, Redirect};
+use super::Redirect;
 use crate::sockopt::MARK;
 
 /// Which hook a program is for.
@@ -53,7 +53,6 @@ const CALL: u8 = 0x80;
 const EXIT: u8 = 0x90;
 
 // Helpers (enum bpf_func_id).
-const GET_CURRENT_UID_GID: i32 = 15;
 const GET_NETNS_COOKIE: i32 = 122;
 
 // `struct bpf_sock_addr` offsets.
@@ -167,7 +166,7 @@ pub(crate) fn rewrites(family: Family, redirects: &[Redirect]) -> Vec<(SocketAdd
 }
 
 /// The program for one family's hook. `netns` is the cookie of staybound's network namespace.
-pub(crate) fn program(family: Family, redirects: &[Redirect], exempt: Exempt, netns: u64) -> Vec<Insn> {
+pub(crate) fn program(family: Family, redirects: &[Redirect], netns: u64) -> Vec<Insn> {
     let mut a = Asm { insns: Vec::new(), jumps: Vec::new() };
     a.op(ALU64 | MOV | X, R6, R1, 0, 0);
     // Only TCP.
@@ -183,10 +182,6 @@ pub(crate) fn program(family: Family, redirects: &[Redirect], exempt: Exempt, ne
     a.op(LDX | MEM | DW, R2, R6, SK, 0);
     a.load_u32(R3, R2, SK_MARK);
     a.jump(JMP32 | JEQ | K, R3, 0, MARK as i32, To::Allow);
-    if let Some(uid) = exempt.uid {
-        a.op(JMP | CALL, 0, 0, 0, GET_CURRENT_UID_GID);
-        a.jump(JMP32 | JEQ | K, R0, 0, uid as i32, To::Allow);
-    }
     a.load_u32(R7, R6, USER_PORT);
     if family == Family::V4 {
         a.load_u32(R8, R6, USER_IP4);
@@ -236,11 +231,10 @@ mod tests {
     struct Ctx {
         ctx: [u8; 72],
         mark: u32,
-        uid: u32,
         netns: u64,
     }
 
-    fn ctx(dest: SocketAddr, sock_type: u32, mark: u32, uid: u32, netns: u64) -> Ctx {
+    fn ctx(dest: SocketAddr, sock_type: u32, mark: u32, netns: u64) -> Ctx {
         let mut c = [0u8; 72];
         match dest.ip() {
             IpAddr::V4(a) => c[4..8].copy_from_slice(&a.octets()),
@@ -248,7 +242,7 @@ mod tests {
         }
         c[24..26].copy_from_slice(&dest.port().to_be_bytes());
         c[32..36].copy_from_slice(&sock_type.to_ne_bytes());
-        Ctx { ctx: c, mark, uid, netns }
+        Ctx { ctx: c, mark, netns }
     }
 
     fn dest(c: &Ctx, family: Family) -> SocketAddr {
@@ -308,7 +302,6 @@ mod tests {
                             assert_eq!(r[1], CTX);
                             c.netns
                         }
-                        GET_CURRENT_UID_GID => u64::from(c.uid) | (7 << 32),
                         other => panic!("helper {other}"),
                     };
                     r[1..6].fill(0xdead);
@@ -366,34 +359,25 @@ mod tests {
             (Family::V6, "[::ffff:198.18.0.101]:6379", None),
             (Family::V6, "[::1]:16380", None),
         ];
-        for uid_exempt in [None, Some(2102)] {
-            let exempt = Exempt { uid: uid_exempt };
-            for family in [Family::V4, Family::V6] {
-                let prog = program(family, &rs, exempt, NETNS);
-                for (f, d, to) in expected.iter().filter(|e| e.0 == family) {
-                    let _ = f;
-                    for (sock_type, mark, uid, netns, moved) in [
-                        (1, 0, 1000, NETNS, true),
-                        (2, 0, 1000, NETNS, false),
-                        (5, 0, 1000, NETNS, false),
-                        (1, MARK, 1000, NETNS, false),
-                        (1, MARK + 1, 1000, NETNS, true),
-                        (1, 0, 2102, NETNS, uid_exempt.is_none()),
-                        (1, 0, 1000, NETNS + 1, false),
-                        (1, 0, 1000, NETNS ^ (1 << 40), false),
-                    ] {
-                        let mut c = ctx(sa(d), sock_type, mark, uid, netns);
-                        assert_eq!(run(&prog, &mut c), 1, "a connect is never refused");
-                        let want = match to {
-                            Some(to) if moved => sa(to),
-                            _ => sa(d),
-                        };
-                        assert_eq!(
-                            dest(&c, family),
-                            want,
-                            "{d} type {sock_type} mark {mark:#x} uid {uid} netns {netns:#x} exempt {uid_exempt:?}"
-                        );
-                    }
+        for family in [Family::V4, Family::V6] {
+            let prog = program(family, &rs, NETNS);
+            for (_, d, to) in expected.iter().filter(|e| e.0 == family) {
+                for (sock_type, mark, netns, moved) in [
+                    (1, 0, NETNS, true),
+                    (2, 0, NETNS, false),
+                    (5, 0, NETNS, false),
+                    (1, MARK, NETNS, false),
+                    (1, MARK + 1, NETNS, true),
+                    (1, 0, NETNS + 1, false),
+                    (1, 0, NETNS ^ (1 << 40), false),
+                ] {
+                    let mut c = ctx(sa(d), sock_type, mark, netns);
+                    assert_eq!(run(&prog, &mut c), 1, "a connect is never refused");
+                    let want = match to {
+                        Some(to) if moved => sa(to),
+                        _ => sa(d),
+                    };
+                    assert_eq!(dest(&c, family), want, "{d} type {sock_type} mark {mark:#x} netns {netns:#x}");
                 }
             }
         }
@@ -404,16 +388,16 @@ mod tests {
         for family in [Family::V4, Family::V6] {
             for n in 0..=6 {
                 let rs: Vec<Redirect> = redirects().into_iter().cycle().take(n).collect();
-                let prog = program(family, &rs, Exempt::default(), NETNS);
+                let prog = program(family, &rs, NETNS);
                 for (at, i) in prog.iter().enumerate() {
                     if matches!(i.code & 0x07, JMP | JMP32) && i.code & 0xf0 != CALL && i.code & 0xf0 != EXIT {
                         let target = at as isize + 1 + i.off as isize;
                         assert!(target > at as isize && (target as usize) < prog.len(), "jump at {at}");
                     }
                 }
-                let mut c = ctx(sa("[2001:db8::9]:1"), 1, 0, 0, NETNS);
+                let mut c = ctx(sa("[2001:db8::9]:1"), 1, 0, NETNS);
                 if family == Family::V4 {
-                    c = ctx(sa("192.0.2.1:1"), 1, 0, 0, NETNS);
+                    c = ctx(sa("192.0.2.1:1"), 1, 0, NETNS);
                 }
                 let before = c.clone();
                 assert_eq!(run(&prog, &mut c), 1);
