@@ -208,3 +208,88 @@ fn the_connect_hook_survives_reloads_and_follows_a_change_of_method() {
     assert!(lab.wait_exit(sc.pid, Duration::from_secs(10)).success());
     assert!(!nft_ruleset(&lab).contains("staybound"));
 }
+
+/// A cgroup the test makes under the cgroup v2 root and removes when it ends (once empty).
+struct Cgroup {
+    path: std::path::PathBuf,
+    name: String,
+}
+
+impl Cgroup {
+    fn new(tag: &str) -> Cgroup {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let root = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+            })
+            .min_by_key(|p| p.components().count())
+            .expect("a cgroup v2 file system is mounted");
+        let name = format!("staybound-it-{}-{tag}", std::process::id());
+        let path = root.join(&name);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Cgroup { path, name }
+    }
+
+    /// `args` run in the client namespace from inside this cgroup (the cgroup file system mounted as
+    /// `MOUNT_CGROUP2` does, so its `cgroup.procs` can be written there).
+    fn run(&self, lab: &Lab, args: &str) -> String {
+        let script = format!(
+            "mount -t cgroup2 cgroup2 /sys/fs/cgroup && echo $$ > /sys/fs/cgroup/{}/cgroup.procs && exec {args}",
+            self.name
+        );
+        let out = lab.try_exec(Host::Client, &["sh", "-c", &script]);
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).trim().to_string()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // The processes the test ran in it have exited by now; the directory goes by its exact name.
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+#[test]
+fn a_hook_on_a_cgroup_of_its_own_takes_only_that_cgroup_by_ipv4_ipv6_and_v4_mapped() {
+    let Some(lab) = two_nodes("hook-cgroup") else { return };
+    with_source(&lab);
+    let cg = Cgroup::new("cgroup");
+    // An IPv6 upstream of the client namespace's own: redis on ::1.
+    lab.spawn(Host::Client, &["redis-server", "--port", "6390", "--bind", "::1", "--save", "", "--appendonly", "no"]);
+    wait_until("redis on [::1]:6390", Duration::from_secs(5), || {
+        lab.try_exec(Host::Client, &["redis-cli", "-h", "::1", "-p", "6390", "PING"]).stdout.starts_with(b"PONG")
+    });
+    let extra = format!(
+        "intercept = true\nsource = \"{SOURCE}\"\n[service.probe]\nneighbor = false\n\
+         [[service]]\nname = \"v6\"\nlisten = \"[::1]:16390\"\nupstream = \"[::1]:6390\"\nintercept = true\n\
+         [intercept]\nmethod = \"connect\"\ncgroup = \"/sys/fs/cgroup/{}\"\n",
+        cg.name
+    );
+    let sc = Sidecar::start_as(&lab, &MOUNT_CGROUP2, &format!("listen = \"{LISTEN}\"\n"), &extra);
+    sc.wait_state("up", Duration::from_secs(5));
+    let v6 = || sc.metric("staybound_client_connections_total", &[("service", "v6"), ("outcome", "proxied")]);
+
+    // Outside the cgroup (this test's own process): straight to the logical host.
+    let node1 = lab.redis_run_id(Host::Client, Host::Node1.addr()).unwrap();
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()));
+    assert_eq!(proxied(&sc), 0.0, "a process outside the cgroup is not redirected");
+    // Inside: an IPv4 socket, then a dual-stack IPv6 socket dialling the v4-mapped address (the connect6
+    // hook), then an IPv6 upstream.
+    assert_eq!(cg.run(&lab, &format!("redis-cli -h {LOGICAL} -p {REDIS_PORT} PING")), "PONG");
+    assert_eq!(proxied(&sc), 1.0, "IPv4, from inside the cgroup");
+    let mapped = format!(
+        "python3 -c \"import socket; s = socket.socket(socket.AF_INET6); s.connect(('::ffff:{LOGICAL}', {REDIS_PORT})); \
+         s.sendall(b'PING\\r\\n'); print(s.recv(16).decode().strip(), s.getpeername()[0])\""
+    );
+    let out = cg.run(&lab, &mapped);
+    assert!(out.starts_with("+PONG ::ffff:127.0.0.1"), "{out}");
+    assert_eq!(proxied(&sc), 2.0, "v4-mapped, through the connect6 hook");
+    assert_eq!(v6(), 0.0);
+    assert_eq!(cg.run(&lab, "redis-cli -h ::1 -p 6390 PING"), "PONG");
+    assert_eq!(v6(), 1.0, "IPv6");
+    lab.signal(sc.pid, SIGTERM);
+    assert!(lab.wait_exit(sc.pid, Duration::from_secs(10)).success());
+    assert_eq!(cg.run(&lab, &format!("redis-cli -h {LOGICAL} -p {REDIS_PORT} PING")), "PONG", "direct after");
+}
