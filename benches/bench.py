@@ -136,6 +136,12 @@ ROWS = [
         "absolute", "{:.3f}"),
     Row("cpu_churn", "proxy CPU seconds per 100 000 requests (new connection each)", "s", "churn",
         "cpu_per_100k", "absolute", "{:.3f}"),
+    # The whole machine's busy time (every process, interrupts and softirqs) over the requests: what a path
+    # costs that the proxy's own CPU time does not show (NAT, conntrack, a BPF hook), next to direct's.
+    Row("mcpu", "added machine CPU seconds per 100 000 requests (50 clients)", "s", "redis", "machine_per_100k",
+        "added", "{:.3f}"),
+    Row("mcpu_churn", "added machine CPU seconds per 100 000 requests (new connection each)", "s", "churn",
+        "machine_per_100k", "added", "{:.3f}"),
     Row("instr_redis", "instructions per request, redis GET, 50 clients", "instructions", "instr",
         "redis", "counted", "{:,.0f}"),
     Row("instr_pipeline", "instructions per request, redis GET, 50 clients, 16-deep pipeline",
@@ -155,6 +161,7 @@ SHORT = {
     "lat_p50": "p50, 50 clients", "lat_p99": "p99, 50 clients", "lat1_p50": "p50, 1 client",
     "lat1_p99": "p99, 1 client", "rss": "RSS per idle connection [KiB]",
     "cpu": "CPU s per 100k requests", "cpu_churn": "CPU s per 100k new connections",
+    "mcpu": "machine CPU s per 100k requests", "mcpu_churn": "machine CPU s per 100k new connections",
     "instr_redis": "50 clients", "instr_pipeline": "50 clients, -P 16",
     "instr_churn": "new connection per request", "sys_redis": "50 clients",
     "sys_pipeline": "50 clients, -P 16", "sys_churn": "new connection per request",
@@ -395,6 +402,14 @@ def machine_busy_s() -> float:
     return (int(fields[1]) + int(fields[2]) + int(fields[3])) / CLK_TCK
 
 
+def machine_all_s() -> float:
+    """user + nice + system + irq + softirq seconds of the whole machine since boot: also the packet work
+    the kernel does in softirq context (loopback delivery, NAT)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return sum(int(fields[i]) for i in (1, 2, 3, 6, 7)) / CLK_TCK
+
+
 def our_cpu_s() -> float:
     """CPU seconds of this script and of its children that have been waited for."""
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -614,12 +629,15 @@ mode = "off"
             "lat1": (1, 1, 1, s.lat1_n),
         }[test]
         cpu0 = cpu_seconds(proxy.pid) if proxy else None
+        m0 = machine_all_s()
         t0 = time.monotonic()
         got = redis_benchmark(host, port, clients, pipeline, keepalive, n, timeout=240)
         wall = time.monotonic() - t0
+        m1 = machine_all_s()
         cpu1 = cpu_seconds(proxy.pid) if proxy else None
         r = {"rps": float(got["rps"]), "p50": float(got["p50_latency_ms"]),
-             "p99": float(got["p99_latency_ms"]), "wall_s": wall, "requests": n}
+             "p99": float(got["p99_latency_ms"]), "wall_s": wall, "requests": n,
+             "machine_per_100k": (m1 - m0) * 100_000 / n}
         if proxy:
             r["cpu_s"] = cpu1 - cpu0
             r["cpu_per_100k"] = (cpu1 - cpu0) * 100_000 / n
@@ -940,6 +958,35 @@ def render_markdown(meta: dict, contenders: list[Contender], rows: list[Row], re
     return "\n".join(out)
 
 
+def render_transparent(contenders: list[Contender], rows: list[Row], results: dict, n: int) -> list[str]:
+    """Each transparent contender against explicit staybound, the same round's values side by side: the
+    median (min–max) of the per-round ratios transparent/explicit, where direct cancels out. Throughput
+    rows: above 1 is faster; cost rows (proxy and machine CPU): above 1 costs more."""
+    names = [c.name for c in contenders]
+    transparent = [c for c in contenders if c.kind == "transparent"]
+    if "staybound" not in names or not transparent:
+        return []
+    out = ["### Transparent against explicit\n",
+           "The median (min–max) over rounds of the per-round ratio transparent ÷ explicit staybound. "
+           "Throughput rows: above 1 is faster; CPU rows: above 1 costs more. Machine CPU rows compare "
+           "the time added over direct.\n"]
+    out.append("| row | " + " | ".join(f"{c.name} ÷ staybound" for c in transparent) + " |")
+    out.append("|---|" + "---|" * len(transparent))
+    for row in rows:
+        if row.kind not in ("ratio", "absolute") and row.metric != "machine_per_100k":
+            continue
+        cells = [row.title]
+        explicit = row_series(row, results, "staybound", n)
+        key = "cmp" if row.kind == "added" else "values"
+        for c in transparent:
+            mine = row_series(row, results, c.name, n)
+            per = [a / b for a, b in zip(mine[key], explicit[key]) if a is not None and b]
+            cells.append(fmt_range("{:.2f}", summary(per)) if per else "—")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
 def render_timed(meta: dict, contenders: list[Contender], proxies: list[Contender], rows: list[Row],
                  results: dict, orders: list[list[str]]) -> list[str]:
     """The timed rounds: the summary table, the per-round table, the order and load of each round."""
@@ -975,6 +1022,7 @@ def render_timed(meta: dict, contenders: list[Contender], proxies: list[Contende
                 cells.append("—")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
+    out.extend(render_transparent(contenders, rows, results, n))
 
     # Per-round comparisons.
     out.append("## Per round\n")
