@@ -1,21 +1,26 @@
 //! Transparent mode (`intercept = true`): this host's outbound TCP connections to a service's `upstream`
-//! are redirected into its listener by nftables rules in a table of staybound's own (`inet staybound`), so a
-//! legacy client that dials the logical host's address comes through staybound without a change.
+//! are redirected into its listener, so a legacy client that dials the logical host's address comes through
+//! staybound without a change. Two ways, chosen by `[intercept] method`:
 //!
-//! * **The rules** ([`ruleset`], no I/O): one nat chain on the `output` hook; staybound's own traffic returns
-//!   first (its upstream and probe sockets carry the mark [`MARK`]; with `staybound setup --exempt-uid`,
-//!   also every socket of that user, for a process that may not set marks), then one rule per service:
-//!   TCP to the upstream address and port is sent to the listen address (`dnat`), or to this host's own
-//!   address on the listen port (`redirect`) for a wildcard listen address. They go to `nft` through its
-//!   JSON API (the `nftables` crate) in one transaction that replaces the whole table, so a new process
-//!   (an upgrade, a restart after SIGKILL) takes over whatever was left without a gap.
-//! * **What was meant** ([`admit`], no I/O): each accepted connection's original destination
-//!   (SO_ORIGINAL_DST) must be the service's upstream (a redirected client) or the listen address itself (a
-//!   client that dials it); anything else came through a rule that is not this service's and is refused,
-//!   counted and logged.
-//! * **Removal**: on SIGTERM and SIGINT the table is deleted; after an upgrade the old process leaves it to
-//!   the new one; after SIGKILL the next start replaces it, and `staybound cleanup` deletes it. Only the
-//!   table named `staybound` is ever touched.
+//! * **nftables rules** (`nat`, the default; this file): a table of staybound's own (`inet staybound`).
+//!   - **The rules** ([`ruleset`], no I/O): one nat chain on the `output` hook; staybound's own traffic
+//!     returns first (its upstream and probe sockets carry the mark [`MARK`]; with `staybound setup
+//!     --exempt-uid`, also every socket of that user, for a process that may not set marks), then one rule
+//!     per service: TCP to the upstream address and port is sent to the listen address (`dnat`), or to this
+//!     host's own address on the listen port (`redirect`) for a wildcard listen address. They go to `nft`
+//!     through its JSON API (the `nftables` crate) in one transaction that replaces the whole table, so a new
+//!     process (an upgrade, a restart after SIGKILL) takes over whatever was left without a gap.
+//!   - **Removal**: on SIGTERM and SIGINT the table is deleted; after an upgrade the old process leaves it
+//!     to the new one; after SIGKILL the next start replaces it, and `staybound cleanup` deletes it. Only
+//!     the table named `staybound` is ever touched.
+//! * **the connect hook** (`connect`): eBPF programs on a cgroup's `connect4`/`connect6` hooks rewrite the
+//!   client's `connect()` itself, so no packet is translated (`connect_hook` writes them, `bpf` loads
+//!   and attaches them through links that end with the process).
+//!
+//! **What was meant** ([`admit`], no I/O, either way): each accepted connection's original destination
+//! (SO_ORIGINAL_DST; none after the connect hook, which made the client dial the listener) must be the
+//! service's upstream (a redirected client) or the listen address itself; anything else came through a
+//! rule that is not this service's and is refused, counted and logged.
 
 mod bpf;
 mod connect_hook;
