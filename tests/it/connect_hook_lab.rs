@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, SIGTERM};
 use support::loadclient::switchover;
-use support::sidecar::{Blocked, LISTEN, Sidecar, margin, runs, two_nodes, wait_blocked};
+use support::sidecar::{Blocked, LISTEN, Sidecar, announced_moves, margin, runs, two_nodes, wait_blocked};
 use support::wait::wait_until;
 
 const SIGHUP: i32 = 1;
@@ -122,6 +122,68 @@ fn a_closed_loop_client_loses_nothing_through_a_two_second_switchover_by_the_con
         assert_eq!(stats.lost, 0, "no request lost through the switchover");
         assert!(proxied(&sc) >= 1.0, "the client came through staybound");
     }
+}
+
+#[test]
+fn an_announced_move_ends_the_hooked_session_within_200ms() {
+    let Some(lab) = two_nodes("hook-garp") else { return };
+    with_source(&lab);
+    // The neighbour watch on (the default); the address moves back and forth within seconds, which is no
+    // split brain to damp (as in the neighbour lab).
+    let keys = "intercept = true\nsource = \"198.18.0.20\"\n[service.probe]\nsplit_brain_window = \"0s\"\n\
+                [intercept]\nmethod = \"connect\"\n";
+    let sc = Sidecar::start_as(&lab, &MOUNT_CGROUP2, &format!("listen = \"{LISTEN}\"\n"), keys);
+    sc.wait_state("up", Duration::from_secs(5));
+    wait_until("the neighbour watch runs", Duration::from_secs(5), || sc.status()["neighbor_watch"] == "watching");
+    let mut times = announced_moves(&lab, &sc, logical(), 3 * runs(), "FIGURES connect hook, announced move");
+    assert!(proxied(&sc) >= 3.0 * runs() as f64, "every blocked client came through staybound");
+    times.sort();
+    let limit = Duration::from_millis(200) + margin() / 2;
+    assert!(times[times.len() / 2] <= Duration::from_millis(200), "median {:?}", times[times.len() / 2]);
+    assert!(times.iter().all(|t| *t <= limit), "every move within {limit:?}: {times:?}");
+}
+
+#[test]
+fn an_upgrade_attaches_the_new_process_hook_before_the_old_one_goes() {
+    let Some(lab) = two_nodes("hook-upgrade") else { return };
+    with_source(&lab);
+    let node1 = lab.redis_run_id(Host::Client, Host::Node1.addr()).unwrap();
+    let sc = hooked(&lab);
+    sc.wait_state("up", Duration::from_secs(5));
+    // A session made through the old process, held across the upgrade.
+    let held = Blocked::start(&lab, Host::Client, logical());
+    wait_blocked(&lab, Host::Node1, 1);
+    const SIGUSR2: i32 = 12;
+    lab.signal(sc.pid, SIGUSR2);
+    let mut new_pid = None;
+    wait_until("the old process started the new one", Duration::from_secs(10), || {
+        let log = lab.read_log(sc.pid);
+        new_pid = log.lines().filter(|l| l.contains("SIGUSR2: upgrade: the new process is started")).find_map(|l| {
+            l.split("\"new_pid\":").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()
+        });
+        new_pid.is_some()
+    });
+    let new = new_pid.unwrap();
+    // The new process writes to the same log; the old one counted one client, the new one none yet.
+    wait_until("the new process attached its hook and serves the admin endpoint", Duration::from_secs(10), || {
+        lab.read_log(sc.pid).matches("intercepting: connects to the upstream from this cgroup").count() >= 2
+            && sc.metric_or_nan("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")])
+                == 0.0
+    });
+    // While the old one drains its session, a new client dialling the logical host comes through the new
+    // process (the old one accepts no more).
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()));
+    assert_eq!(proxied(&sc), 1.0, "through the new process");
+    drop(held);
+    assert!(lab.wait_exit(sc.pid, Duration::from_secs(15)).success(), "the old process ends with its session");
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()), "through the new process once the old is gone");
+    assert_eq!(proxied(&sc), 2.0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("the new process exits", Duration::from_secs(10), || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), None).is_err()
+            || std::fs::read_to_string(format!("/proc/{new}/stat")).is_ok_and(|s| s.contains(") Z "))
+    });
+    assert_eq!(answering(&lab).as_deref(), Some(node1.as_str()), "direct after the new process's SIGTERM");
 }
 
 #[test]
