@@ -8,21 +8,16 @@
 
 use crate::support;
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, SIGTERM};
-use support::loadclient::switchover;
-use support::sidecar::{Blocked, LISTEN, Sidecar, announced_moves, margin, runs, two_nodes, wait_blocked};
+use support::sidecar::{
+    Blocked, LISTEN, Sidecar, announced_moves, assert_announced_within_200ms, runs, two_nodes, upgrade, wait_blocked,
+};
+use support::transparent::{SOURCE, logical, proxied, silent_move, switchover_loses_nothing, with_source};
 use support::wait::wait_until;
 
 const SIGHUP: i32 = 1;
-
-fn logical() -> SocketAddr {
-    SocketAddr::from((LOGICAL, REDIS_PORT))
-}
-
-const SOURCE: &str = "198.18.0.20";
 
 /// The service's keys and, after them, the top-level `[intercept]` table choosing the hook (a table header
 /// is a path from the top, so it may come last).
@@ -38,16 +33,8 @@ fn hooked(lab: &Lab) -> Sidecar<'_> {
     Sidecar::start_as(lab, &MOUNT_CGROUP2, &format!("listen = \"{LISTEN}\"\n"), HOOKED)
 }
 
-fn with_source(lab: &Lab) {
-    lab.exec(Host::Client, &["ip", "addr", "add", &format!("{SOURCE}/24"), "dev", "eth0"]);
-}
-
 fn nft_ruleset(lab: &Lab) -> String {
     String::from_utf8_lossy(&lab.exec(Host::Client, &["nft", "list", "ruleset"]).stdout).to_string()
-}
-
-fn proxied(sc: &Sidecar<'_>) -> f64 {
-    sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")])
 }
 
 /// Which node answers a client in the client namespace that dials the logical host (through staybound or
@@ -69,33 +56,7 @@ fn a_client_dialling_the_logical_host_learns_of_a_silent_move_through_the_connec
             "{st}"
         );
         assert!(!nft_ruleset(&lab).contains("staybound"), "no nftables rule is involved");
-        let blocked = Blocked::start(&lab, Host::Client, logical());
-        wait_blocked(&lab, Host::Node1, 1);
-        let seen = lab.redis_cli_at(Host::Client, Host::Node1.addr(), &["CLIENT", "LIST"]);
-        let seen = String::from_utf8_lossy(&seen.stdout).to_string();
-        assert!(
-            seen.lines().filter(|l| !l.contains("cmd=client|list")).all(|l| l.contains(&format!("addr={SOURCE}:"))),
-            "node 1 sees every client at the source address:\n{seen}"
-        );
-        assert_eq!(proxied(&sc), 1.0);
-        let t0 = Instant::now();
-        lab.move_logical(Host::Node1, Host::Node2, true);
-        let (t1, how) = blocked.ended(Duration::from_secs(10)).expect("the hooked client learned within 10 s");
-        let after = t1.duration_since(t0);
-        let bound = sc.bounds().silent_move.0;
-        eprintln!(
-            "FIGURES connect hook, silent move run {run}: client dialling {} {how} after {:.3}s (bound {:.1}s)",
-            logical(),
-            after.as_secs_f64(),
-            bound.as_secs_f64()
-        );
-        assert!(after <= bound + margin(), "noticed after {after:?}, bound {bound:?}");
-        sc.wait_state("up", Duration::from_secs(5));
-        let node2 = lab.redis_run_id(Host::Client, Host::Node2.addr()).unwrap();
-        wait_until("a new client reaches node 2", Duration::from_secs(5), || {
-            answering(&lab).as_deref() == Some(&node2)
-        });
-        assert!(proxied(&sc) >= 2.0);
+        silent_move(&lab, &sc, "connect hook,", run);
     }
 }
 
@@ -104,23 +65,7 @@ fn a_closed_loop_client_loses_nothing_through_a_two_second_switchover_by_the_con
     for run in 0..runs() {
         let Some(lab) = two_nodes("hook-switch") else { return };
         with_source(&lab);
-        lab.stop_redis(Host::Node2);
-        let direct = switchover(&lab, logical(), Host::Node1, Host::Node2, "direct");
-        let sc = hooked(&lab);
-        sc.wait_state("up", Duration::from_secs(5));
-        let stats = switchover(&lab, logical(), Host::Node2, Host::Node1, "connect hook");
-        eprintln!(
-            "FIGURES 2 s switchover run {run}: connect hook {} answered, {} lost, longest stall {:.2}s; direct {} \
-             answered, {} lost, longest stall {:.2}s",
-            stats.ok,
-            stats.lost,
-            stats.longest_stall().as_secs_f64(),
-            direct.ok,
-            direct.lost,
-            direct.longest_stall().as_secs_f64()
-        );
-        assert_eq!(stats.lost, 0, "no request lost through the switchover");
-        assert!(proxied(&sc) >= 1.0, "the client came through staybound");
+        switchover_loses_nothing(&lab, hooked, "connect hook", run);
     }
 }
 
@@ -135,12 +80,9 @@ fn an_announced_move_ends_the_hooked_session_within_200ms() {
     let sc = Sidecar::start_as(&lab, &MOUNT_CGROUP2, &format!("listen = \"{LISTEN}\"\n"), keys);
     sc.wait_state("up", Duration::from_secs(5));
     wait_until("the neighbour watch runs", Duration::from_secs(5), || sc.status()["neighbor_watch"] == "watching");
-    let mut times = announced_moves(&lab, &sc, logical(), 3 * runs(), "FIGURES connect hook, announced move");
+    let times = announced_moves(&lab, &sc, logical(), 3 * runs(), "FIGURES connect hook, announced move");
     assert!(proxied(&sc) >= 3.0 * runs() as f64, "every blocked client came through staybound");
-    times.sort();
-    let limit = Duration::from_millis(200) + margin() / 2;
-    assert!(times[times.len() / 2] <= Duration::from_millis(200), "median {:?}", times[times.len() / 2]);
-    assert!(times.iter().all(|t| *t <= limit), "every move within {limit:?}: {times:?}");
+    assert_announced_within_200ms(times);
 }
 
 #[test]
@@ -153,17 +95,7 @@ fn an_upgrade_attaches_the_new_process_hook_before_the_old_one_goes() {
     // A session made through the old process, held across the upgrade.
     let held = Blocked::start(&lab, Host::Client, logical());
     wait_blocked(&lab, Host::Node1, 1);
-    const SIGUSR2: i32 = 12;
-    lab.signal(sc.pid, SIGUSR2);
-    let mut new_pid = None;
-    wait_until("the old process started the new one", Duration::from_secs(10), || {
-        let log = lab.read_log(sc.pid);
-        new_pid = log.lines().filter(|l| l.contains("SIGUSR2: upgrade: the new process is started")).find_map(|l| {
-            l.split("\"new_pid\":").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()
-        });
-        new_pid.is_some()
-    });
-    let new = new_pid.unwrap();
+    let new = upgrade(&lab, sc.pid);
     // The new process writes to the same log; the old one counted one client, the new one none yet.
     wait_until("the new process attached its hook and serves the admin endpoint", Duration::from_secs(10), || {
         lab.read_log(sc.pid).matches("intercepting: connects to the upstream from this cgroup").count() >= 2

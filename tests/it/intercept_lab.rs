@@ -10,22 +10,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use support::lab::{Host, LOGICAL, Lab, REDIS_PORT, SIGTERM};
-use support::loadclient::switchover;
-use support::sidecar::{BIN, Blocked, Sidecar, announced_moves, margin, runs, two_nodes, wait_blocked};
+use support::sidecar::{
+    BIN, Blocked, Sidecar, announced_moves, assert_announced_within_200ms, margin, runs, two_nodes, upgrade,
+    wait_blocked,
+};
+use support::transparent::{logical, silent_move, switchover_loses_nothing, with_source};
 use support::wait::wait_until;
 
-fn logical() -> SocketAddr {
-    SocketAddr::from((LOGICAL, REDIS_PORT))
-}
-
-/// The relocatable address staybound binds as `source` (a second address of the client host).
-const SOURCE: &str = "198.18.0.20";
-
 const TRANSPARENT: &str = "intercept = true\nsource = \"198.18.0.20\"\n[service.probe]\nneighbor = false\n";
-
-fn with_source(lab: &Lab) {
-    lab.exec(Host::Client, &["ip", "addr", "add", &format!("{SOURCE}/24"), "dev", "eth0"]);
-}
 
 /// The `nft -s list table` (without counter values) of `table` in the client namespace, if it exists.
 fn table(lab: &Lab, family_table: &str) -> Option<String> {
@@ -33,17 +25,6 @@ fn table(lab: &Lab, family_table: &str) -> Option<String> {
     args.extend(family_table.split(' '));
     let out = lab.try_exec(Host::Client, &args);
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
-}
-
-/// The addresses node `host`'s redis sees its clients at (the `redis-cli` that asks, at the client's
-/// stationary address, left out).
-fn client_addrs(lab: &Lab, host: Host) -> Vec<String> {
-    let out = lab.redis_cli_at(Host::Client, host.addr(), &["CLIENT", "LIST"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.contains("cmd=client|list"))
-        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("addr=")).map(str::to_string))
-        .collect()
 }
 
 #[test]
@@ -57,39 +38,7 @@ fn a_client_dialling_the_logical_host_learns_of_a_silent_move_through_the_redire
         let rules = st["intercept"]["rules"].as_str().unwrap_or("").to_string();
         assert!(rules.starts_with("installed by this process"), "{st}");
         // The unmodified client dials the logical host; the rule sends it to staybound.
-        let blocked = Blocked::start(&lab, Host::Client, logical());
-        wait_blocked(&lab, Host::Node1, 1);
-        let seen = client_addrs(&lab, Host::Node1);
-        assert!(
-            seen.iter().all(|a| a.starts_with(&format!("{SOURCE}:"))),
-            "node 1 sees every client (the redirected one and the probe) at the source address: {seen:?}"
-        );
-        assert_eq!(
-            sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")]),
-            1.0
-        );
-        let t0 = Instant::now();
-        lab.move_logical(Host::Node1, Host::Node2, true);
-        let (t1, how) = blocked.ended(Duration::from_secs(10)).expect("the redirected client learned within 10 s");
-        let after = t1.duration_since(t0);
-        let bound = sc.bounds().silent_move.0;
-        eprintln!(
-            "FIGURES transparent silent move run {run}: client dialling {} {how} after {:.3}s (bound {:.1}s)",
-            logical(),
-            after.as_secs_f64(),
-            bound.as_secs_f64()
-        );
-        assert!(after <= bound + margin(), "noticed after {after:?}, bound {bound:?}");
-        assert_eq!(sc.metric("staybound_intercept_refused_total", &[("service", "redis")]), 0.0);
-        // A new connection to the logical host reaches node 2 through staybound.
-        sc.wait_state("up", Duration::from_secs(5));
-        let node2 = lab.redis_run_id(Host::Client, Host::Node2.addr()).unwrap();
-        wait_until("a new client reaches node 2", Duration::from_secs(5), || {
-            lab.redis_run_id(Host::Client, LOGICAL).as_deref() == Some(node2.as_str())
-        });
-        assert!(
-            sc.metric("staybound_client_connections_total", &[("service", "redis"), ("outcome", "proxied")]) >= 2.0
-        );
+        silent_move(&lab, &sc, "transparent", run);
     }
 }
 
@@ -98,26 +47,7 @@ fn a_closed_loop_client_dialling_the_logical_host_loses_nothing_through_a_two_se
     for run in 0..runs() {
         let Some(lab) = two_nodes("intercept-switch") else { return };
         with_source(&lab);
-        lab.stop_redis(Host::Node2);
-        // First without staybound: the same client, the same switchover, straight to the logical host.
-        let direct = switchover(&lab, logical(), Host::Node1, Host::Node2, "direct");
-        // Then through the redirect, back to node 1.
-        let sc = Sidecar::start(&lab, TRANSPARENT);
-        sc.wait_state("up", Duration::from_secs(5));
-        let stats = switchover(&lab, logical(), Host::Node2, Host::Node1, "transparent");
-        eprintln!(
-            "FIGURES 2 s switchover run {run}: transparent {} answered, {} lost, longest stall {:.2}s; direct {} \
-             answered, {} lost, longest stall {:.2}s",
-            stats.ok,
-            stats.lost,
-            stats.longest_stall().as_secs_f64(),
-            direct.ok,
-            direct.lost,
-            direct.longest_stall().as_secs_f64()
-        );
-        assert_eq!(stats.lost, 0, "no request lost through the switchover");
-        let seen = client_addrs(&lab, Host::Node1);
-        assert!(seen.iter().all(|a| a.starts_with(&format!("{SOURCE}:"))), "{seen:?}");
+        switchover_loses_nothing(&lab, |lab| Sidecar::start(lab, TRANSPARENT), "transparent", run);
     }
 }
 
@@ -244,17 +174,7 @@ fn an_upgrade_hands_the_rules_to_the_new_process_and_the_old_one_leaves_them() {
     with_source(&lab);
     let sc = Sidecar::start(&lab, TRANSPARENT);
     sc.wait_state("up", Duration::from_secs(5));
-    const SIGUSR2: i32 = 12;
-    lab.signal(sc.pid, SIGUSR2);
-    let mut new_pid = None;
-    wait_until("the old process started the new one", Duration::from_secs(10), || {
-        let log = lab.read_log(sc.pid);
-        new_pid = log.lines().filter(|l| l.contains("SIGUSR2: upgrade: the new process is started")).find_map(|l| {
-            l.split("\"new_pid\":").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()
-        });
-        new_pid.is_some()
-    });
-    let new = Successor(new_pid.unwrap());
+    let new = Successor(upgrade(&lab, sc.pid));
     // The old process has no session to serve: it hands over and exits, leaving the table to the new one.
     assert!(lab.wait_exit(sc.pid, Duration::from_secs(15)).success());
     let rules = table(&lab, "inet staybound").expect("the rules stay through the upgrade");
@@ -282,11 +202,8 @@ fn an_announced_move_ends_the_redirected_session_within_200ms() {
     );
     sc.wait_state("up", Duration::from_secs(5));
     wait_until("the neighbour watch runs", Duration::from_secs(5), || sc.status()["neighbor_watch"] == "watching");
-    let mut times = announced_moves(&lab, &sc, logical(), 3 * runs(), "FIGURES transparent, announced move");
-    times.sort();
-    let limit = Duration::from_millis(200) + margin() / 2;
-    assert!(times[times.len() / 2] <= Duration::from_millis(200), "median {:?}", times[times.len() / 2]);
-    assert!(times.iter().all(|t| *t <= limit), "every move within {limit:?}: {times:?}");
+    let times = announced_moves(&lab, &sc, logical(), 3 * runs(), "FIGURES transparent, announced move");
+    assert_announced_within_200ms(times);
 }
 
 #[test]

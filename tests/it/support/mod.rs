@@ -6,4 +6,5 @@ pub mod pg;
 pub mod process;
 pub mod proxy;
 pub mod sidecar;
+pub mod transparent;
 pub mod wait;

@@ -233,3 +233,28 @@ pub fn announced_moves(lab: &Lab, sc: &Sidecar<'_>, dial: SocketAddr, n: usize, 
     }
     times
 }
+
+/// Asserts what the transparent labs hold announced moves to: a median within 200 ms, and every move
+/// within 200 ms and half the margin.
+pub fn assert_announced_within_200ms(mut times: Vec<Duration>) {
+    times.sort();
+    let limit = Duration::from_millis(200) + margin() / 2;
+    assert!(times[times.len() / 2] <= Duration::from_millis(200), "median {:?}", times[times.len() / 2]);
+    assert!(times.iter().all(|t| *t <= limit), "every move within {limit:?}: {times:?}");
+}
+
+/// Sends staybound (`pid`, in the lab) SIGUSR2 and returns the pid of the new process it starts, read from
+/// its log (the new process writes to the same one).
+pub fn upgrade(lab: &Lab, pid: u32) -> i32 {
+    const SIGUSR2: i32 = 12;
+    lab.signal(pid, SIGUSR2);
+    let mut new_pid = None;
+    wait_until("the old process started the new one", Duration::from_secs(10), || {
+        let log = lab.read_log(pid);
+        new_pid = log.lines().filter(|l| l.contains("SIGUSR2: upgrade: the new process is started")).find_map(|l| {
+            l.split("\"new_pid\":").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()
+        });
+        new_pid.is_some()
+    });
+    new_pid.unwrap_or_default()
+}
