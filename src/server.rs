@@ -580,14 +580,19 @@ impl Instance {
 
     /// Redirects `want` the configured way, and ends the other way's redirects if a reload changed it.
     async fn intercept(&mut self, want: Vec<intercept::Redirect>, how: &InterceptConfig) {
+        // why: the new way first, then the old one goes, so no connect in between goes past staybound. The
+        // two never send one connection twice: after the hook's rewrite the destination is the listener,
+        // which no rule matches.
         match how.method {
             InterceptMethod::Nat => {
-                self.detach_hook();
                 self.install_rules(want).await;
+                if let Some((hook, _)) = self.hook.take() {
+                    info!(cgroup = %hook.cgroup().display(), "connect hook detached: the nftables rules redirect now");
+                }
             }
             InterceptMethod::Connect => {
-                self.remove_rules().await;
                 self.attach_hook(want, how.cgroup.as_deref());
+                self.remove_rules().await;
             }
         }
     }
