@@ -310,6 +310,10 @@ fn intercept(cx: &mut Ctx<'_>, raw: Option<&RawIntercept>) -> InterceptConfig {
             cx.at(v.span(), "intercept.cgroup", format!("{:?} is not an absolute path", v.get_ref()));
             None
         } else if method != InterceptMethod::Connect {
+            // A method that is neither is reported already; this would only repeat it.
+            if raw.method.as_ref().is_some_and(|m| m.get_ref() != "nat") {
+                return None;
+            }
             cx.at(v.span(), "intercept.cgroup", "only the connect method uses a cgroup: set method = \"connect\"");
             None
         } else {

@@ -134,17 +134,30 @@ pub(crate) fn netns_cookie() -> io::Result<u64> {
 
 /// The cgroup v2 hierarchy's root: where the hook goes when the config names no cgroup, so that it covers
 /// every process of this host (in staybound's network namespace).
+///
+/// # Errors
+/// `/proc/self/mounts` cannot be read, or no cgroup2 file system is mounted.
 pub fn cgroup2_root() -> io::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    cgroup2_mount(&std::fs::read_to_string("/proc/self/mounts")?)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 file system is mounted"))
+}
+
+/// From the text of `/proc/self/mounts`: the cgroup2 mount nearest the file system's root (a hybrid host has
+/// it at /sys/fs/cgroup/unified, a cgroup v2 host at /sys/fs/cgroup). The kernel writes a space, tab,
+/// newline or backslash in a path as an octal escape (`\040`).
+fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     mounts
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
-            (kind == "cgroup2").then(|| PathBuf::from(at))
+            (kind == "cgroup2").then(|| PathBuf::from(unescape_mount_path(at)))
         })
         .min_by_key(|p| p.components().count())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 file system is mounted"))
+}
+
+fn unescape_mount_path(at: &str) -> String {
+    at.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// The two links (one per family) this process holds on its cgroup.
@@ -193,5 +206,25 @@ impl Hook {
 
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_nearest_the_root_is_found_hybrid_or_not() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+                      cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let v2 = "proc /proc proc rw 0 0\n\
+                  cgroup2 /run/x/deeper/cg cgroup2 rw 0 0\n\
+                  cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        assert_eq!(cgroup2_mount(v2), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(cgroup2_mount("cgroup2 /mnt/my\\040cg cgroup2 rw 0 0\n"), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\nshort line\n"), None);
+        assert_eq!(cgroup2_mount(""), None);
     }
 }

@@ -146,7 +146,7 @@ fn destination(to: SocketAddr) -> SocketAddr {
 
 /// The address pairs one family's hook rewrites: IPv4 redirects for `connect4`; for `connect6` the IPv6 ones
 /// and, v4-mapped, the IPv4 ones (a dual-stack socket dialling an IPv4 address).
-pub(crate) fn rewrites(family: Family, redirects: &[Redirect]) -> Vec<(SocketAddr, SocketAddr)> {
+fn rewrites(family: Family, redirects: &[Redirect]) -> Vec<(SocketAddr, SocketAddr)> {
     let mapped = |a: SocketAddr| match a.ip() {
         IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), a.port()),
         IpAddr::V6(_) => a,

@@ -155,6 +155,12 @@ fn check_shows_the_connect_hook_and_no_shared_ports() {
         "{stderr}"
     );
     assert!(stderr.contains("intercept.cgroup") && stderr.contains("not an absolute path"), "{stderr}");
+    let (code, _, stderr) = check(&format!("{OK}[intercept]\nmethod = \"bpf\"\ncgroup = \"/sys/fs/cgroup\"\n"));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("1 problem") && !stderr.contains("only the connect method"),
+        "one problem, not two: {stderr}"
+    );
     let (code, _, stderr) = check(&format!("{OK}[intercept]\ncgroup = \"/sys/fs/cgroup\"\n"));
     assert_eq!(code, 78);
     assert!(stderr.contains("only the connect method uses a cgroup"), "{stderr}");

@@ -212,15 +212,7 @@ struct Cgroup {
 
 impl Cgroup {
     fn new(tag: &str) -> Cgroup {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-        let root = mounts
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
-            })
-            .min_by_key(|p| p.components().count())
-            .expect("a cgroup v2 file system is mounted");
+        let root = staybound::intercept::cgroup2_root().expect("a cgroup v2 file system is mounted");
         let name = format!("staybound-it-{}-{tag}", std::process::id());
         let path = root.join(&name);
         std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
